@@ -1,0 +1,91 @@
+"""Shared fixtures. The S3 server is moto's real HTTP endpoint, in-process, bound to loopback only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import boto3
+import moto.server as moto_server
+import pytest
+import ray
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Variables that would otherwise redirect or re-authenticate the S3 client away from the test server.
+_S3_ENV_CLEARED = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_PROFILE")
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running test S3 endpoint (``http://127.0.0.1:PORT``) with one empty-at-start bucket."""
+
+    endpoint: str
+    bucket: str
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port; the AWS env vars point at it (restored afterwards)."""
+
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    names = (*_S3_ENV, "AWS_ENDPOINT_URL", *_S3_ENV_CLEARED)
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        for name in _S3_ENV_CLEARED:
+            os.environ.pop(name, None)
+        os.environ.update(_S3_ENV, AWS_ENDPOINT_URL=endpoint)
+        bucket = "wsss-test"
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=_S3_ENV["AWS_DEFAULT_REGION"],
+                              aws_access_key_id=_S3_ENV["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=_S3_ENV["AWS_SECRET_ACCESS_KEY"])
+        client.create_bucket(Bucket=bucket)
+        yield S3Server(endpoint=endpoint, bucket=bucket)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3_prefix(s3_server: S3Server) -> str:
+    """A fresh, empty ``s3://bucket/<uuid>`` prefix."""
+    return f"s3://{s3_server.bucket}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: S3Server) -> Iterator[None]:
+    """A real local Ray cluster with 2 CPUs, started after the S3 variables are set so its workers inherit them.
+
+    Token auth is switched off for this private test cluster, and Ray's temp dir is a short fresh folder
+    (socket paths have a length limit, and a stale ``ray_current_cluster`` file must not be picked up).
+    """
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

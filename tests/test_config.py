@@ -1,0 +1,104 @@
+"""Config validation: every shipped config is valid; bad values name the file and the field path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsss_ray.cli import main
+from wsss_ray.config import ConfigError, PipelineConfig, config_hash, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = "output: out\ndataset:\n  root: data\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "voc.yaml", "coco.yaml"])
+def test_shipped_configs_validate(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOC_ROOT", "/data/voc")
+    monkeypatch.setenv("COCO_ROOT", "s3://bucket/coco")
+    config = load_config(ROOT / "jobs" / "configs" / name)
+    assert isinstance(config, PipelineConfig)
+
+
+def test_defaults_come_from_the_papers(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.train_seg.optimizer.lr == 1e-3 and config.train_seg.optimizer.momentum == 0.9  # OuT
+    assert config.train_seg.optimizer.weight_decay == 5e-4 and config.train_seg.optimizer.poly_power == 0.9
+    crf = config.pseudo_labels.generator.crf
+    assert (crf.gaussian_sxy, crf.gaussian_compat, crf.bilateral_srgb, crf.bilateral_compat, crf.iterations) == (
+        3, 3, 13, 10, 10)
+    assert config.dataset.train_split == "train_aug"
+
+
+def test_wrong_type_names_file_and_field(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "train_seg:\n  loss:\n    label_smoothing: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "train_seg.loss.label_smoothing" in message
+    assert '"x"' in message
+
+
+def test_out_of_range_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train_seg\.loss\.label_smoothing: Input should be less than 1, got 1.5"):
+        load_config(write(tmp_path, MINIMAL + "train_seg:\n  loss:\n    label_smoothing: 1.5\n"))
+
+
+def test_unknown_key_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train_cls\.epocs: unknown field"):
+        load_config(write(tmp_path, MINIMAL + "train_cls:\n  epocs: 3\n"))
+
+
+def test_unknown_component_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train_seg\.loss\.name"):
+        load_config(write(tmp_path, MINIMAL + "train_seg:\n  loss: {name: focal}\n"))
+
+
+def test_missing_required_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"dataset: Field required"):
+        load_config(write(tmp_path, "output: out\n"))
+
+
+def test_cross_field_check(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="scale_min"):
+        load_config(write(tmp_path, MINIMAL + "train_seg:\n  augment: {scale_min: 2.0, scale_max: 1.0}\n"))
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(write(tmp_path, "output: [unclosed\n"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_env_parameters_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "output: ${OUT_URI:-local/out}\ndataset:\n  root: ${DATA_ROOT}\n")
+    monkeypatch.setenv("DATA_ROOT", "s3://bucket/voc")
+    config = load_config(path, ["train_seg.epochs=3", "evaluate.scales=[0.5, 1.0]"])
+    assert config.output == "local/out" and config.dataset.root == "s3://bucket/voc"
+    assert config.train_seg.epochs == 3 and config.evaluate.scales == [0.5, 1.0]
+    monkeypatch.delenv("DATA_ROOT")
+    with pytest.raises(ConfigError, match="dataset.root: environment variable DATA_ROOT is not set"):
+        load_config(path)
+
+
+def test_config_hash_tracks_changes(tmp_path: Path) -> None:
+    a = load_config(write(tmp_path, MINIMAL))
+    b = load_config(write(tmp_path, MINIMAL), ["train_seg.epochs=3"])
+    assert config_hash(a.train_seg) == config_hash(load_config(write(tmp_path, MINIMAL)).train_seg)
+    assert config_hash(a.train_seg) != config_hash(b.train_seg)
+
+
+def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(write(tmp_path, MINIMAL))]) == 0
+    assert main(["config", "check", str(write(tmp_path, MINIMAL + "ray: {num_cpus: 0}\n"))]) == 2
+    err = capsys.readouterr().err
+    assert "ray.num_cpus" in err and "greater than or equal to 1" in err

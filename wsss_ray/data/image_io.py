@@ -1,0 +1,95 @@
+"""Decoding and encoding of images and label PNGs, with errors that name the offending file."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from wsss_ray import storage
+from wsss_ray.data.classes import voc_palette
+
+_PALETTE = voc_palette()
+
+
+class BadItemError(Exception):
+    """An unusable dataset item: which file is at fault and why."""
+
+    def __init__(self, file: str, reason: str) -> None:
+        super().__init__(f"{file}: {reason}")
+        self.file = file
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[BadItemError], tuple[str, str]]:
+        # Default exception pickling replays args (the joined message) into __init__; Ray ships errors pickled.
+        return (BadItemError, (self.file, self.reason))
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        # Image.open only reads the header: load() decodes everything, so truncated files fail here.
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise BadItemError(name, f"cannot decode image: {error}") from error
+    return image
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode image bytes to an H×W×3 uint8 RGB array; ``name`` is used in errors."""
+    image = _open(data, name)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def decode_label_png(data: bytes, name: str) -> np.ndarray:
+    """Decode a label map to H×W uint8: palette PNGs give their indices, grayscale PNGs their values."""
+    image = _open(data, name)
+    if image.mode not in ("P", "L"):
+        raise BadItemError(name, f"label image has mode {image.mode!r}, expected a palette ('P') or 'L' PNG")
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def encode_label_png(mask: np.ndarray) -> bytes:
+    """Encode an H×W label map as a VOC-palette PNG (fixed settings, so equal masks give equal bytes)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"label map must be 2-D, got shape {mask.shape}")
+    if mask.dtype != np.uint8:
+        if mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise ValueError("label values must lie in 0..255")
+        mask = mask.astype(np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(mask))
+    image.putpalette(_PALETTE)  # turns the 'L' image into a 'P' image with the same indices
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """Encode an H×W×3 uint8 RGB array as JPEG."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an H×W×3 uint8 image, got {image.shape} {image.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="JPEG", quality=quality, subsampling=0)
+    return buffer.getvalue()
+
+
+def _read(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError as error:
+        raise BadItemError(uri, "file not found") from error
+
+
+def read_image(uri: str) -> np.ndarray:
+    """Read and decode the RGB image at ``uri``."""
+    return decode_image(_read(uri), uri)
+
+
+def read_label(uri: str) -> np.ndarray:
+    """Read and decode the label PNG at ``uri``."""
+    return decode_label_png(_read(uri), uri)

@@ -1,0 +1,202 @@
+"""The pseudo-labelling stage on Ray Data: CAMs in a model actor pool, CRF and writing as CPU tasks.
+
+Per image it writes one PNG per generator output (``pseudo/<id>.png``, ``cam/<id>.png``; uint8, 255 = ignore)
+and a stats row (seconds, labels, ignored pixels, failure reason, confusion matrices against ground truth when
+there is one). Stats rows are flushed to ``stats/part-*.parquet`` as they arrive; an image counts as done once
+its stats row is stored, and its PNGs are written before that, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import traceback
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from wsss_ray import storage
+from wsss_ray.config import ClassifierTrainConfig, ImageCamGeneratorConfig, PseudoLabelConfig
+from wsss_ray.data.image_io import BadItemError, encode_label_png, read_image, read_label
+from wsss_ray.data.weak_labels import weak_tags
+from wsss_ray.evaluation.metrics import ConfusionMatrix
+from wsss_ray.models.classifier import CamClassifier
+from wsss_ray.progress import Progress, log
+from wsss_ray.pseudo_labels.generators import build_generator
+from wsss_ray.ray_utils import model_actor_pool, want_gpu
+from wsss_ray.stage_dir import StageDir
+
+STATS_FLUSH_ROWS = 64
+
+
+def load_classifier(model_uri: str, config: ClassifierTrainConfig, num_classes: int,
+                    device: str = "cpu") -> CamClassifier:
+    """The trained classifier exported by the ``train_cls`` stage."""
+    model = CamClassifier(config, num_classes - 1)
+    state = torch.load(io.BytesIO(storage.read_bytes(model_uri)), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+class CamActor:
+    """Ray Data actor: holds the classifier once and runs the generator's model step per image."""
+
+    def __init__(self, model_uri: str, cls_config: ClassifierTrainConfig, generator: ImageCamGeneratorConfig,
+                 num_classes: int, supervision: str, use_gpu: bool) -> None:
+        torch.set_num_threads(1)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = load_classifier(model_uri, cls_config, num_classes, self.device)
+        self.generator = build_generator(generator)
+        self.supervision = supervision
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        out = {"image_id": row["image_id"], "image_uri": row["image_uri"], "mask_uri": row["mask_uri"],
+               "labels": [], "arrays": b"", "error": None, "model_seconds": 0.0}
+        try:
+            image = read_image(row["image_uri"])
+            labels = weak_tags(row, self.supervision)
+            arrays = self.generator.model_step(self.model, image, labels, self.device)
+            buffer = io.BytesIO()
+            # float16 halves what travels through the object store; CAMs are in [0, 1].
+            np.savez(buffer, **{k: v.astype(np.float16) for k, v in arrays.items()})
+            out.update(labels=labels, arrays=buffer.getvalue())
+        except Exception as error:  # noqa: BLE001 - a bad item is reported and skipped, never fatal
+            out["error"] = _describe(error)
+        out["model_seconds"] = time.perf_counter() - start
+        return out
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, BadItemError):
+        return str(error)
+    return f"{type(error).__name__}: {error} ({traceback.extract_tb(error.__traceback__)[-1].name})"
+
+
+def refine_and_write(row: dict[str, Any], generator: ImageCamGeneratorConfig, out_uri: str,
+                     num_classes: int) -> dict[str, Any]:
+    """CPU task: CRF (or other refinement), write the masks, score them against ground truth if present."""
+    start = time.perf_counter()
+    gen = build_generator(generator)
+    stats: dict[str, Any] = {"image_id": row["image_id"], "error": row["error"], "labels": list(row["labels"]),
+                             "seconds": 0.0, "ignored_pixels": 0}
+    confusions = {name: None for name in gen.outputs}
+    if row["error"] is None:
+        try:
+            image = read_image(row["image_uri"])
+            with np.load(io.BytesIO(row["arrays"])) as data:
+                arrays = {k: data[k] for k in data.files}
+            masks = gen.refine_step(image, arrays, list(row["labels"]))
+            # The training input ("pseudo") is written last: its presence implies the others are complete.
+            for name in sorted(masks, key=lambda n: n == "pseudo"):
+                storage.write_bytes(storage.join(out_uri, name, f"{row['image_id']}.png"),
+                                    encode_label_png(masks[name]))
+            stats["ignored_pixels"] = int((masks["pseudo"] == 255).sum())
+            if row["mask_uri"]:
+                target = read_label(row["mask_uri"])
+                for name, mask in masks.items():
+                    cm = ConfusionMatrix(num_classes)
+                    cm.update(target, mask)
+                    confusions[name] = cm.mat.ravel().tolist()
+        except Exception as error:  # noqa: BLE001
+            stats["error"] = _describe(error)
+    stats["seconds"] = row["model_seconds"] + time.perf_counter() - start
+    for name, value in confusions.items():
+        stats[f"confusion_{name}"] = value
+    return stats
+
+
+def _stats_table(rows: list[dict[str, Any]], outputs: tuple[str, ...]) -> pa.Table:
+    schema = pa.schema([("image_id", pa.string()), ("error", pa.string()), ("labels", pa.list_(pa.int32())),
+                        ("seconds", pa.float64()), ("ignored_pixels", pa.int64())]
+                       + [(f"confusion_{n}", pa.list_(pa.int64())) for n in outputs])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def read_stats(stage: StageDir) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for uri in storage.list_files(stage.path("stats"), suffix=".parquet"):
+        rows.extend(storage.read_parquet(uri).to_pylist())
+    # A re-run may have recomputed an image; keep its latest row.
+    return list({row["image_id"]: row for row in rows}.values())
+
+
+def generate_pseudo_labels(
+    records: list[dict[str, Any]],
+    stage: StageDir,
+    *,
+    model_uri: str,
+    cls_config: ClassifierTrainConfig,
+    config: PseudoLabelConfig,
+    num_classes: int,
+    supervision: str,
+    class_names: list[str],
+) -> dict[str, Any]:
+    """Run the generator over ``records`` (manifest rows) with Ray Data; resumable, returns the summary."""
+    gen = build_generator(config.generator)
+    storage.write_json(stage.path("generator.json"),
+                       {"generator": gen.describe(), "classifier": model_uri, "supervision": supervision})
+    done = {row["image_id"] for row in read_stats(stage)}
+    todo = [r for r in records if r["image_id"] not in done]
+    log("pseudo_labels", f"{len(records)} images, {len(done)} already done, {len(todo)} to do → {stage.uri}")
+
+    if todo:
+        use_gpu = want_gpu(config.use_gpu)
+        ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 64))
+        ds = ds.map(
+            CamActor,
+            fn_constructor_kwargs={"model_uri": model_uri, "cls_config": cls_config, "generator": config.generator,
+                                   "num_classes": num_classes, "supervision": supervision, "use_gpu": use_gpu},
+            compute=model_actor_pool(config.max_actors, use_gpu),
+            num_cpus=0 if use_gpu else 1,
+            num_gpus=1 if use_gpu else 0,
+        )
+        ds = ds.map(refine_and_write, fn_kwargs={"generator": config.generator, "out_uri": stage.uri,
+                                                 "num_classes": num_classes}, num_cpus=1)
+        progress = Progress("pseudo_labels", len(todo))
+        pending: list[dict[str, Any]] = []
+        for row in ds.iter_rows():
+            pending.append(row)
+            progress.update(failed=int(row["error"] is not None))
+            if len(pending) >= STATS_FLUSH_ROWS:
+                _flush(stage, pending, gen.outputs)
+        _flush(stage, pending, gen.outputs)
+        progress.print()
+    return summarize(stage, gen.outputs, num_classes, class_names, len(records))
+
+
+def _flush(stage: StageDir, rows: list[dict[str, Any]], outputs: tuple[str, ...]) -> None:
+    if rows:
+        storage.write_parquet(stage.path("stats", f"part-{uuid.uuid4().hex[:12]}.parquet"),
+                              _stats_table(rows, outputs))
+        rows.clear()
+
+
+def summarize(stage: StageDir, outputs: tuple[str, ...], num_classes: int, class_names: list[str],
+              total: int) -> dict[str, Any]:
+    """Throughput, failures and pseudo-mask mIoU per output, from the stored stats rows."""
+    rows = read_stats(stage)
+    failures = [{"image_id": r["image_id"], "reason": r["error"]} for r in rows if r["error"]]
+    if failures:
+        storage.write_parquet(stage.path("failures.parquet"), pa.Table.from_pylist(failures))
+    ok = [r for r in rows if not r["error"]]
+    scores = {}
+    for name in outputs:
+        cm = ConfusionMatrix(num_classes)
+        matrices = [r[f"confusion_{name}"] for r in ok if r[f"confusion_{name}"] is not None]
+        if matrices:
+            cm.mat += np.asarray(matrices, dtype=np.int64).sum(0).reshape(num_classes, num_classes)
+            scores[name] = cm.to_dict(class_names)
+    seconds = [r["seconds"] for r in ok]
+    return {
+        "images": total,
+        "written": len(ok),
+        "failed": len(failures),
+        "failures_uri": stage.path("failures.parquet") if failures else None,
+        "mean_seconds_per_image": float(np.mean(seconds)) if seconds else None,
+        "scores": scores,
+    }
