@@ -19,7 +19,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -180,10 +190,92 @@ class ImageCamGeneratorConfig(StrictModel):
     crf: CrfConfig = CrfConfig()
 
 
+# MSPN's six (dropout rate, input scale) seeds, chosen in the paper from a larger grid.
+_MSPN_SEEDS: list[tuple[float, float]] = [(0.05, 1.0), (0.05, 1.2), (0.10, 1.0), (0.10, 1.2), (0.20, 1.0), (0.30, 1.2)]
+
+
+class MultiSeedGeneratorConfig(StrictModel):
+    """MSPN multi-seed pseudo-masks: one classifier, CAMs under several (feature dropout, input scale) seeds, each
+    refined by DenseCRF; pixels where at least ``agreement`` seeds vote for the same label are clean."""
+
+    name: Literal["multi_seed"] = "multi_seed"
+    # (dropout rate on the backbone features, input scale) per seed; default: the paper's six seeds.
+    seeds: Annotated[list[tuple[Fraction, PositiveFloat]], Field(min_length=1)] = _MSPN_SEEDS
+    # t: a label is clean when at least t seeds agree (paper: t in 3..6, best near 6; we default to 4, the middle
+    # of the range, so a one-seed disagreement still counts as clean).
+    agreement: PositiveInt = 4
+    # Each seed's CAM is averaged with its mirror image (the CAM convention of every paper).
+    flip: bool = True
+    # Constant background score against the max-normalised CAMs, as for ``image_cam`` (IRN: 0.15).
+    bg_score: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    # Per-seed CRF posterior below this becomes 255 (an abstaining vote); 0 keeps every pixel.
+    confidence: Fraction = 0.0
+    crf: CrfConfig = CrfConfig()
+
+    @field_validator("agreement")
+    @classmethod
+    def _agreement_within_seeds(cls, value: int, info: ValidationInfo) -> int:
+        seeds = info.data.get("seeds")
+        if seeds is not None and value > len(seeds):
+            raise ValueError(f"agreement ({value}) must not exceed the number of seeds ({len(seeds)})")
+        return value
+
+
+class BoxGeneratorConfig(StrictModel):
+    """BANA box pseudo-masks: CAMs inside the boxes, background attention (BAP) outside, DenseCRF → ``Y_crf``;
+    feature prototypes of ``Y_crf`` retrieve a second label map ``Y_ret``."""
+
+    name: Literal["box"] = "box"
+    # Grid size N of the background queries: BANA trains with N = 4 and generates pseudo labels with N = 1.
+    grid: PositiveInt = 1
+    # Background attention at or above this is confident background (u_0 = 1); BANA: 0.99 for generation.
+    bg_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.99
+    # CAM scales and flip for u_c (the papers' multi-scale + flip inference; BANA does not say, IRN's set).
+    scales: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0, 0.5, 1.5, 2.0]
+    flip: bool = True
+    crf: CrfConfig = CrfConfig()
+
+
+class ScribbleGeneratorConfig(StrictModel):
+    """CDSP scribble pseudo-masks: CRF-refined CAM mask of the scribbles' classes, scribble pixels on top, plus
+    the distance maps of its distance entropy loss (to the scribbles and to the pseudo-label boundaries)."""
+
+    name: Literal["scribble"] = "scribble"
+    # The paper writes λs = e², λc = e⁷: the distance is scaled by sqrt(e^λ) = e^(λ/2) with λs = 2, λc = 7
+    # (ResNet-101 + v3+; its ablation grid-searched λs = 1, λc = 6).
+    lambda_s: float = 2.0
+    lambda_c: float = 7.0
+    # CAM settings for the pseudo-label, as ``image_cam`` (CDSP thresholds CAMs; IRN's scales and bg score).
+    bg_score: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    scales: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0, 0.5, 1.5, 2.0]
+    flip: bool = True
+    # CRF posterior below this becomes 255 (scribble pixels are never ignored); 0 keeps every pixel.
+    confidence: Fraction = 0.0
+    crf: CrfConfig = CrfConfig()
+
+
+def _generator_name(value: Any) -> str | None:
+    # A generator section without ``name`` is the image-level CAM baseline (configs written before the other
+    # generators existed omit it), so a plain ``Field(discriminator="name")`` would reject them.
+    if isinstance(value, dict):
+        return value.get("name", "image_cam")
+    return getattr(value, "name", None)
+
+
+GeneratorConfig = Annotated[
+    Annotated[ImageCamGeneratorConfig, Tag("image_cam")]
+    | Annotated[MultiSeedGeneratorConfig, Tag("multi_seed")]
+    | Annotated[BoxGeneratorConfig, Tag("box")]
+    | Annotated[ScribbleGeneratorConfig, Tag("scribble")],
+    Field(discriminator=Discriminator(_generator_name)),
+]
+
+
 class PseudoLabelConfig(StrictModel):
     """Stage ``pseudo_labels``: CAM inference in a Ray Data actor pool, CRF as CPU tasks."""
 
-    generator: ImageCamGeneratorConfig = ImageCamGeneratorConfig()
+    # One of the generator components, chosen by its ``name`` (default: the image-level CAM baseline).
+    generator: GeneratorConfig = ImageCamGeneratorConfig()
     # Upper bound of the model actor pool; the pool never takes every CPU (the read stage needs one).
     max_actors: PositiveInt = 4
     batch_size: PositiveInt = 4
@@ -215,6 +307,8 @@ class SegTrainConfig(StrictModel):
     loss: CrossEntropyConfig = CrossEntropyConfig()
     epochs: PositiveInt = 20
     batch_size: PositiveInt = 10
+    # Measure val mIoU every N epochs during training (curves, and what Tune's early stopping reads); 0 = never.
+    val_every: Annotated[int, Field(ge=0)] = 1
     optimizer: OptimizerConfig = OptimizerConfig()
     head_lr_multiplier: PositiveFloat = 10.0
     augment: AugmentConfig = AugmentConfig()

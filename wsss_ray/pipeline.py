@@ -66,15 +66,28 @@ def _without_workers(section: Any) -> dict[str, Any]:
     return section.model_dump(mode="json", exclude={"workers"})
 
 
+def _model_sha(stage: StageDir) -> str | None:
+    return stage.summary().get("model_sha256") if stage.is_complete() else None
+
+
 def stage_dirs(config: PipelineConfig) -> dict[str, StageDir]:
-    """Stage directories keyed by their config and everything upstream of them."""
-    keys: dict[str, str] = {}
-    keys["ingest"] = config_hash(config.dataset.model_dump(mode="json", exclude={"generate"}))
-    keys["train_cls"] = config_hash(keys["ingest"], _without_workers(config.train_cls), config.dataset.supervision)
-    keys["pseudo_labels"] = config_hash(keys["train_cls"], config.pseudo_labels.generator)
-    keys["train_seg"] = config_hash(keys["pseudo_labels"], _without_workers(config.train_seg))
-    keys["evaluate"] = config_hash(keys["train_seg"], config.evaluate)
-    return {name: StageDir.create(config.output, name, key) for name, key in keys.items()}
+    """Stage directories keyed by their config, everything upstream, and the checkpoints they consume.
+
+    A stage after a training stage is keyed by the trained weights' hash once that training is complete, so
+    retrained weights never meet outputs made with other ones. Call again after a training stage finishes.
+    """
+    out = config.output
+    dirs = {"ingest": StageDir.create(out, "ingest", config_hash(config.dataset.model_dump(
+        mode="json", exclude={"generate"})))}
+    dirs["train_cls"] = StageDir.create(out, "train_cls", config_hash(
+        dirs["ingest"].key, _without_workers(config.train_cls), config.dataset.supervision))
+    dirs["pseudo_labels"] = StageDir.create(out, "pseudo_labels", config_hash(
+        dirs["train_cls"].key, config.pseudo_labels.generator, _model_sha(dirs["train_cls"])))
+    dirs["train_seg"] = StageDir.create(out, "train_seg", config_hash(
+        dirs["pseudo_labels"].key, _without_workers(config.train_seg)))
+    dirs["evaluate"] = StageDir.create(out, "evaluate", config_hash(
+        dirs["train_seg"].key, config.evaluate, _model_sha(dirs["train_seg"])))
+    return dirs
 
 
 def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, Any]:
@@ -104,19 +117,20 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, A
         raise RuntimeError(f"no usable training images in {ds.root} split {ds.train_split!r} "
                            f"(failures: {summaries['ingest']['failures_uri']})")
     if until == "ingest":
-        return summaries
+        return print_stage_summary(summaries)
 
     summaries["train_cls"] = run_stage(dirs["train_cls"], lambda: train_classifier(
         train_records, dirs["train_cls"], config.train_cls, num_classes, ds.supervision))
     if until == "train_cls":
-        return summaries
+        return print_stage_summary(summaries)
+    dirs = stage_dirs(config)  # now keyed by the trained classifier
 
     summaries["pseudo_labels"] = run_stage(dirs["pseudo_labels"], lambda: generate_pseudo_labels(
         train_records, dirs["pseudo_labels"], model_uri=summaries["train_cls"]["model_uri"],
         cls_config=config.train_cls, config=config.pseudo_labels, num_classes=num_classes,
         supervision=ds.supervision, class_names=names))
     if until == "pseudo_labels":
-        return summaries
+        return print_stage_summary(summaries)
 
     pseudo_dir = dirs["pseudo_labels"]
     have_mask = {uri.rsplit("/", 1)[-1].removesuffix(".png") for uri in storage.list_files(pseudo_dir.path("pseudo"))}
@@ -124,9 +138,10 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, A
                     "label_uri": pseudo_dir.path("pseudo", f"{r['image_id']}.png")}
                    for r in train_records if r["image_id"] in have_mask]
     summaries["train_seg"] = run_stage(dirs["train_seg"], lambda: train_segmentation(
-        seg_records, dirs["train_seg"], config.train_seg, num_classes))
+        seg_records, dirs["train_seg"], config.train_seg, num_classes, val_records))
     if until == "train_seg":
-        return summaries
+        return print_stage_summary(summaries)
+    dirs = stage_dirs(config)
 
     samples = [r for r in train_records if r["mask_uri"] and r["image_id"] in have_mask][: config.evaluate.num_samples]
     summaries["evaluate"] = run_stage(dirs["evaluate"], lambda: evaluate_and_report(
@@ -135,6 +150,15 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, A
     storage.write_json(storage.join(config.output, "metrics.json"), metrics)
     print_results(config, summaries, time.monotonic() - started)
     return summaries
+
+
+# How the scored outputs of the pseudo-label generators are named in tables and pictures.
+PSEUDO_COLUMN_NAMES = {"cam": "thresholded CAM", "pseudo": "pseudo-mask", "single": "single seed",
+                       "majority": "seed majority", "retrieved": "retrieved (Y_ret)", "box_fill": "box fill"}
+
+
+def _pseudo_order(name: str) -> int:
+    return list(PSEUDO_COLUMN_NAMES).index(name) if name in PSEUDO_COLUMN_NAMES else len(PSEUDO_COLUMN_NAMES)
 
 
 def background_only_scores(confusion: list[list[int]], names: list[str]) -> dict[str, Any]:
@@ -167,8 +191,8 @@ def evaluate_and_report(config: PipelineConfig, dirs: dict[str, StageDir], summa
         "background_only_miou": scores["background_only"]["miou"],
         "pseudo_mask_miou": {k: v["miou"] for k, v in pseudo["scores"].items()},
         "per_class_iou": {
-            "thresholded CAM (train)": pseudo["scores"].get("cam", {}).get("per_class"),
-            "CRF pseudo-mask (train)": pseudo["scores"].get("pseudo", {}).get("per_class"),
+            **{f"{PSEUDO_COLUMN_NAMES.get(k, k)} (train)": pseudo["scores"][k]["per_class"]
+               for k in sorted(pseudo["scores"], key=_pseudo_order)},
             "segmentation (val)": result["scores"]["per_class"],
             "background only (val)": scores["background_only"]["per_class"],
         },
@@ -185,8 +209,8 @@ def evaluate_and_report(config: PipelineConfig, dirs: dict[str, StageDir], summa
         image_id = record["image_id"]
         report_samples.append({"image_id": image_id, "image": read_image(record["image_uri"]), "columns": {
             "ground truth": read_label(record["mask_uri"]),
-            "thresholded CAM": read_label(dirs["pseudo_labels"].path("cam", f"{image_id}.png")),
-            "CRF pseudo-mask": read_label(dirs["pseudo_labels"].path("pseudo", f"{image_id}.png")),
+            **{PSEUDO_COLUMN_NAMES.get(k, k): read_label(dirs["pseudo_labels"].path(k, f"{image_id}.png"))
+               for k in sorted(pseudo["scores"], key=_pseudo_order)},
             "prediction": read_label(stage.path("predictions", f"{image_id}.png")),
         }})
     failures = _failures(dirs, summaries, result)
@@ -198,9 +222,12 @@ def evaluate_and_report(config: PipelineConfig, dirs: dict[str, StageDir], summa
         "val images": summaries["ingest"]["per_split"].get(config.dataset.val_split, 0),
         "failed images": sum(metrics["failed_images"].values()),
         "pseudo-labelling s/image": pseudo.get("mean_seconds_per_image"),
+        "pseudo-labelling images/s": pseudo.get("images_per_s"),
         **{f"{k} seconds": v for k, v in metrics["stage_seconds"].items() if v is not None},
     }
-    curves = {name: {"loss": [e["loss"] for e in summaries[name]["history"]]} for name in ("train_cls", "train_seg")}
+    curves = {name: {key: [e.get(key) for e in summaries[name]["history"]] for key in ("loss", "val_miou")
+                     if any(e.get(key) is not None for e in summaries[name]["history"])}
+              for name in ("train_cls", "train_seg")}
     report_uri = write_report(
         stage.path("report"), title=f"wsss-ray: {config.name}", summary=summary_rows,
         tables={"IoU per class": {k: v for k, v in metrics["per_class_iou"].items() if v}},
@@ -221,13 +248,16 @@ def _failures(dirs: dict[str, StageDir], summaries: dict[str, Any], result: dict
     return rows
 
 
-IOU_COLUMNS = ("thresholded CAM (train)", "CRF pseudo-mask (train)", "segmentation (val)", "background only (val)")
+def _column_order(column: str) -> int:
+    """Pseudo-mask columns in generator order, then segmentation, then the background-only baseline."""
+    names = [f"{name} (train)" for name in PSEUDO_COLUMN_NAMES.values()] + ["segmentation (val)",
+                                                                              "background only (val)"]
+    return names.index(column) if column in names else len(names)
 
 
 def format_iou_table(per_class: dict[str, dict[str, float | None] | None], names: list[str]) -> str:
     """Plain-text table: one row per class that is scored anywhere, one column per scored mask set."""
-    columns = {k: per_class[k] for k in IOU_COLUMNS if per_class.get(k)}
-    columns.update({k: v for k, v in per_class.items() if v and k not in columns})
+    columns = {k: per_class[k] for k in sorted(per_class, key=_column_order) if per_class[k]}
     classes = [c for c in names if any(col.get(c) is not None for col in columns.values())]
     width = max([len(c) for c in classes] + [5])
     header = f"{'class':<{width}}  " + "  ".join(f"{name:>24}" for name in columns)
@@ -238,6 +268,16 @@ def format_iou_table(per_class: dict[str, dict[str, float | None] | None], names
     means = [np.mean([v for v in col.values() if v is not None]) for col in columns.values()]
     lines.append(f"{'mIoU':<{width}}  " + "  ".join(f"{100 * m:>24.1f}" for m in means))
     return "\n".join(lines)
+
+
+def print_stage_summary(summaries: dict[str, Any]) -> dict[str, Any]:
+    """What a run stopped with ``--until`` prints: the last stage's numbers (not its per-epoch history)."""
+    name, summary = list(summaries.items())[-1]
+    print(f"\n{name}: " + ", ".join(f"{k} {v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
+    for output, scores in summary.get("scores", {}).items():
+        extra = "".join(f", {k} {100 * scores[k]:.1f}" for k in ("precision", "coverage") if k in scores)
+        print(f"  {output}: mIoU {100 * scores['miou']:.1f}{extra}")
+    return summaries
 
 
 def print_results(config: PipelineConfig, summaries: dict[str, Any], seconds: float) -> None:

@@ -52,15 +52,21 @@ def decode_label_png(data: bytes, name: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
-def encode_label_png(mask: np.ndarray) -> bytes:
-    """Encode an H×W label map as a VOC-palette PNG (fixed settings, so equal masks give equal bytes)."""
+def as_label_map(mask: np.ndarray) -> np.ndarray:
+    """Check a label map is H×W with values in 0..255 and return it as uint8."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
-        raise ValueError(f"label map must be 2-D, got shape {mask.shape}")
+        raise ValueError(f"label map must be 2-D (H×W), got shape {mask.shape}")
     if mask.dtype != np.uint8:
         if mask.size and (mask.min() < 0 or mask.max() > 255):
             raise ValueError("label values must lie in 0..255")
         mask = mask.astype(np.uint8)
+    return mask
+
+
+def encode_label_png(mask: np.ndarray) -> bytes:
+    """Encode an H×W label map as a VOC-palette PNG (fixed settings, so equal masks give equal bytes)."""
+    mask = as_label_map(mask)
     image = Image.fromarray(np.ascontiguousarray(mask))
     image.putpalette(_PALETTE)  # turns the 'L' image into a 'P' image with the same indices
     buffer = io.BytesIO()

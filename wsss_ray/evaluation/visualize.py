@@ -15,6 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from wsss_ray.data.classes import voc_palette
+from wsss_ray.data.image_io import as_label_map
+
 IGNORE_INDEX = 255
 
 # Panel layout (pixels): padding around/between columns and the gap between a column's caption and its image.
@@ -25,22 +28,9 @@ _TEXT = (0, 0, 0)
 
 
 def label_colormap() -> np.ndarray:
-    """The standard PASCAL VOC colour map: 256x3 uint8, class bits interleaved into RGB high bits.
-
-    Index 0 is black (background), 1 is (128, 0, 0), 15 (person) is (192, 128, 128) and 255 (ignore) is
-    (224, 224, 192), exactly as in the VOC devkit, so colours match the dataset's own PNGs.
-    """
-    cmap = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
+    """The standard PASCAL VOC colour map as 256x3 uint8 (0 black, 1 (128, 0, 0), 255 (224, 224, 192)),
+    so colours match the dataset's own PNGs."""
+    return np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
 
 
 _CMAP = label_colormap()
@@ -48,14 +38,7 @@ _CMAP = label_colormap()
 
 def _as_label(label: np.ndarray) -> np.ndarray:
     """Validate a label map and return it as H×W uint8 (class ids and 255 only)."""
-    label = np.asarray(label)
-    if label.ndim != 2:
-        raise ValueError(f"label map must be H×W, got shape {label.shape}")
-    if label.dtype != np.uint8:
-        if label.size and (label.min() < 0 or label.max() > 255):
-            raise ValueError("label values must lie in 0..255")
-        label = label.astype(np.uint8)
-    return label
+    return as_label_map(label)
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:

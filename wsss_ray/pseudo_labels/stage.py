@@ -20,7 +20,7 @@ import ray
 import torch
 
 from wsss_ray import storage
-from wsss_ray.config import ClassifierTrainConfig, ImageCamGeneratorConfig, PseudoLabelConfig
+from wsss_ray.config import ClassifierTrainConfig, GeneratorConfig, PseudoLabelConfig
 from wsss_ray.data.image_io import BadItemError, encode_label_png, read_image, read_label
 from wsss_ray.data.weak_labels import weak_tags
 from wsss_ray.evaluation.metrics import ConfusionMatrix
@@ -45,7 +45,7 @@ def load_classifier(model_uri: str, config: ClassifierTrainConfig, num_classes: 
 class CamActor:
     """Ray Data actor: holds the classifier once and runs the generator's model step per image."""
 
-    def __init__(self, model_uri: str, cls_config: ClassifierTrainConfig, generator: ImageCamGeneratorConfig,
+    def __init__(self, model_uri: str, cls_config: ClassifierTrainConfig, generator: GeneratorConfig,
                  num_classes: int, supervision: str, use_gpu: bool) -> None:
         torch.set_num_threads(1)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -55,12 +55,11 @@ class CamActor:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
-        out = {"image_id": row["image_id"], "image_uri": row["image_uri"], "mask_uri": row["mask_uri"],
-               "labels": [], "arrays": b"", "error": None, "model_seconds": 0.0}
+        out = {**row, "labels": [], "arrays": b"", "error": None, "model_seconds": 0.0}
         try:
             image = read_image(row["image_uri"])
             labels = weak_tags(row, self.supervision)
-            arrays = self.generator.model_step(self.model, image, labels, self.device)
+            arrays = self.generator.model_step(self.model, image, row, labels, self.device)
             buffer = io.BytesIO()
             # float16 halves what travels through the object store; CAMs are in [0, 1].
             np.savez(buffer, **{k: v.astype(np.float16) for k, v in arrays.items()})
@@ -77,20 +76,21 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error} ({traceback.extract_tb(error.__traceback__)[-1].name})"
 
 
-def refine_and_write(row: dict[str, Any], generator: ImageCamGeneratorConfig, out_uri: str,
+def refine_and_write(row: dict[str, Any], generator: GeneratorConfig, out_uri: str,
                      num_classes: int) -> dict[str, Any]:
     """CPU task: CRF (or other refinement), write the masks, score them against ground truth if present."""
     start = time.perf_counter()
     gen = build_generator(generator)
     stats: dict[str, Any] = {"image_id": row["image_id"], "error": row["error"], "labels": list(row["labels"]),
                              "seconds": 0.0, "ignored_pixels": 0}
-    confusions = {name: None for name in gen.outputs}
+    confusions: dict[str, list[int] | None] = {name: None for name in gen.labels}
+    precision: dict[str, list[int] | None] = {name: None for name in gen.labels}
     if row["error"] is None:
         try:
             image = read_image(row["image_uri"])
             with np.load(io.BytesIO(row["arrays"])) as data:
                 arrays = {k: data[k] for k in data.files}
-            masks = gen.refine_step(image, arrays, list(row["labels"]))
+            masks = gen.refine_step(image, arrays, row, list(row["labels"]))
             # The training input ("pseudo") is written last: its presence implies the others are complete.
             for name in sorted(masks, key=lambda n: n == "pseudo"):
                 storage.write_bytes(storage.join(out_uri, name, f"{row['image_id']}.png"),
@@ -98,22 +98,28 @@ def refine_and_write(row: dict[str, Any], generator: ImageCamGeneratorConfig, ou
             stats["ignored_pixels"] = int((masks["pseudo"] == 255).sum())
             if row["mask_uri"]:
                 target = read_label(row["mask_uri"])
-                for name, mask in masks.items():
+                for name in gen.labels:
                     cm = ConfusionMatrix(num_classes)
-                    cm.update(target, mask)
+                    cm.update(target, masks[name])
                     confusions[name] = cm.mat.ravel().tolist()
+                    # Precision over the pixels the mask commits to (not 255): what a method that marks
+                    # unsure pixels (MSPN agreement, confidence threshold) should win on.
+                    committed = (target != 255) & (masks[name] != 255)
+                    precision[name] = [int((committed & (target == masks[name])).sum()), int(committed.sum()),
+                                       int((target != 255).sum())]
         except Exception as error:  # noqa: BLE001
             stats["error"] = _describe(error)
     stats["seconds"] = row["model_seconds"] + time.perf_counter() - start
-    for name, value in confusions.items():
-        stats[f"confusion_{name}"] = value
+    for name in gen.labels:
+        stats[f"confusion_{name}"] = confusions[name]
+        stats[f"precision_{name}"] = precision[name]
     return stats
 
 
 def _stats_table(rows: list[dict[str, Any]], outputs: tuple[str, ...]) -> pa.Table:
     schema = pa.schema([("image_id", pa.string()), ("error", pa.string()), ("labels", pa.list_(pa.int32())),
                         ("seconds", pa.float64()), ("ignored_pixels", pa.int64())]
-                       + [(f"confusion_{n}", pa.list_(pa.int64())) for n in outputs])
+                       + [(f"{kind}_{n}", pa.list_(pa.int64())) for n in outputs for kind in ("confusion", "precision")])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -144,6 +150,7 @@ def generate_pseudo_labels(
     todo = [r for r in records if r["image_id"] not in done]
     log("pseudo_labels", f"{len(records)} images, {len(done)} already done, {len(todo)} to do → {stage.uri}")
 
+    throughput = None
     if todo:
         use_gpu = want_gpu(config.use_gpu)
         ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 64))
@@ -163,20 +170,21 @@ def generate_pseudo_labels(
             pending.append(row)
             progress.update(failed=int(row["error"] is not None))
             if len(pending) >= STATS_FLUSH_ROWS:
-                _flush(stage, pending, gen.outputs)
-        _flush(stage, pending, gen.outputs)
+                _flush(stage, pending, gen.labels)
+        _flush(stage, pending, gen.labels)
         progress.print()
-    return summarize(stage, gen.outputs, num_classes, class_names, len(records))
+        throughput = round(progress.rate, 3)
+    return {**summarize(stage, gen.labels, num_classes, class_names, len(records)), "images_per_s": throughput}
 
 
-def _flush(stage: StageDir, rows: list[dict[str, Any]], outputs: tuple[str, ...]) -> None:
+def _flush(stage: StageDir, rows: list[dict[str, Any]], labels: tuple[str, ...]) -> None:
     if rows:
         storage.write_parquet(stage.path("stats", f"part-{uuid.uuid4().hex[:12]}.parquet"),
-                              _stats_table(rows, outputs))
+                              _stats_table(rows, labels))
         rows.clear()
 
 
-def summarize(stage: StageDir, outputs: tuple[str, ...], num_classes: int, class_names: list[str],
+def summarize(stage: StageDir, labels: tuple[str, ...], num_classes: int, class_names: list[str],
               total: int) -> dict[str, Any]:
     """Throughput, failures and pseudo-mask mIoU per output, from the stored stats rows."""
     rows = read_stats(stage)
@@ -185,12 +193,15 @@ def summarize(stage: StageDir, outputs: tuple[str, ...], num_classes: int, class
         storage.write_parquet(stage.path("failures.parquet"), pa.Table.from_pylist(failures))
     ok = [r for r in rows if not r["error"]]
     scores = {}
-    for name in outputs:
+    for name in labels:
         cm = ConfusionMatrix(num_classes)
         matrices = [r[f"confusion_{name}"] for r in ok if r[f"confusion_{name}"] is not None]
         if matrices:
             cm.mat += np.asarray(matrices, dtype=np.int64).sum(0).reshape(num_classes, num_classes)
-            scores[name] = cm.to_dict(class_names)
+            correct, committed, valid = np.asarray([r[f"precision_{name}"] for r in ok
+                                                    if r[f"precision_{name}"] is not None], np.int64).sum(0)
+            scores[name] = {**cm.to_dict(class_names), "precision": float(correct / max(committed, 1)),
+                            "coverage": float(committed / max(valid, 1))}
     seconds = [r["seconds"] for r in ok]
     return {
         "images": total,

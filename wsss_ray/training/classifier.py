@@ -42,5 +42,4 @@ def train_classifier(records: list[dict[str, Any]], stage: StageDir, config: Cla
     loop = {"config": config, "build_model": partial(CamClassifier, config, num_classes - 1),
             "loss": CLASSIFIER_LOSSES[config.loss.name](config.loss), "target": "target",
             "batch_size": batch_size, "steps_per_epoch": steps}
-    model_uri, history = export_model(fit(loop, config.workers, {"train": dataset}, stage), stage)
-    return {"model_uri": model_uri, "history": history, "images": len(records)}
+    return {**export_model(fit(loop, config.workers, {"train": dataset}, stage), stage), "images": len(records)}

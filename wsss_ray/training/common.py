@@ -7,12 +7,14 @@ Inside a worker, a training loop reads like torchvision's reference ``train.py``
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from wsss_ray import storage
@@ -125,6 +127,9 @@ def train_loop(loop: dict[str, Any]) -> None:
     module), ``loss`` (a component from ``losses``) and ``target`` (the batch column the loss compares with).
     """
     config = loop["config"]
+    # DeepLab's image-pooling branch runs a 1x1 conv on a 1x1 map, whose gradient strides DDP reports as a
+    # layout mismatch on every step; it is harmless (a copy into the bucket), so keep the log readable.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     torch.set_num_threads(loop["threads"])
     torch.manual_seed(config.seed)
     device = ray.train.torch.get_device()
@@ -152,11 +157,43 @@ def train_loop(loop: dict[str, Any]) -> None:
             timer.images += len(images)
         metrics = {"loss": mean_across_workers(float(np.mean(losses)) if losses else float("nan"), device),
                    "lr": lr, "images_per_s": mean_across_workers(timer.throughput(), device) * loop["workers"]}
+        every = loop.get("val_every", 0)
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == config.epochs):
+            metrics["val_miou"] = validate(model, loop["num_classes"], device)
         report_epoch(model, optimizer, epoch, history, metrics)
 
 
+@torch.no_grad()
+def validate(model: torch.nn.Module, num_classes: int, device: torch.device) -> float:
+    """Val mIoU of a segmentation model from one confusion matrix summed over all workers.
+
+    Every worker reads the (unsplit) ``val`` dataset and predicts its own share of images (row i on rank
+    i mod world size), so each image counts exactly once whatever the worker count, then the matrices are
+    all-reduced: the dataset-level mIoU, not a mean of per-worker scores.
+    """
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    model.eval()
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    # batch_size 1: val images keep their own sizes (no crop), as in the papers' evaluation.
+    for i, batch in enumerate(ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=1)):
+        if i % world != rank:
+            continue
+        image, target = normalize(batch["image"].to(device)), batch["label"].to(device).long()
+        with autocast(device):
+            pred = model(image).argmax(1)
+        valid = target != 255
+        confusion += torch.bincount(target[valid] * num_classes + pred[valid], minlength=num_classes**2)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(confusion)
+    mat = confusion.view(num_classes, num_classes).double()
+    union = mat.sum(0) + mat.sum(1) - mat.diag()
+    iou = mat.diag() / union
+    return float(iou[union > 0].mean()) if (union > 0).any() else float("nan")
+
+
 def fit(loop: dict[str, Any], workers: WorkersConfig, datasets: dict[str, ray.data.Dataset],
-        stage: StageDir) -> ray.train.Result:
+        stage: StageDir, callbacks: list[Any] | None = None) -> ray.train.Result:
     """Run ``train_loop`` with DDP on Ray Train, checkpointing to the stage's storage.
 
     Re-running with the same stage directory resumes from the latest checkpoint: Ray Train V2 restores the run
@@ -177,14 +214,21 @@ def fit(loop: dict[str, Any], workers: WorkersConfig, datasets: dict[str, ray.da
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=workers.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
+        # Only the training data is split across workers; ``validate`` shares out the val rows itself.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     return trainer.fit()
 
 
-def export_model(result: ray.train.Result, stage: StageDir) -> tuple[str, list[dict[str, Any]]]:
-    """Copy the final weights out of the run's last checkpoint to ``<stage>/model.pt``; return it and history."""
+def export_model(result: ray.train.Result, stage: StageDir) -> dict[str, Any]:
+    """Copy the final weights out of the run's last checkpoint to ``<stage>/model.pt``.
+
+    Returns the stage summary part: the model's URI, its SHA-256 (downstream stages key their outputs by it,
+    so retrained weights never reuse stale pseudo-labels) and the per-epoch history.
+    """
     if result.checkpoint is None:
         raise RuntimeError(f"{stage.name}: training finished without a checkpoint ({stage.uri})")
     with result.checkpoint.as_directory() as directory:
@@ -195,7 +239,7 @@ def export_model(result: ray.train.Result, stage: StageDir) -> tuple[str, list[d
     model_uri = stage.path(MODEL_FILE)
     storage.write_bytes(model_uri, weights)
     storage.write_json(stage.path("history.json"), history)
-    return model_uri, history
+    return {"model_uri": model_uri, "model_sha256": hashlib.sha256(weights).hexdigest(), "history": history}
 
 
 def load_weights(model: torch.nn.Module, uri: str) -> torch.nn.Module:

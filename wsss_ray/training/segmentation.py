@@ -26,16 +26,30 @@ def segmentation_sample(row: dict[str, Any], augment: AugmentConfig) -> dict[str
     return {"image": image, "label": label}
 
 
+def val_sample(row: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data map: a val image and its ground truth, unaugmented."""
+    return {"image": read_image(row["image_uri"]), "label": read_label(row["mask_uri"])}
+
+
 def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: SegTrainConfig,
-                       num_classes: int) -> dict[str, Any]:
-    """Train on rows carrying ``image_uri`` and ``label_uri`` (the pseudo-mask); export ``model.pt``."""
+                       num_classes: int, val_records: list[dict[str, Any]] | None = None,
+                       callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train on rows carrying ``image_uri`` and ``label_uri`` (the pseudo-mask); export ``model.pt``.
+
+    With ``val_records`` (manifest rows with ground truth) and ``config.val_every`` > 0, val mIoU is measured
+    during training and reported with the epoch's metrics (curves in the report; what Tune's schedulers read).
+    """
     workers = config.workers.num_workers
     batch_size, steps = steps_per_epoch(len(records), config.batch_size, workers)
     log("train_seg", f"{len(records)} images, {workers} workers × batch {batch_size}, {steps} steps/epoch, "
                      f"{config.epochs} epochs → {stage.uri}")
-    dataset = ray.data.from_items(records).map(segmentation_sample, fn_kwargs={"augment": config.augment})
+    datasets = {"train": ray.data.from_items(records).map(segmentation_sample, fn_kwargs={"augment": config.augment})}
+    val = [r for r in val_records or [] if r["mask_uri"]]
+    if val and config.val_every:
+        datasets["val"] = ray.data.from_items(val).map(val_sample)
     loop = {"config": config, "build_model": partial(build_segmentation_model, config.model, num_classes),
             "loss": SEGMENTATION_LOSSES[config.loss.name](config.loss), "target": "label",
-            "batch_size": batch_size, "steps_per_epoch": steps}
-    model_uri, history = export_model(fit(loop, config.workers, {"train": dataset}, stage), stage)
-    return {"model_uri": model_uri, "history": history, "images": len(records)}
+            "batch_size": batch_size, "steps_per_epoch": steps, "num_classes": num_classes,
+            "val_every": config.val_every if "val" in datasets else 0}
+    result = fit(loop, config.workers, datasets, stage, callbacks)
+    return {**export_model(result, stage), "images": len(records)}

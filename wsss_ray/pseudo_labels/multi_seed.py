@@ -1,0 +1,102 @@
+"""MSPN multi-seed pseudo-masks (Sang et al., JEIT 2025): seeded dropout CAMs and the per-pixel seed vote.
+
+One classifier gives several "seeds": CAMs computed with dropout on the backbone features at a given input
+scale. Each seed is refined by DenseCRF into a label map; per pixel the seeds vote, and a label is *clean* when
+at least ``t`` seeds agree with the majority, *noisy* otherwise. The vote and the clean mask are pure numpy so
+they can be tested on hand-made label maps.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss_ray.data.classes import IGNORE_LABEL
+from wsss_ray.data.transforms import normalize
+
+__all__ = ["clean_mask", "dropout_cams", "seed_value", "vote"]
+
+
+def seed_value(image_id: str, index: int) -> int:
+    """Random seed of seed ``index`` for one image.
+
+    ``zlib.crc32`` rather than ``hash()``: Python salts string hashes per process, so the dropout masks (and the
+    pseudo-labels) would change between actors and between a run and its resumption.
+    """
+    return zlib.crc32(f"{image_id}:{index}".encode())
+
+
+@torch.no_grad()
+def dropout_cams(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    labels: Sequence[int],
+    dropout: float,
+    scale: float,
+    flip: bool,
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """CAMs ``(K, H, W)`` in [0, 1] of the classes ``labels`` with feature dropout ``dropout`` at input ``scale``.
+
+    Dropout is ``F.dropout(features, p, training=True)`` written out with an explicit generator: the mask is
+    drawn on the CPU from ``seed`` alone, so a seed gives the same CAM on any device and the global torch RNG of
+    the actor is left untouched. The mirrored copy gets its own mask (it is a second sample of the same seed).
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    h, w = image.shape[:2]
+    if len(labels) == 0:
+        return np.zeros((0, h, w), np.float32)
+    channels = torch.as_tensor([int(label) - 1 for label in labels], device=device)
+    x = normalize(torch.from_numpy(np.ascontiguousarray(image))[None].to(device))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if size != (h, w):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    if flip:
+        x = torch.cat([x, x.flip(-1)])
+    features = model.backbone(x)
+    if dropout > 0:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        keep = torch.rand(features.shape, generator=generator) >= dropout
+        features = features * keep.to(device=features.device, dtype=features.dtype) / (1.0 - dropout)
+    cams = model.head.cams(features)[:, channels]
+    if flip:
+        cams = cams[0:1] + cams[1:2].flip(-1)
+    cams = F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)[0]
+    peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-5)
+    return (cams / peak[:, None, None]).float().cpu().numpy()
+
+
+def vote(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel vote of ``(S, H, W)`` uint8 label maps → ``(majority, agreement)``, both ``(H, W)`` uint8.
+
+    ``majority`` is the most frequent label, ``agreement`` how many seeds voted for it (0..S). A 255 vote (a seed
+    that was unsure) abstains; a pixel where every seed abstains gets majority 255 and agreement 0. Ties go to the
+    smaller class id, so background (0) wins a tie with an object: the conservative choice for a pseudo-label.
+    """
+    maps = np.asarray(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (S, H, W), got shape {maps.shape}")
+    majority = np.full(maps.shape[1:], IGNORE_LABEL, np.uint8)
+    agreement = np.zeros(maps.shape[1:], np.uint8)
+    # Ascending label order with a strict ">" keeps the smallest label on ties.
+    for label in np.unique(maps):
+        if label == IGNORE_LABEL:
+            continue
+        count = (maps == label).sum(axis=0)
+        better = count > agreement
+        majority[better] = label
+        agreement[better] = count[better]
+    return majority, agreement
+
+
+def clean_mask(majority: np.ndarray, agreement: np.ndarray, threshold: int) -> np.ndarray:
+    """The clean pseudo-label: ``majority`` where at least ``threshold`` seeds agree, 255 (noisy) elsewhere."""
+    if threshold < 1:
+        raise ValueError(f"threshold must be >= 1, got {threshold}")
+    return np.where(np.asarray(agreement) >= threshold, majority, IGNORE_LABEL).astype(np.uint8)
