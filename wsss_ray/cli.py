@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     for command, stage in STAGE_COMMANDS.items():
         stage_parser = sub.add_parser(command, help=f"run the pipeline up to and including {stage}")
         _add_config_args(stage_parser)
+
+    sweep = sub.add_parser("sweep", help="run (or resume) a Ray Tune sweep over a search space (see tuning/)")
+    sweep.add_argument("--space", required=True, help="search-space YAML, e.g. tuning/label_smoothing.yaml")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field of the space's base config (repeatable)")
+    sweep.add_argument("--no-resume", dest="resume", action="store_false",
+                       help="delete an earlier sweep of the same name and start over")
     return parser
 
 
@@ -65,10 +72,20 @@ def main(argv: list[str] | None = None) -> int:
                                        max_objects=args.max_objects, seed=args.seed)
             print(json.dumps(summary, indent=2, default=str))
             return 0
-        config = load_config(args.config, args.overrides)
+        if args.command == "sweep":
+            from wsss_ray.tuning.space import load_space
+
+            load_space(args.space, args.overrides)  # fail on a bad space before Ray starts
+        else:
+            config = load_config(args.config, args.overrides)
     except ConfigError as error:
         print(f"config error:\n{error}", file=sys.stderr)
         return 2
+    if args.command == "sweep":
+        from wsss_ray.tuning.sweep import run_sweep
+
+        run_sweep(args.space, args.overrides, resume=args.resume)
+        return 0
     from wsss_ray.pipeline import run_pipeline
 
     until = args.until if args.command == "run" else STAGE_COMMANDS[args.command]

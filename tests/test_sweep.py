@@ -1,0 +1,255 @@
+"""Ray Tune sweeps: space validation, an end-to-end sweep on the loopback S3, and resuming (also after a kill).
+
+The sweeps share one tiny base config (resnet_tiny, 64 px toy data, 2 epochs) whose pipeline inputs are made
+once; each sweep is a different space name below the same output, so only its trials run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+
+from wsss_ray import storage
+from wsss_ray.config import ConfigError
+from wsss_ray.data.toy import make_toy_dataset
+from wsss_ray.tuning.space import load_space
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_base(root: str, output: str) -> dict[str, Any]:
+    small_backbone = {"name": "resnet_tiny", "output_stride": 16}
+    augment = {"crop_size": 64, "scale_min": 0.9, "scale_max": 1.1}
+    return {
+        "name": "tiny-sweep",
+        "output": output,
+        "dataset": {"format": "voc", "root": root, "train_split": "train", "val_split": "val"},
+        "train_cls": {"backbone": small_backbone, "epochs": 1, "batch_size": 4, "augment": augment,
+                      "workers": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 0}},
+        "pseudo_labels": {"generator": {"scales": [1.0], "bg_score": 0.2}},
+        # One 0.5-CPU worker: with the trial driver's share, one CPU stays free for Ray Data's ingest.
+        "train_seg": {"model": {"backbone": small_backbone, "aspp_channels": 16}, "epochs": 2, "batch_size": 4,
+                      "optimizer": {"lr": 0.02}, "augment": augment,
+                      "workers": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 1}},
+    }
+
+
+def write_space(directory: Path, base: Path, **fields: Any) -> Path:
+    space = {"base_config": str(base), "trial": "train_seg", "metric": "val_miou", **fields}
+    path = directory / f"{fields['name']}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_config(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> Path:
+    data = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(str(data), fmt="voc", num_train=12, num_val=4, image_size=64, num_classes=3, seed=5)
+    root = f"s3://{s3_server.bucket}/datasets/sweep-toy"
+    storage.upload_dir(str(data), root)
+    path = tmp_path_factory.mktemp("cfg") / "base.yaml"
+    path.write_text(yaml.safe_dump(tiny_base(root, f"s3://{s3_server.bucket}/runs/sweep")))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def test_unknown_param_path_names_file_and_field(base_config: Path, tmp_path: Path) -> None:
+    space = write_space(tmp_path, base_config, name="typo", params={"train_seg.loss.smoothing": {"grid": [0.1]}})
+    with pytest.raises(ConfigError) as error:
+        load_space(space)
+    assert f"{space}: params.train_seg.loss.smoothing.grid: unknown field" in str(error.value)
+
+
+def test_out_of_range_value_names_file_and_field(base_config: Path, tmp_path: Path) -> None:
+    space = write_space(tmp_path, base_config, name="range",
+                        params={"train_seg.loss.label_smoothing": {"grid": [0.1, 1.5]}})
+    with pytest.raises(ConfigError, match=rf"{space}: params.train_seg.loss.label_smoothing.grid: "
+                                          r"Input should be less than 1, got 1.5"):
+        load_space(space)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"normal": [0, 1]}, "params.train_seg.optimizer.lr.normal: unknown field"),
+    ({"grid": [0.1], "choice": [0.2]}, "give exactly one of"),
+    ({"loguniform": [0.0, 0.1]}, "bounds must be positive"),
+    ({"uniform": [0.5, 0.1]}, "lower bound 0.5 must be below upper bound 0.1"),
+])
+def test_bad_distribution_names_file_and_field(base_config: Path, tmp_path: Path, spec: dict[str, Any],
+                                               message: str) -> None:
+    space = write_space(tmp_path, base_config, name="dist", params={"train_seg.optimizer.lr": spec})
+    with pytest.raises(ConfigError) as error:
+        load_space(space)
+    assert str(space) in str(error.value) and message in str(error.value)
+    assert "params.train_seg.optimizer.lr" in str(error.value)
+
+
+def test_metric_must_match_trial_kind(base_config: Path, tmp_path: Path) -> None:
+    space = write_space(tmp_path, base_config, name="metric", trial="pseudo_labels",
+                        params={"pseudo_labels.generator.bg_score": {"grid": [0.1]}})
+    with pytest.raises(ConfigError, match=rf"{space}: <root>: .*val_miou.* is not reported by pseudo_labels"):
+        load_space(space)
+
+
+@pytest.mark.parametrize("name", ["label_smoothing", "crf", "cam_threshold", "lr"])
+def test_shipped_spaces_validate(name: str) -> None:
+    space, base = load_space(REPO / "tuning" / f"{name}.yaml")
+    assert space.name and base.name == "demo"
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+
+@pytest.fixture(scope="module")
+def sweep_run(ray_cluster: None, base_config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from wsss_ray.tuning.sweep import run_sweep
+
+    space = write_space(tmp_path_factory.mktemp("spaces"), base_config, name="ls", scheduler="fifo",
+                        params={"train_seg.loss.label_smoothing": {"grid": [0.0, 0.2]}})
+    start = time.monotonic()
+    results = run_sweep(space)
+    return {"space": space, "results": results, "seconds": time.monotonic() - start}
+
+
+def test_sweep_results_on_s3(sweep_run: dict[str, Any], s3_server: Any) -> None:
+    results = sweep_run["results"]
+    sweep_uri = results["experiment_uri"]
+    assert sweep_uri == f"s3://{s3_server.bucket}/runs/sweep/sweeps/ls"
+    stored = storage.read_json(storage.join(sweep_uri, "results.json"))
+    assert len(stored["trials"]) == 2
+    assert sorted(t["params"]["train_seg.loss.label_smoothing"] for t in stored["trials"]) == [0.0, 0.2]
+    for trial in stored["trials"]:
+        assert trial["status"] == "TERMINATED" and trial["epochs"] == 2, trial
+        assert 0.0 <= trial["metric"] <= 1.0
+        assert [row["epoch"] for row in trial["history"]] == [1, 2]
+        # each trial's own Ray Train run and exported model live in its folder
+        assert storage.exists(storage.join(trial["uri"], "model.pt"))
+    assert stored["best"]["overrides"][0].startswith("train_seg.loss.label_smoothing=")
+    report_dir = storage.join(sweep_uri, "report")
+    html = storage.read_text(storage.join(report_dir, "report.html"))
+    assert "Best config" in html and all(t["id"] in html for t in stored["trials"])
+    pngs = storage.list_files(report_dir, suffix=".png")
+    assert any("metric_vs_train_seg.loss.label_smoothing" in uri for uri in pngs), pngs
+    assert any(uri.endswith("trial_curves.png") for uri in pngs)
+
+
+def test_tensorboard_event_files_per_trial(sweep_run: dict[str, Any]) -> None:
+    results = sweep_run["results"]
+    events = [uri for uri in storage.list_files(results["experiment_uri"]) if "events.out.tfevents" in uri]
+    trial_dirs = {uri.rsplit("/", 2)[-2] for uri in events}
+    assert len(trial_dirs) == len(results["trials"]), events
+    # the event files hold the reported metric (readable by TensorBoard's own reader)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    local = Path(storage.copy_to_local(events[0], str(Path(sweep_run["space"]).parent / "ev")))
+    accumulator = EventAccumulator(str(local))
+    accumulator.Reload()
+    assert any(tag.endswith("val_miou") for tag in accumulator.Tags()["scalars"])
+
+
+def test_rerun_restores_finished_trials(sweep_run: dict[str, Any]) -> None:
+    from wsss_ray.tuning.sweep import run_sweep
+
+    before = sweep_run["results"]
+    finished = {t["id"]: storage.read_json(storage.join(t["uri"], "summary.json"))["finished_at"]
+                for t in before["trials"]}
+    start = time.monotonic()
+    again = run_sweep(sweep_run["space"])
+    assert time.monotonic() - start < sweep_run["seconds"] / 2
+    assert [(t["id"], t["metric"], t["epochs"]) for t in again["trials"]] == \
+        [(t["id"], t["metric"], t["epochs"]) for t in before["trials"]]
+    # no trial ran again: their summaries were written once, by the first run
+    for trial in again["trials"]:
+        assert storage.read_json(storage.join(trial["uri"], "summary.json"))["finished_at"] == finished[trial["id"]]
+
+
+_CHILD = """
+import sys
+import ray
+ray.init(address=sys.argv[2])
+from wsss_ray.tuning.sweep import run_sweep
+run_sweep(sys.argv[1])
+"""
+
+
+def _checkpoints(sweep_uri: str) -> dict[str, set[str]]:
+    """Ray Train checkpoint folders per trial id (``trials/<id>/ray_train/<run>/checkpoint_*``)."""
+    found: dict[str, set[str]] = {}
+    for uri in storage.list_files(storage.join(sweep_uri, "trials")):
+        parts = uri.split("/")
+        names = [p for p in parts if p.startswith("checkpoint_") and not p.endswith(".json")]
+        if names:
+            found.setdefault(parts[parts.index("trials") + 1], set()).add(names[0])
+    return found
+
+
+def test_killed_sweep_resumes(sweep_run: dict[str, Any], tmp_path: Path) -> None:
+    """Kill a sweep's driver process after its first Ray Train checkpoint, then resume it here.
+
+    The interrupted trial must continue from that checkpoint: its run keeps the old checkpoint folder and adds
+    one more (a run started over would write two new ones next to the orphan).
+    """
+    from wsss_ray.tuning.sweep import run_sweep
+
+    space = write_space(tmp_path, Path(yaml.safe_load(Path(sweep_run["space"]).read_text())["base_config"]),
+                        name="killed", scheduler="fifo", params={"train_seg.optimizer.lr": {"grid": [0.01, 0.02]}})
+    output = sweep_run["results"]["experiment_uri"].rsplit("/", 1)[0]
+    sweep_uri = storage.join(output, "killed")
+    address = ray.get_runtime_context().gcs_address
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(space), address], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        # Experiment state uploaded and one epoch recorded by Ray Train (checkpoint + its manager's snapshot):
+        # a kill now loses a running trial mid-way.
+        while time.monotonic() < deadline and child.poll() is None:
+            files = storage.list_files(sweep_uri)
+            if any("/experiment_state-" in f for f in files) and \
+                    any(f.endswith("/checkpoint_manager_snapshot.json") for f in files) and _checkpoints(sweep_uri):
+                break
+            time.sleep(0.5)
+        assert child.poll() is None, "the sweep finished before it could be interrupted"
+        os.killpg(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    assert not storage.exists(storage.join(sweep_uri, "results.json"))
+    ((interrupted, at_kill),) = _checkpoints(sweep_uri).items()
+
+    results = run_sweep(space)
+    assert len(results["trials"]) == 2
+    for trial in results["trials"]:
+        assert trial["status"] == "TERMINATED" and trial["epochs"] == 2, trial
+        assert trial["metric"] is not None
+    after = _checkpoints(sweep_uri)[interrupted]
+    assert at_kill < after and len(after) == 2, (at_kill, after)
+    stored = json.loads(storage.read_text(storage.join(sweep_uri, "results.json")))
+    assert {t["id"] for t in stored["trials"]} == {t["id"] for t in results["trials"]}
+
+
+def test_pseudo_label_sweep(ray_cluster: None, base_config: Path, tmp_path: Path) -> None:
+    """pseudo_labels trials relabel the first ``max_images`` training images and report the scores once."""
+    from wsss_ray.tuning.sweep import run_sweep
+
+    space = write_space(tmp_path, base_config, name="bg", trial="pseudo_labels", metric="pseudo_miou", max_images=4,
+                        params={"pseudo_labels.generator.bg_score": {"grid": [0.15, 0.4]}})
+    results = run_sweep(space)
+    assert results["scheduler"] == "fifo" and len(results["trials"]) == 2
+    for trial in results["trials"]:
+        assert trial["status"] == "TERMINATED" and trial["epochs"] == 1, trial
+        assert 0.0 <= trial["metric"] <= 1.0
+        assert len(storage.list_files(storage.join(trial["uri"], "pseudo"), suffix=".png")) == 4
+    report_dir = storage.join(results["experiment_uri"], "report")
+    assert storage.exists(storage.join(report_dir, "metric_vs_pseudo_labels.generator.bg_score.png"))

@@ -1,0 +1,313 @@
+"""Run a search space as a Ray Tune experiment, resumably, with results, a report and TensorBoard logs.
+
+The shared inputs (ingest, classifier, pseudo-labels of the base config) are made once by the pipeline, then
+each Tune trial runs one stage with the trial's values:
+
+- ``train_seg`` trials: a driver function that fits the segmentation trainer (its own Ray Train run, named after
+  the trial id, checkpointed below ``<output>/sweeps/<name>/trials/<trial_id>``) and forwards every epoch's
+  metrics to Tune through ``TuneReportCallback``, so ASHA can stop weak trials after a few epochs;
+- ``pseudo_labels`` trials: a plain function that labels the training images with the trial's generator
+  settings (e.g. CRF parameters) and reports the pseudo-mask scores once.
+
+Everything lives below ``<output>/sweeps/<name>``: Tune's experiment (resumed by ``Tuner.restore`` when the sweep
+is run again), one folder per trial, ``results.json`` and ``report/report.html``. Tune's TensorBoard logger
+writes each trial's event files there, so ``tensorboard --logdir <output>/sweeps/<name>`` shows every trial.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray import tune
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from wsss_ray import storage
+from wsss_ray.config import PipelineConfig, config_hash
+from wsss_ray.progress import log
+from wsss_ray.ray_utils import cluster_cpus, cluster_gpus, want_gpu
+from wsss_ray.stage_dir import StageDir
+from wsss_ray.tuning.space import SearchSpace, load_space, param_overrides, trial_config
+
+# A trial's function only coordinates: a train_seg trial waits on its Ray Train run (whose workers have their own
+# placement group), a pseudo_labels trial on a Ray Data pipeline. So trials hold no CPU: any CPU they held would
+# be missing for Ray Data's 1-CPU ingest tasks, and on a 2-CPU machine (where an earlier stage's finished Ray
+# Train run can still hold its 0.5-CPU placement group) a 0.5-CPU driver left them unschedulable: a hang. Tune
+# refuses an empty bundle (``{"cpu": 0}``), hence a token amount of logical memory.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 2**20}
+# CPU a train_seg trial is counted with when sizing concurrency, on top of its workers: the driver's own work
+# and its share of the ingest tasks.
+TRAIN_DRIVER_CPUS = 0.5
+# How often the driver uploads Tune's experiment state (and trial logs) to storage: the most a killed sweep
+# can lose of its bookkeeping. Trials' own Ray Train checkpoints are uploaded every epoch regardless.
+SYNC_PERIOD_S = 30
+RESULTS_FILE = "results.json"
+FINGERPRINT_FILE = "space.json"
+
+
+# ------------------------------------------------------------------------------------------------- trials
+
+
+def _trial_stage(sweep_uri: str, trial_kind: str) -> StageDir:
+    """The trial's own folder; the Ray Train run name carries the trial id, which survives ``Tuner.restore``."""
+    trial_id = tune.get_context().get_trial_id()
+    return StageDir(f"{trial_kind}-{trial_id}", storage.join(sweep_uri, "trials", trial_id), trial_id)
+
+
+def train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], seg_records: list[dict[str, Any]],
+                    val_records: list[dict[str, Any]], num_classes: int, sweep_uri: str) -> None:
+    """One train_seg trial: a Ray Train run whose epoch metrics reach Tune through ``TuneReportCallback``.
+
+    Run again after a restore, the same run name resumes from the trial's latest Ray Train checkpoint.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from wsss_ray.training.segmentation import train_segmentation
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = trial_config(base, params, source=f"trial {tune.get_context().get_trial_id()}")
+    stage = _trial_stage(sweep_uri, "train_seg")
+    summary = train_segmentation(seg_records, stage, config.train_seg, num_classes, val_records,
+                                 callbacks=[TuneReportCallback()])
+    storage.write_json(stage.path("summary.json"), {"params": params, "finished_at": time.time(), **summary})
+
+
+def _generate_outside_trial(records: list[dict[str, Any]], stage: StageDir, **kwargs: Any) -> dict[str, Any]:
+    from wsss_ray.pseudo_labels.stage import generate_pseudo_labels
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return generate_pseudo_labels(records, stage, **kwargs)
+
+
+def pseudo_labels_trial(params: dict[str, Any], *, base: dict[str, Any], records: list[dict[str, Any]],
+                        model_uri: str, num_classes: int, class_names: list[str], sweep_uri: str) -> None:
+    """One pseudo_labels trial: label ``records`` with the trial's generator settings, report the scores once.
+
+    Per-image outputs are resumable, so a restored trial only labels the images it had not finished.
+    """
+    config = trial_config(base, params, source=f"trial {tune.get_context().get_trial_id()}")
+    stage = _trial_stage(sweep_uri, "pseudo_labels")
+    # Tasks started from a trial land in the trial's placement group, which holds no CPU: the stage runs
+    # in a task scheduled outside it, so its Ray Data actor pool and CRF tasks take the cluster's CPUs.
+    label = ray.remote(_generate_outside_trial).options(num_cpus=0, scheduling_strategy="DEFAULT")
+    summary = ray.get(label.remote(records, stage, model_uri=model_uri, cls_config=config.train_cls,
+                                   config=config.pseudo_labels, num_classes=num_classes,
+                                   supervision=config.dataset.supervision, class_names=class_names))
+    scores = summary["scores"]
+    metrics: dict[str, Any] = {"epoch": 1, "images": summary["written"], "failed": summary["failed"]}
+    if "pseudo" in scores:
+        metrics.update(pseudo_miou=scores["pseudo"]["miou"], pseudo_precision=scores["pseudo"]["precision"],
+                       pseudo_coverage=scores["pseudo"]["coverage"])
+    if "cam" in scores:
+        metrics["cam_miou"] = scores["cam"]["miou"]
+    storage.write_json(stage.path("summary.json"), {"params": params, "finished_at": time.time(), **summary})
+    tune.report(metrics)
+
+
+# ------------------------------------------------------------------------------------------------- resources
+
+
+def max_concurrent_trials(space: SearchSpace, config: PipelineConfig) -> int:
+    """How many trials the cluster runs side by side (at least 1), from each trial's CPU/GPU needs.
+
+    train_seg: the driver plus its train workers, with one CPU kept for Ray Data's ingest tasks; on GPUs, the
+    workers' GPUs bound it too. pseudo_labels: the model actor pool plus one CPU for the CRF tasks.
+    """
+    cpus, gpus = cluster_cpus(), cluster_gpus()
+    if space.trial == "train_seg":
+        workers = config.train_seg.workers
+        if want_gpu(workers.use_gpu):
+            count = min(gpus // workers.num_workers, int((cpus - 1) // (TRAIN_DRIVER_CPUS + workers.num_workers
+                                                                         * workers.cpus_per_worker)))
+        else:
+            per_trial = TRAIN_DRIVER_CPUS + workers.num_workers * min(workers.cpus_per_worker, cpus)
+            count = int((cpus - 1) // per_trial)
+    else:
+        pool = config.pseudo_labels
+        if want_gpu(pool.use_gpu):
+            count = gpus // min(pool.max_actors, max(gpus, 1))
+        else:
+            count = int(cpus // (min(pool.max_actors, max(cpus - 1, 1)) + 1))
+    count = max(1, count)
+    return min(count, space.max_concurrent_trials) if space.max_concurrent_trials else count
+
+
+def _scheduler(space: SearchSpace, config: PipelineConfig) -> Any:
+    # A pseudo_labels trial reports once, so there is nothing for ASHA to stop early.
+    if space.scheduler == "fifo" or space.trial == "pseudo_labels":
+        return FIFOScheduler()
+    epochs = config.train_seg.epochs
+    # "epoch" rather than training_iteration: a trial restored from its Ray Train checkpoint continues its epoch
+    # count, while Tune's iteration counter would start again from 1.
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(space.grace_period, epochs),
+                         reduction_factor=space.reduction_factor)
+
+
+# ------------------------------------------------------------------------------------------------- the sweep
+
+
+def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (), resume: bool = True,
+              ) -> dict[str, Any]:
+    """Run (or resume) the sweep of a space YAML; returns what ``results.json`` holds.
+
+    ``overrides`` (``key.path=value``) apply to the base pipeline config. ``resume=False`` deletes an earlier
+    sweep of the same name first (its Tune state, trials, results and report) and starts over.
+    """
+    from wsss_ray.data.classes import class_names as dataset_class_names
+    from wsss_ray.data.manifest import load_manifest
+    from wsss_ray.pipeline import run_pipeline, stage_dirs
+
+    space, config = load_space(space_path, tuple(overrides))
+    started = time.monotonic()
+    summaries = run_pipeline(config, until="pseudo_labels")  # shared inputs; skipped once done
+    dirs = stage_dirs(config)
+    names = dataset_class_names(config.dataset.format)
+    ds = config.dataset
+    train_records = load_manifest(dirs["ingest"], ds.train_split)
+    sweep_uri = storage.join(config.output, "sweeps", space.name)
+    base = config.model_dump(mode="json")
+    fingerprint = {"space": space.model_dump(mode="json"), "base_config": base,
+                   "hash": config_hash(space.model_dump(mode="json", exclude={"max_concurrent_trials"}), base)}
+    _check_fingerprint(sweep_uri, fingerprint, resume)
+
+    if space.trial == "train_seg":
+        pseudo_dir = dirs["pseudo_labels"]
+        have_mask = {uri.rsplit("/", 1)[-1].removesuffix(".png")
+                     for uri in storage.list_files(pseudo_dir.path("pseudo"))}
+        seg_records = [{"image_id": r["image_id"], "image_uri": r["image_uri"],
+                        "label_uri": pseudo_dir.path("pseudo", f"{r['image_id']}.png")}
+                       for r in train_records if r["image_id"] in have_mask]
+        trainable = tune.with_parameters(
+            train_seg_trial, base=base, seg_records=seg_records,
+            val_records=load_manifest(dirs["ingest"], ds.val_split), num_classes=len(names), sweep_uri=sweep_uri)
+        trainable = tune.with_resources(trainable, TRIAL_RESOURCES)
+    else:
+        records = train_records[: space.max_images] if space.max_images else train_records
+        trainable = tune.with_parameters(
+            pseudo_labels_trial, base=base, records=records, model_uri=summaries["train_cls"]["model_uri"],
+            num_classes=len(names), class_names=names, sweep_uri=sweep_uri)
+        trainable = tune.with_resources(trainable, TRIAL_RESOURCES)
+
+    # The Tune experiment is <output>/sweeps/<name> itself, next to trials/, results.json and report/.
+    storage_path, filesystem = storage.train_storage(storage.join(config.output, "sweeps"))
+    experiment_path, _ = storage.train_storage(sweep_uri)
+    concurrent = max_concurrent_trials(space, config)
+    if resume and tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+        log("sweep", f"resuming {space.name} from {sweep_uri}")
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True,
+                                   storage_filesystem=filesystem)
+    else:
+        log("sweep", f"{space.name}: {space.trial} trials, {space.scheduler}, ≤{concurrent} at once → {sweep_uri}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.tune_space(),
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=_scheduler(space, config),
+                                        num_samples=space.num_samples, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(
+                name=space.name, storage_path=storage_path, storage_filesystem=filesystem,
+                # Listed explicitly so that event files are written even where auto loggers are switched off
+                # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS); Tune adds no second one when one is given.
+                callbacks=[TBXLoggerCallback()],
+                sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
+                # Trials are resumed by the sweep (resume_errored), not retried in place.
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    results = collect_results(grid, space, config, sweep_uri)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    storage.write_json(storage.join(sweep_uri, RESULTS_FILE), results)
+    from wsss_ray.tuning.report import write_sweep_report
+
+    results["report_uri"] = write_sweep_report(storage.join(sweep_uri, "report"), results, space)
+    storage.write_json(storage.join(sweep_uri, RESULTS_FILE), results)
+    print_results(results)
+    return results
+
+
+def _check_fingerprint(sweep_uri: str, fingerprint: dict[str, Any], resume: bool) -> None:
+    """Refuse to resume a sweep of the same name made from a different space or base config."""
+    uri = storage.join(sweep_uri, FINGERPRINT_FILE)
+    if not resume:
+        if storage.exists(sweep_uri):
+            log("sweep", f"--no-resume: deleting the earlier sweep at {sweep_uri}")
+            storage.delete(sweep_uri)
+    elif storage.exists(uri):
+        previous = storage.read_json(uri)
+        if previous.get("hash") != fingerprint["hash"]:
+            raise RuntimeError(f"{sweep_uri} holds a sweep of a different space or base config "
+                               f"(hash {previous.get('hash')} != {fingerprint['hash']}); rename the space or "
+                               "run with --no-resume to replace it")
+    storage.write_json(uri, fingerprint)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalars: NaN/inf become None, numpy numbers plain Python ones."""
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def collect_results(grid: Any, space: SearchSpace, config: PipelineConfig, sweep_uri: str) -> dict[str, Any]:
+    """One row per trial (id, params, best and last metric, epochs run, status, per-epoch history), the best."""
+    better = max if space.mode == "max" else min
+    trials = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(str(result.path)).name
+        params = {k: _clean(v) for k, v in (result.config or {}).items()}
+        history: list[dict[str, Any]] = []
+        frame = result.metrics_dataframe
+        if frame is not None and len(frame):
+            columns = [c for c in dict.fromkeys(("epoch", space.metric, "loss", "val_miou")) if c in frame.columns]
+            history = [{k: _clean(v) for k, v in row.items()} for row in frame[columns].to_dict("records")]
+            # A restored trial appends to its log from the epoch it resumed at; keep the latest row per epoch.
+            history = list({row.get("epoch"): row for row in history}.values())
+        values = [row[space.metric] for row in history if row.get(space.metric) is not None]
+        epochs = int(max([row.get("epoch") or 0 for row in history], default=0))
+        status = "ERROR" if result.error else "TERMINATED"
+        trials.append({
+            "id": trial_id, "params": params, "metric": better(values) if values else None,
+            "last_metric": values[-1] if values else None, "epochs": epochs, "status": status,
+            "stopped_early": space.trial == "train_seg" and status == "TERMINATED"
+            and epochs < config.train_seg.epochs,
+            "error": str(result.error).splitlines()[0] if result.error else None,
+            "uri": storage.join(sweep_uri, "trials", trial_id), "history": history,
+        })
+    trials.sort(key=lambda t: t["id"])
+    scored = [t for t in trials if t["metric"] is not None]
+    best = better(scored, key=lambda t: t["metric"]) if scored else None
+    return {
+        "name": space.name, "trial": space.trial, "metric": space.metric, "mode": space.mode,
+        "scheduler": space.scheduler if space.trial == "train_seg" else "fifo",
+        "max_epochs": config.train_seg.epochs if space.trial == "train_seg" else 1,
+        "trial_epochs": sum(t["epochs"] for t in trials),
+        "trials": trials,
+        "best": None if best is None else {"id": best["id"], "metric": best["metric"], "params": best["params"],
+                                           "overrides": param_overrides(best["params"])},
+        "experiment_uri": sweep_uri,
+    }
+
+
+def print_results(results: dict[str, Any]) -> None:
+    metric = results["metric"]
+    print(f"\nsweep {results['name']}: {len(results['trials'])} trials, {results['trial_epochs']} trial-epochs")
+    for trial in results["trials"]:
+        value = "–" if trial["metric"] is None else f"{trial['metric']:.4f}"
+        print(f"  {trial['id']}  {trial['status']:<10} epochs {trial['epochs']:>3}  {metric} {value}  "
+              + " ".join(f"{k}={v}" for k, v in trial["params"].items()))
+    best = results["best"]
+    if best:
+        print(f"best {metric} {best['metric']:.4f}: " + " ".join(f"--set {o}" for o in best["overrides"]))
+    print(f"results: {storage.join(results['experiment_uri'], RESULTS_FILE)}")
+    print(f"report:  {results.get('report_uri')}")
+    print(f"tensorboard --logdir {results['experiment_uri']}")
