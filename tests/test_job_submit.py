@@ -189,10 +189,17 @@ def _submit(head: RayHead, script: str, config: Path, output: str, timeout: floa
     jobs/configs/voc.yaml, never by this test's config, so they are harmless here. The CLI's --working-dir
     overrides the file's relative ``working_dir: "."``.
     """
-    job_id = f"wsss-{Path(script).stem}-{uuid.uuid4().hex[:8]}"
-    result = _ray(head, "job", "submit", "--address", head.address, "--submission-id", job_id,
-                  "--working-dir", str(REPO_ROOT), "--runtime-env", str(REPO_ROOT / "jobs" / "runtime_env.yaml"),
-                  "--", "python", script, "--config", str(config), "--set", f"output={output}", timeout=timeout)
+    # The head's job agent registers a few seconds after the dashboard answers; until then a submission is
+    # refused with "No available agent" before any job exists, so only that refusal is retried.
+    deadline = time.monotonic() + 90
+    while True:
+        job_id = f"wsss-{Path(script).stem}-{uuid.uuid4().hex[:8]}"
+        result = _ray(head, "job", "submit", "--address", head.address, "--submission-id", job_id,
+                      "--working-dir", str(REPO_ROOT), "--runtime-env", str(REPO_ROOT / "jobs" / "runtime_env.yaml"),
+                      "--", "python", script, "--config", str(config), "--set", f"output={output}", timeout=timeout)
+        if "No available agent" not in result.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     # `ray job submit` streams the job's log until it exits and exits 1 unless the job succeeded.
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     status = _ray(head, "job", "status", "--address", head.address, job_id, timeout=60)

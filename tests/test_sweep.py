@@ -197,8 +197,9 @@ def _checkpoints(sweep_uri: str) -> dict[str, set[str]]:
 def test_killed_sweep_resumes(sweep_run: dict[str, Any], tmp_path: Path) -> None:
     """Kill a sweep's driver process after its first Ray Train checkpoint, then resume it here.
 
-    The interrupted trial must continue from that checkpoint: its run keeps the old checkpoint folder and adds
-    one more (a run started over would write two new ones next to the orphan).
+    The interrupted trial must continue from a checkpoint: its run keeps the old checkpoint folders and adds at
+    most one (a run started over would write two new ones next to the orphans). At most, not exactly: the kill
+    can land after an epoch's checkpoint folder was uploaded but before Ray Train's snapshot recorded it.
     """
     from wsss_ray.tuning.sweep import run_sweep
 
@@ -234,7 +235,7 @@ def test_killed_sweep_resumes(sweep_run: dict[str, Any], tmp_path: Path) -> None
         assert trial["status"] == "TERMINATED" and trial["epochs"] == 2, trial
         assert trial["metric"] is not None
     after = _checkpoints(sweep_uri)[interrupted]
-    assert at_kill < after and len(after) == 2, (at_kill, after)
+    assert at_kill <= after and len(after - at_kill) <= 1, (at_kill, after)
     stored = json.loads(storage.read_text(storage.join(sweep_uri, "results.json")))
     assert {t["id"] for t in stored["trials"]} == {t["id"] for t in results["trials"]}
 
