@@ -139,6 +139,11 @@ def ray_head(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         proc = subprocess.Popen(
             [RAY_CLI, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
              "--include-dashboard=true", f"--port={port}", f"--dashboard-port={dashboard_port}",
+             # The session's local test cluster (conftest's ray_cluster) already holds Ray's default agent
+             # ports (52365 and friends); a second head on the same ports gets no job agent ("No available
+             # agent to submit job"), so every agent port of this head is a free one.
+             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
              f"--temp-dir={temp_dir}", "--block"],
             env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
     try:
