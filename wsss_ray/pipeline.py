@@ -93,7 +93,6 @@ def stage_dirs(config: PipelineConfig) -> dict[str, StageDir]:
 def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, Any]:
     """Run (or resume) every stage up to ``until``; returns the summaries, writes metrics.json and the report."""
     from wsss_ray.data.manifest import build_manifest, load_manifest
-    from wsss_ray.evaluation.segmentation import evaluate_segmentation
     from wsss_ray.pseudo_labels.stage import generate_pseudo_labels
     from wsss_ray.ray_utils import init_ray
     from wsss_ray.training.classifier import train_classifier
@@ -145,7 +144,7 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, A
 
     samples = [r for r in train_records if r["mask_uri"] and r["image_id"] in have_mask][: config.evaluate.num_samples]
     summaries["evaluate"] = run_stage(dirs["evaluate"], lambda: evaluate_and_report(
-        config, dirs, summaries, val_records, samples, names, evaluate_segmentation))
+        config, dirs, summaries, val_records, samples, names))
     metrics = summaries["evaluate"]["metrics"]
     storage.write_json(storage.join(config.output, "metrics.json"), metrics)
     print_results(config, summaries, time.monotonic() - started)
@@ -172,10 +171,11 @@ def background_only_scores(confusion: list[list[int]], names: list[str]) -> dict
 
 
 def evaluate_and_report(config: PipelineConfig, dirs: dict[str, StageDir], summaries: dict[str, Any],
-                        val_records: list[dict[str, Any]], samples: list[dict[str, Any]], names: list[str],
-                        evaluate_segmentation: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+                        val_records: list[dict[str, Any]], samples: list[dict[str, Any]],
+                        names: list[str]) -> dict[str, Any]:
     from wsss_ray.data.image_io import read_image, read_label
     from wsss_ray.evaluation.report import write_report
+    from wsss_ray.evaluation.segmentation import evaluate_segmentation
 
     stage = dirs["evaluate"]
     result = evaluate_segmentation(

@@ -29,6 +29,7 @@ from wsss_ray.progress import Progress, log
 from wsss_ray.pseudo_labels.generators import build_generator
 from wsss_ray.ray_utils import model_actor_pool, want_gpu
 from wsss_ray.stage_dir import StageDir
+from wsss_ray.training.common import load_weights
 
 STATS_FLUSH_ROWS = 64
 
@@ -36,10 +37,7 @@ STATS_FLUSH_ROWS = 64
 def load_classifier(model_uri: str, config: ClassifierTrainConfig, num_classes: int,
                     device: str = "cpu") -> CamClassifier:
     """The trained classifier exported by the ``train_cls`` stage."""
-    model = CamClassifier(config, num_classes - 1)
-    state = torch.load(io.BytesIO(storage.read_bytes(model_uri)), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    return load_weights(CamClassifier(config, num_classes - 1), model_uri).to(device).eval()
 
 
 class CamActor:
