@@ -219,8 +219,9 @@ def test_scribbles_override_the_pseudo_label() -> None:
 
 
 def _pipeline(generator: dict[str, Any]) -> Any:
-    return parse_config({"output": "out", "dataset": {"root": "data"}, "pseudo_labels": {"generator": generator}},
-                        source="cfg.yaml")
+    supervision = "scribbles" if generator.get("name") == "scribble" else "tags"
+    return parse_config({"output": "out", "dataset": {"root": "data", "supervision": supervision},
+                         "pseudo_labels": {"generator": generator}}, source="cfg.yaml")
 
 
 def test_generator_configs_validate_with_paper_defaults() -> None:
@@ -235,19 +236,22 @@ def test_generator_configs_validate_with_paper_defaults() -> None:
     assert isinstance(scribble, ScribbleGeneratorConfig) and (scribble.lambda_s, scribble.lambda_c) == (1, 6)
     assert ScribbleGeneratorConfig().lambda_s == 2.0 and ScribbleGeneratorConfig().lambda_c == 7.0
     assert set(GENERATORS) == {"image_cam", "multi_seed", "box", "scribble"}
+    with pytest.raises(ConfigError, match="generator 'scribble' needs dataset.supervision scribbles"):
+        parse_config({"output": "out", "dataset": {"root": "data"}, "pseudo_labels": {"generator": {
+            "name": "scribble"}}})
     for config in (multi, box, scribble):
         assert build_generator(config).describe()["name"] == config.name
 
 
 @pytest.mark.parametrize(("generator", "field"), [
-    ({"name": "multi_seed", "agreement": 7}, "pseudo_labels.generator.multi_seed.agreement"),
+    ({"name": "multi_seed", "agreement": 7}, "pseudo_labels.generator.agreement"),
     ({"name": "multi_seed", "seeds": [[0.1, 1.0], [0.2, 1.0]], "agreement": 3},
-     "pseudo_labels.generator.multi_seed.agreement"),
-    ({"name": "multi_seed", "seeds": [[1.5, 1.0]]}, "pseudo_labels.generator.multi_seed.seeds"),
-    ({"name": "box", "grid": 0}, "pseudo_labels.generator.box.grid"),
-    ({"name": "box", "bg_threshold": 1.5}, "pseudo_labels.generator.box.bg_threshold"),
-    ({"name": "scribble", "colour": 1}, "pseudo_labels.generator.scribble.colour"),
-    ({"name": "grabcut"}, "pseudo_labels.generator"),
+     "pseudo_labels.generator.agreement"),
+    ({"name": "multi_seed", "seeds": [[1.5, 1.0]]}, "pseudo_labels.generator.seeds"),
+    ({"name": "box", "grid": 0}, "pseudo_labels.generator.grid"),
+    ({"name": "box", "bg_threshold": 1.5}, "pseudo_labels.generator.bg_threshold"),
+    ({"name": "scribble", "colour": 1}, "pseudo_labels.generator.colour"),
+    ({"name": "grabcut"}, "pseudo_labels.generator.name"),
 ])
 def test_bad_generator_configs_name_the_field(generator: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as error:

@@ -131,17 +131,14 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, A
     if until == "pseudo_labels":
         return print_stage_summary(summaries)
 
-    pseudo_dir = dirs["pseudo_labels"]
-    have_mask = {uri.rsplit("/", 1)[-1].removesuffix(".png") for uri in storage.list_files(pseudo_dir.path("pseudo"))}
-    seg_records = [{"image_id": r["image_id"], "image_uri": r["image_uri"],
-                    "label_uri": pseudo_dir.path("pseudo", f"{r['image_id']}.png")}
-                   for r in train_records if r["image_id"] in have_mask]
+    seg_records = segmentation_records(train_records, dirs["pseudo_labels"], config)
     summaries["train_seg"] = run_stage(dirs["train_seg"], lambda: train_segmentation(
         seg_records, dirs["train_seg"], config.train_seg, num_classes, val_records))
     if until == "train_seg":
         return print_stage_summary(summaries)
     dirs = stage_dirs(config)
 
+    have_mask = {r["image_id"] for r in seg_records}
     samples = [r for r in train_records if r["mask_uri"] and r["image_id"] in have_mask][: config.evaluate.num_samples]
     summaries["evaluate"] = run_stage(dirs["evaluate"], lambda: evaluate_and_report(
         config, dirs, summaries, val_records, samples, names))
@@ -149,6 +146,29 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, A
     storage.write_json(storage.join(config.output, "metrics.json"), metrics)
     print_results(config, summaries, time.monotonic() - started)
     return summaries
+
+
+def segmentation_records(train_records: list[dict[str, Any]], pseudo_dir: StageDir,
+                         config: PipelineConfig) -> list[dict[str, Any]]:
+    """Training rows of ``train_seg``: every image with a pseudo-mask, and the URI of each generator output
+    (``label_uri`` is the pseudo-mask; ``retrieved_uri``, ``majority_uri``, ``dist_scribble_uri`` ... the others)
+    plus the image's label set, background first (the order of MSPN's proposal bits)."""
+    from wsss_ray.data.weak_labels import weak_tags
+    from wsss_ray.pseudo_labels.generators import GENERATORS
+
+    outputs = GENERATORS[config.pseudo_labels.generator.name].outputs
+    have_mask = {uri.rsplit("/", 1)[-1].removesuffix(".png") for uri in storage.list_files(pseudo_dir.path("pseudo"))}
+    records = []
+    for r in train_records:
+        if r["image_id"] not in have_mask:
+            continue  # failed in the pseudo-label stage (listed in its failures)
+        name = f"{r['image_id']}.png"
+        row = {"image_id": r["image_id"], "image_uri": r["image_uri"], "label_uri": pseudo_dir.path("pseudo", name),
+               "scribble_uri": r.get("scribble_uri"),
+               "label_list": [0, *weak_tags(r, config.dataset.supervision)]}
+        row.update({f"{o}_uri": pseudo_dir.path(o, name) for o in outputs if o != "pseudo"})
+        records.append(row)
+    return records
 
 
 # How the scored outputs of the pseudo-label generators are named in tables and pictures.

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_ray.config import ClassifierTrainConfig, GapHeadConfig
+from wsss_ray.models.bap import BapHead
+from wsss_ray.models.ktse import KtseHead
 from wsss_ray.models.resnet import build_backbone
 
 
@@ -30,7 +32,8 @@ class GapHead(nn.Module):
         return F.relu(self.classifier(features))
 
 
-HEADS: dict[str, type[nn.Module]] = {"gap": GapHead}
+# KTSE's and BANA's heads live in their own modules, next to their maths.
+HEADS: dict[str, type[nn.Module]] = {"gap": GapHead, "ktse": KtseHead, "bap": BapHead}
 
 
 class CamClassifier(nn.Module):

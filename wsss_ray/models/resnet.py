@@ -74,7 +74,11 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int], int]] = {
 
 
 class ResNet(nn.Module):
-    """ResNet trunk (no ``fc``) returning the stride-``output_stride`` feature map of ``layer4``."""
+    """ResNet trunk (no ``fc``) returning the stride-``output_stride`` feature map of ``layer4``.
+
+    ``forward_features`` also returns ``layer1``'s stride-4 map, the low-level input of DeepLab-v3+'s decoder.
+    ``low_channels`` / ``out_channels`` are those two maps' channel counts.
+    """
 
     def __init__(self, name: str, output_stride: int = 16) -> None:
         super().__init__()
@@ -91,7 +95,8 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(block, width * 2, layers[1], 2, dilate[0])
         self.layer3 = self._make_layer(block, width * 4, layers[2], 2, dilate[1])
         self.layer4 = self._make_layer(block, width * 8, layers[3], 2, dilate[2])
-        self.out_channels = width * 8 * block.expansion  # type: ignore[attr-defined]
+        self.low_channels: int = width * block.expansion  # type: ignore[attr-defined]
+        self.out_channels: int = width * 8 * block.expansion  # type: ignore[attr-defined]
         self.output_stride = output_stride
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -113,9 +118,19 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"low": layer1 output (N, low_channels, ~H/4, ~W/4), "out": layer4 output (stride output_stride)}``.
+
+        The stem (stride-2 conv + stride-2 max-pool) makes ``layer1`` stride 4 whatever the output stride; each
+        stride-2 stage rounds odd sizes up (a 65-pixel side gives 33, 17, 9, ...).
+        """
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        low = self.layer1(x)
+        return {"low": low, "out": self.layer4(self.layer3(self.layer2(low)))}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``layer4`` feature map (N, out_channels, h, w) at stride ``output_stride``."""
+        return self.forward_features(x)["out"]
 
 
 def load_backbone_weights(model: ResNet, uri: str) -> None:

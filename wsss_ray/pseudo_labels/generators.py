@@ -37,7 +37,7 @@ from wsss_ray.pseudo_labels.boxes import (
 )
 from wsss_ray.pseudo_labels.cam import multiscale_cams
 from wsss_ray.pseudo_labels.crf import CrfParams, crf_inference, refine_cams, threshold_cams
-from wsss_ray.pseudo_labels.multi_seed import clean_mask, dropout_cams, seed_value, vote
+from wsss_ray.pseudo_labels.multi_seed import clean_mask, dropout_cams, proposals, seed_value, vote
 from wsss_ray.pseudo_labels.scribbles import apply_scribbles, boundary_distance, scribble_distance, to_uint8
 
 
@@ -91,10 +91,12 @@ class MultiSeedGenerator:
 
     ``pseudo`` is the clean mask (the majority label where at least ``agreement`` seeds agree, 255 = noisy),
     ``majority`` the vote without the agreement filter, ``agreement`` the number of agreeing seeds (0..S) and
-    ``single`` seed 0's label map alone (the single-seed baseline the vote is compared against).
+    ``single`` seed 0's label map alone (the single-seed baseline the vote is compared against) and ``proposed``
+    which of the image's labels (background, then its tags) any seed proposed, one bit each (MSPN's complementary
+    labels).
     """
 
-    outputs: ClassVar[tuple[str, ...]] = ("pseudo", "majority", "agreement", "single")
+    outputs: ClassVar[tuple[str, ...]] = ("pseudo", "majority", "agreement", "single", "proposed")
     labels: ClassVar[tuple[str, ...]] = ("pseudo", "majority", "single")
 
     def __init__(self, config: MultiSeedGeneratorConfig) -> None:
@@ -116,7 +118,7 @@ class MultiSeedGenerator:
                                      self.config.confidence) for seed_cams in cams])
         majority, agreement = vote(maps)
         return {"pseudo": clean_mask(majority, agreement, self.config.agreement), "majority": majority,
-                "agreement": agreement, "single": maps[0]}
+                "agreement": agreement, "single": maps[0], "proposed": proposals(maps, [0, *labels])}
 
     def describe(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")

@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from wsss_ray.data.classes import IGNORE_LABEL
 from wsss_ray.data.transforms import normalize
 
-__all__ = ["clean_mask", "dropout_cams", "seed_value", "vote"]
+__all__ = ["MAX_PROPOSAL_LABELS", "clean_mask", "dropout_cams", "proposals", "seed_value", "vote"]
+
+# ``proposals`` packs one bit per label of the image into a uint8 PNG.
+MAX_PROPOSAL_LABELS = 8
 
 
 def seed_value(image_id: str, index: int) -> int:
@@ -100,3 +103,17 @@ def clean_mask(majority: np.ndarray, agreement: np.ndarray, threshold: int) -> n
     if threshold < 1:
         raise ValueError(f"threshold must be >= 1, got {threshold}")
     return np.where(np.asarray(agreement) >= threshold, majority, IGNORE_LABEL).astype(np.uint8)
+
+
+def proposals(maps: np.ndarray, label_list: Sequence[int]) -> np.ndarray:
+    """``(H, W)`` uint8 bitmask: bit k is set where at least one seed proposed ``label_list[k]``.
+
+    ``label_list`` is the image's label set in order (background first, then its tags); MSPN's indirect negative
+    learning trains "not c" on the labels of the set that no seed proposed at a pixel. Labels after the
+    ``MAX_PROPOSAL_LABELS``-th do not fit in a byte and are left out (training treats them as proposed).
+    """
+    maps = np.asarray(maps)
+    bits = np.zeros(maps.shape[1:], np.uint8)
+    for k, label in enumerate(list(label_list)[:MAX_PROPOSAL_LABELS]):
+        bits |= ((maps == label).any(axis=0).astype(np.uint8) << k).astype(np.uint8)
+    return bits

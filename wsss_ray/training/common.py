@@ -33,6 +33,8 @@ from wsss_ray.ray_utils import cluster_cpus, want_gpu
 from wsss_ray.stage_dir import StageDir
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.pt", "optimizer.pt", "state.json"
+# The objective's own parameters (LoRM) and OuT's EMA teacher, saved beside the model when present.
+OBJECTIVE_FILE, TEACHER_FILE = "objective.pt", "teacher.pt"
 
 
 def build_optimizer(groups: tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]], config: OptimizerConfig,
@@ -55,18 +57,50 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, p
     return optimizer.param_groups[0]["lr"]
 
 
+def set_warmup_cosine_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up from 0 to initial_lr over ``warmup_steps``, then cosine decay to 0 (CDSP)."""
+    if step < warmup_steps:
+        factor = (step + 1) / warmup_steps
+    else:
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, config: OptimizerConfig, step: int, total_steps: int,
+           steps_per_epoch: int) -> float:
+    if config.schedule == "warmup_cosine":
+        return set_warmup_cosine_lr(optimizer, step, total_steps, config.warmup_epochs * steps_per_epoch)
+    return set_poly_lr(optimizer, step, total_steps, config.poly_power)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]]]:
-    """Load the run's latest checkpoint if there is one; returns (first epoch to run, history so far)."""
+def restore(step: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            extras: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+    """Load the run's latest checkpoint if there is one; returns (first epoch to run, history so far).
+
+    ``step`` is the :class:`~wsss_ray.training.objectives.TrainStep` (model + objective); ``extras`` maps file
+    names to objects with ``load_state_dict`` saved beside it (OuT's EMA teacher).
+    """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as directory:
-        model.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), weights_only=True))
-        optimizer.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
+        def load(name: str) -> Any:
+            return torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
+
+        step.model.load_state_dict(load(MODEL_FILE))
+        if os.path.exists(os.path.join(directory, OBJECTIVE_FILE)):
+            step.objective.load_state_dict(load(OBJECTIVE_FILE))
+        optimizer.load_state_dict(load(OPTIMIZER_FILE))
+        for name, target in extras.items():
+            if os.path.exists(os.path.join(directory, name)):
+                target.load_state_dict(load(name))
         with open(os.path.join(directory, STATE_FILE)) as f:
             state = json.load(f)
     if ray.train.get_context().get_world_rank() == 0:
@@ -82,21 +116,53 @@ def mean_across_workers(value: float, device: torch.device) -> float:
     return value
 
 
-def report_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                 history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+class TensorBoardLog:
+    """Per-epoch scalars as TensorBoard event files in ``<stage>/tensorboard`` (rank 0 only).
+
+    tensorboardX writes to a local folder; for object storage the folder is uploaded after each epoch, so
+    ``tensorboard --logdir <stage>/tensorboard`` (or an s3:// logdir) shows the curves while training runs.
+    """
+
+    def __init__(self, uri: str) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.uri = uri
+        local = storage.local_path_or_none(uri)
+        self.local_dir = local or tempfile.mkdtemp(prefix="wsss-tb-")
+        self.writer = SummaryWriter(self.local_dir)
+
+    def write(self, epoch: int, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, epoch)
+        self.writer.flush()
+        if storage.local_path_or_none(self.uri) is None:
+            storage.upload_dir(self.local_dir, self.uri)
+
+
+def report_epoch(step: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                 history: list[dict[str, Any]], metrics: dict[str, Any], extras: dict[str, Any],
+                 tensorboard: TensorBoardLog | None) -> None:
     """Append the epoch's metrics, checkpoint (rank 0 writes; every rank reports, as Ray Train requires)."""
     history.append({"epoch": epoch + 1, **metrics})
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            torch.save(unwrap(model).state_dict(), os.path.join(directory, MODEL_FILE))
+            step = unwrap(step)
+            torch.save(step.model.state_dict(), os.path.join(directory, MODEL_FILE))
+            if step.objective.state_dict():
+                torch.save(step.objective.state_dict(), os.path.join(directory, OBJECTIVE_FILE))
             torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+            for name, source in extras.items():
+                torch.save(source.state_dict(), os.path.join(directory, name))
             with open(os.path.join(directory, STATE_FILE), "w") as f:
                 json.dump({"epoch": epoch, "history": history}, f)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
             line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
             print(f"epoch {epoch + 1}: {line}", flush=True)
+            if tensorboard is not None:
+                tensorboard.write(epoch + 1, metrics)
         ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=checkpoint)
 
 
@@ -120,47 +186,99 @@ def steps_per_epoch(num_rows: int, batch_size: int, num_workers: int) -> tuple[i
     return batch, max(1, per_worker // batch)
 
 
+def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:
+    """Numeric batch columns as tensors on ``device`` (the image normalised); strings and geometry stay numpy."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key == "image":
+            out[key] = normalize(torch.from_numpy(value).to(device))
+        elif key == "geometry" or value.dtype.kind in "OUS":
+            out[key] = value
+        else:
+            out[key] = torch.from_numpy(value).to(device)
+    return out
+
+
+def _maybe_sync_bn(model: torch.nn.Module, wanted: bool, device: torch.device) -> torch.nn.Module:
+    """SyncBatchNorm when asked for and it can work: several workers on CUDA (torch's SyncBN is GPU-only)."""
+    if not wanted or ray.train.get_context().get_world_size() == 1:
+        return model
+    if device.type != "cuda":
+        if ray.train.get_context().get_world_rank() == 0:
+            print("sync_bn: SyncBatchNorm needs CUDA; training on CPU keeps per-worker BatchNorm", flush=True)
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def train_loop(loop: dict[str, Any]) -> None:
     """Runs in every Ray Train worker; reads top to bottom like torchvision's reference ``train_one_epoch``.
 
-    ``loop`` carries the stage config and the pieces that differ between stages: ``build_model`` (returns the
-    module), ``loss`` (a component from ``losses``) and ``target`` (the batch column the loss compares with).
+    ``loop`` carries the stage config and what differs between stages and methods: ``build_model``,
+    ``build_objective`` (a component from ``objectives``), and for segmentation the optional OuT ``corrector`` and
+    ``early_learning`` configs. Steps per epoch follow the live worker count, so an elastic group that grew or
+    shrank keeps covering the data once per epoch.
     """
+    from wsss_ray.training.objectives import TrainStep
+
     config = loop["config"]
     # DeepLab's image-pooling branch runs a 1x1 conv on a 1x1 map, whose gradient strides DDP reports as a
     # layout mismatch on every step; it is harmless (a copy into the bucket), so keep the log readable.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     torch.set_num_threads(loop["threads"])
     torch.manual_seed(config.seed)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    model = loop["build_model"]()
-    optimizer = build_optimizer(model.parameter_groups(), config.optimizer, config.head_lr_multiplier)
-    start_epoch, history = restore(model, optimizer)
-    model = ray.train.torch.prepare_model(model)
-    loss_fn = loop["loss"]
+    model = _maybe_sync_bn(loop["build_model"](), getattr(getattr(config, "model", None), "sync_bn", False), device)
+    step = TrainStep(model, loop["build_objective"]()).to(device)
+    optimizer = build_optimizer(step.parameter_groups(), config.optimizer, config.head_lr_multiplier)
+    corrector, early_learning = None, None
+    if loop.get("corrector") is not None:
+        from wsss_ray.training.online_correction import OnlineCorrector
+
+        corrector = OnlineCorrector(loop["corrector"], model, loop["stage_uri"])
+    if loop.get("early_learning") is not None:
+        from wsss_ray.training.noise_robust import EarlyLearning
+
+        early_learning = EarlyLearning(loop["early_learning"].key_fraction)
+    extras = {TEACHER_FILE: corrector.teacher} if corrector else {}
+    start_epoch, history = restore(step, optimizer, extras)
+    if corrector and start_epoch == 0 and rank == 0:
+        corrector.reset_store()
+    ddp_step = ray.train.torch.prepare_model(step)
+    tensorboard = TensorBoardLog(storage.join(loop["stage_uri"], "tensorboard")) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
-    batch_size, steps = loop["batch_size"], loop["steps_per_epoch"]
+    batch_size, steps = steps_per_epoch(loop["num_rows"], config.batch_size, world)
     total_steps = steps * config.epochs
     for epoch in range(start_epoch, config.epochs):
-        model.train()
-        timer, losses, lr = EpochTimer(), [], 0.0
-        for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, drop_last=True)):
-            lr = set_poly_lr(optimizer, epoch * steps + i, total_steps, config.optimizer.poly_power)
-            images, target = normalize(batch["image"].to(device)), batch[loop["target"]].to(device)
+        ddp_step.train()
+        timer, sums, count, lr = EpochTimer(), dict[str, float](), 0, 0.0
+        for i, raw in enumerate(shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy")):
+            if i >= steps:  # an uneven split must not give one worker an extra (unsynchronised) step
+                break
+            lr = set_lr(optimizer, config.optimizer, epoch * steps + i, total_steps, steps)
+            batch = to_device(raw, device)
+            terms: dict[str, Any] = corrector.correct(batch, epoch) if corrector else {}
             with autocast(device):
-                logits = model(images)
-            loss = loss_fn(logits.float(), target)
+                loss, loss_terms = ddp_step(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if early_learning is not None:
+                terms["key_fraction"] = early_learning.apply(step.parameters())
             optimizer.step()
-            losses.append(loss.item())
-            timer.images += len(images)
-        metrics = {"loss": mean_across_workers(float(np.mean(losses)) if losses else float("nan"), device),
-                   "lr": lr, "images_per_s": mean_across_workers(timer.throughput(), device) * loop["workers"]}
+            if corrector:
+                corrector.update(step.model)
+            logged = {"loss": loss.detach(), **{f"loss_{k}": v for k, v in loss_terms.items()}, **terms}
+            for key, value in logged.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            count += 1
+            timer.images += len(batch["image"])
+        metrics = {key: mean_across_workers(total / max(count, 1), device) for key, total in sums.items()}
+        metrics.update(lr=lr, images_per_s=mean_across_workers(timer.throughput(), device) * world)
         every = loop.get("val_every", 0)
         if every and ((epoch + 1) % every == 0 or epoch + 1 == config.epochs):
-            metrics["val_miou"] = validate(model, loop["num_classes"], device)
-        report_epoch(model, optimizer, epoch, history, metrics)
+            metrics["val_miou"] = validate(step.model, loop["num_classes"], device)
+        report_epoch(ddp_step, optimizer, epoch, history, metrics, extras, tensorboard)
 
 
 @torch.no_grad()
@@ -202,11 +320,13 @@ def fit(loop: dict[str, Any], workers: WorkersConfig, datasets: dict[str, ray.da
     use_gpu = want_gpu(workers.use_gpu)
     storage_path, filesystem = storage.train_storage(stage.path("ray_train"))
     cpus = workers.cpus_per_worker if use_gpu else min(workers.cpus_per_worker, cluster_cpus() / workers.num_workers)
-    loop = {**loop, "threads": max(1, math.floor(cpus)), "workers": workers.num_workers}
+    loop = {**loop, "threads": max(1, math.floor(cpus)), "stage_uri": stage.uri}
+    # (min, max) makes the group elastic (Ray Train V2): it starts with what fits and resizes as nodes come and go.
+    num_workers = workers.num_workers if workers.min_workers is None else (workers.min_workers, workers.num_workers)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop,
-        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
             name=stage.name,

@@ -160,7 +160,7 @@ def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (
     """
     from wsss_ray.data.classes import class_names as dataset_class_names
     from wsss_ray.data.manifest import load_manifest
-    from wsss_ray.pipeline import run_pipeline, stage_dirs
+    from wsss_ray.pipeline import run_pipeline, segmentation_records, stage_dirs
 
     space, config = load_space(space_path, tuple(overrides))
     started = time.monotonic()
@@ -176,12 +176,7 @@ def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (
     _check_fingerprint(sweep_uri, fingerprint, resume)
 
     if space.trial == "train_seg":
-        pseudo_dir = dirs["pseudo_labels"]
-        have_mask = {uri.rsplit("/", 1)[-1].removesuffix(".png")
-                     for uri in storage.list_files(pseudo_dir.path("pseudo"))}
-        seg_records = [{"image_id": r["image_id"], "image_uri": r["image_uri"],
-                        "label_uri": pseudo_dir.path("pseudo", f"{r['image_id']}.png")}
-                       for r in train_records if r["image_id"] in have_mask]
+        seg_records = segmentation_records(train_records, dirs["pseudo_labels"], config)
         trainable = tune.with_parameters(
             train_seg_trial, base=base, seg_records=seg_records,
             val_records=load_manifest(dirs["ingest"], ds.val_split), num_classes=len(names), sweep_uri=sweep_uri)

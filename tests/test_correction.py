@@ -1,0 +1,324 @@
+"""OuT pseudo-mask correction: each strategy on hand-made probabilities, and the EMA teacher's arithmetic.
+
+Every expected value is worked out by hand in the test (no gradcheck: the correction outputs labels, no loss).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from wsss_ray.training.correction import EmaTeacher, correct_pseudo_masks, correction_stats
+
+IGNORE = 255
+
+
+def _probs(*pixels: list[float]) -> torch.Tensor:
+    """(1, C, 1, W) probabilities from one C-vector per pixel, left to right."""
+    return torch.tensor(pixels, dtype=torch.float32).t().reshape(1, len(pixels[0]), 1, len(pixels))
+
+
+def _row(*labels: int) -> torch.Tensor:
+    return torch.tensor([[list(labels)]], dtype=torch.int64)
+
+
+def _valid(*flags: bool) -> torch.Tensor:
+    return torch.tensor([[list(flags)]], dtype=torch.bool)
+
+
+# --------------------------------------------------------------------------------------------- strategies
+
+
+def test_replace_takes_confident_teacher_labels_also_on_ignored_pixels() -> None:
+    probs = _probs(
+        [0.1, 0.8, 0.1],    # confident (0.8 ≥ 0.7), disagrees with 0 → 1
+        [0.5, 0.3, 0.2],    # unsure (0.5) → pseudo 2 kept
+        [0.05, 0.15, 0.8],  # was 255, confident → 2
+        [0.6, 0.3, 0.1],    # was 255, unsure → stays 255
+        [0.9, 0.05, 0.05],  # padding → 255 although confident
+    )
+    pseudo = _row(0, 2, IGNORE, IGNORE, 1)
+    valid = _valid(True, True, True, True, False)
+    out = correct_pseudo_masks(pseudo, probs, valid, "replace", confidence=0.7)
+    assert out.dtype == torch.int64
+    assert out.tolist() == [[[1, 2, 2, IGNORE, IGNORE]]]
+
+
+def test_replace_threshold_is_inclusive() -> None:
+    # 0.75 and 0.25 are exact in float32: max p = confidence must replace, just below must not.
+    probs = _probs([0.25, 0.75], [0.2578125, 0.7421875])
+    out = correct_pseudo_masks(_row(0, 0), probs, _valid(True, True), "replace", confidence=0.75)
+    assert out.tolist() == [[[1, 0]]]
+
+
+def test_ema_update_flips_only_when_teacher_margin_beats_momentum() -> None:
+    # v_m = 0.3: a labelled pixel y flips to c only where 0.7·(P_c − P_y) > 0.3, i.e. P_c − P_y > 3/7 ≈ 0.4286.
+    probs = _probs(
+        [0.2, 0.7, 0.1],    # y=0: M = [0.3+0.14, 0.49, 0.07] = [0.44, 0.49, 0.07] → 1
+        [0.3, 0.7, 0.0],    # y=0: M = [0.3+0.21, 0.49, 0] = [0.51, 0.49, 0] → stays 0 (replace would flip)
+        [0.1, 0.1, 0.8],    # was 255, max 0.8 ≥ 0.7 → 2
+        [0.6, 0.3, 0.1],    # was 255, max 0.6 < 0.7 → 255
+        [0.0, 0.0, 1.0],    # padding → 255
+    )
+    pseudo = _row(0, 0, IGNORE, IGNORE, 0)
+    valid = _valid(True, True, True, True, False)
+    out = correct_pseudo_masks(pseudo, probs, valid, "ema", confidence=0.7, mask_momentum=0.3)
+    assert out.tolist() == [[[1, 0, 2, IGNORE, IGNORE]]]
+    assert 0.7 - 0.2 > 0.3 / 0.7 > 0.7 - 0.3  # the first two pixels' margins straddle 3/7
+
+
+def test_ema_update_with_momentum_at_least_half_never_changes_a_label() -> None:
+    # v_m = 0.6: even a certain teacher gives M_y = 0.6 > M_c = 0.4·1 = 0.4.
+    probs = _probs([0.0, 1.0, 0.0], [1.0, 0.0, 0.0])
+    out = correct_pseudo_masks(_row(0, 2), probs, _valid(True, True), "ema", mask_momentum=0.6)
+    assert out.tolist() == [[[0, 2]]]
+
+
+def test_ema_update_tie_keeps_the_pseudo_label() -> None:
+    # v_m = 0.5, y = 2, P = [0, 1, 0]: M = [0, 0.5, 0.5]; a plain argmax would pick class 1.
+    out = correct_pseudo_masks(_row(2), _probs([0.0, 1.0, 0.0]), _valid(True), "ema", mask_momentum=0.5)
+    assert out.tolist() == [[[2]]]
+
+
+def test_ema_update_with_zero_momentum_is_teacher_argmax_on_labelled_pixels() -> None:
+    # v_m = 0: M = P, so a labelled pixel takes argmax P even when the teacher is unsure (0.5 < 0.7).
+    probs = _probs([0.5, 0.3, 0.2])
+    out = correct_pseudo_masks(_row(2), probs, _valid(True), "ema", mask_momentum=0.0)
+    assert out.tolist() == [[[0]]]
+
+
+def test_nnss_keeps_only_confident_agreement() -> None:
+    probs = _probs(
+        [0.1, 0.8, 0.1],    # y=1 agrees, 0.8 ≥ 0.7 → keep 1
+        [0.2, 0.6, 0.2],    # y=1 agrees, 0.6 < 0.7 → 255
+        [0.1, 0.8, 0.1],    # y=0 disagrees → 255
+        [0.9, 0.05, 0.05],  # was 255 → stays 255
+        [0.0, 0.0, 1.0],    # y=2 agrees but padding → 255
+    )
+    pseudo = _row(1, 1, 0, IGNORE, 2)
+    valid = _valid(True, True, True, True, False)
+    out = correct_pseudo_masks(pseudo, probs, valid, "nnss", confidence=0.7)
+    assert out.tolist() == [[[1, IGNORE, IGNORE, IGNORE, IGNORE]]]
+
+
+def test_batched_2x2_masks_are_corrected_per_sample() -> None:
+    # N = 2, C = 2, 2×2: sample 0 teacher says class 1 everywhere at 0.9, sample 1 says class 0 at 0.6.
+    probs = torch.empty(2, 2, 2, 2)
+    probs[0, 0], probs[0, 1] = 0.1, 0.9
+    probs[1, 0], probs[1, 1] = 0.6, 0.4
+    pseudo = torch.tensor([[[0, 1], [IGNORE, 1]], [[0, 1], [IGNORE, 0]]])
+    valid = torch.tensor([[[True, True], [True, False]], [[True, True], [True, True]]])
+    replace = correct_pseudo_masks(pseudo, probs, valid, "replace")
+    assert replace.tolist() == [[[1, 1], [1, IGNORE]], [[0, 1], [IGNORE, 0]]]
+    nnss = correct_pseudo_masks(pseudo, probs, valid, "nnss")
+    assert nnss.tolist() == [[[IGNORE, 1], [IGNORE, IGNORE]], [[IGNORE] * 2, [IGNORE] * 2]]
+
+
+@pytest.mark.parametrize("strategy", ["replace", "ema", "nnss"])
+def test_padding_stays_ignored_whatever_the_strategy(strategy: str) -> None:
+    probs = torch.zeros(1, 3, 2, 2)
+    probs[:, 1] = 1.0  # a certain teacher that agrees with every label
+    pseudo = torch.ones(1, 2, 2, dtype=torch.int64)
+    valid = torch.zeros(1, 2, 2, dtype=torch.bool)
+    assert correct_pseudo_masks(pseudo, probs, valid, strategy, mask_momentum=0.0).tolist() == [[[IGNORE] * 2] * 2]
+
+
+@pytest.mark.parametrize("strategy", ["replace", "ema", "nnss"])
+def test_all_ignored_unsure_teacher_stays_ignored(strategy: str) -> None:
+    probs = torch.full((1, 2, 1, 3), 0.5)  # max 0.5 < 0.7: nothing to add anywhere
+    pseudo = torch.full((1, 1, 3), IGNORE, dtype=torch.int64)
+    out = correct_pseudo_masks(pseudo, probs, torch.ones(1, 1, 3, dtype=torch.bool), strategy)
+    assert out.tolist() == [[[IGNORE] * 3]]
+
+
+def test_uint8_pseudo_and_bf16_probabilities_are_accepted() -> None:
+    probs = _probs([0.125, 0.875]).bfloat16()  # exact in bf16
+    out = correct_pseudo_masks(_row(0).to(torch.uint8), probs, _valid(True), "replace")
+    assert out.dtype == torch.int64 and out.tolist() == [[[1]]]
+
+
+def test_input_errors_name_the_problem() -> None:
+    probs = torch.full((1, 2, 2, 2), 0.5)
+    pseudo = torch.zeros(1, 2, 2, dtype=torch.int64)
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="'median'"):
+        correct_pseudo_masks(pseudo, probs, valid, "median")
+    with pytest.raises(ValueError, match=r"pseudo shape \(1, 2, 3\).*teacher_probs shape \(1, 2, 2, 2\)"):
+        correct_pseudo_masks(torch.zeros(1, 2, 3, dtype=torch.int64), probs, valid, "nnss")
+    with pytest.raises(ValueError, match=r"valid shape \(1, 2, 1\)"):
+        correct_pseudo_masks(pseudo, probs, valid[..., :1], "nnss")
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        correct_pseudo_masks(pseudo, probs[0], valid, "nnss")
+    with pytest.raises(ValueError, match="outside"):
+        correct_pseudo_masks(torch.full((1, 2, 2), 2, dtype=torch.int64), probs, valid, "ema")
+    with pytest.raises(ValueError, match="integer"):
+        correct_pseudo_masks(pseudo.float(), probs, valid, "nnss")
+
+
+# ------------------------------------------------------------------------------------------------- stats
+
+
+def test_correction_stats_fractions_over_valid_pixels() -> None:
+    before = torch.tensor([[[0, 1, IGNORE, 2, 1]]])
+    after = torch.tensor([[[0, IGNORE, 1, 3, 0]]])
+    # first four valid: 0→0 same, 1→255 newly ignored, 255→1 newly labelled, 2→3 changed; last is padding.
+    valid = torch.tensor([[[True, True, True, True, False]]])
+    stats = correction_stats(before, after, valid)
+    assert stats == pytest.approx({"changed": 1 / 4, "newly_ignored": 1 / 4, "newly_labelled": 1 / 4,
+                                   "labelled_before": 3 / 4, "labelled_after": 3 / 4})
+    # Without a valid mask all 5 pixels count, and the last (1 → 0) is a change too.
+    assert correction_stats(before, after)["changed"] == pytest.approx(2 / 5)
+    empty = correction_stats(before, after, torch.zeros_like(valid))
+    assert all(value == 0.0 for value in empty.values())
+
+
+# ------------------------------------------------------------------------------------------- EMA teacher
+
+
+class _OneWeight(nn.Module):
+    """One parameter w and a BatchNorm with buffers only (running_mean/var, num_batches_tracked)."""
+
+    def __init__(self, w: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([w]))
+        self.bn = nn.BatchNorm1d(1, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x * self.w)
+
+
+class _Wrapper(nn.Module):
+    """Stands in for DistributedDataParallel: the network sits in ``.module``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def _set_student(student: _OneWeight, w: float, mean: float, var: float, tracked: int) -> None:
+    with torch.no_grad():
+        student.w.fill_(w)
+        student.bn.running_mean.fill_(mean)
+        student.bn.running_var.fill_(var)
+        student.bn.num_batches_tracked.fill_(tracked)
+
+
+def test_ema_teacher_two_updates_by_hand() -> None:
+    student = _OneWeight(2.0)
+    teacher = EmaTeacher(student, decay=0.5)
+    assert not teacher.model.training and not teacher.model.w.requires_grad
+    assert teacher.model.w is not student.w
+
+    _set_student(student, w=4.0, mean=1.0, var=3.0, tracked=3)
+    assert teacher.model.w.item() == 2.0  # a copy: the student's change does not leak before an update
+    teacher.update(student)
+    # w = 0.5·2 + 0.5·4 = 3; buffers copied, not averaged.
+    assert teacher.model.w.item() == 3.0
+    assert teacher.model.bn.running_mean.item() == 1.0 and teacher.model.bn.running_var.item() == 3.0
+    assert teacher.model.bn.num_batches_tracked.item() == 3
+
+    _set_student(student, w=1.0, mean=5.0, var=2.0, tracked=7)
+    teacher.update(student)
+    # w = 0.5·3 + 0.5·1 = 2.
+    assert teacher.model.w.item() == 2.0
+    assert teacher.model.bn.running_mean.item() == 5.0 and teacher.model.bn.running_var.item() == 2.0
+    assert teacher.model.bn.num_batches_tracked.item() == 7
+    assert teacher.step == 2
+    assert student.w.item() == 1.0 and student.w.requires_grad  # the student is untouched
+
+    # Eval mode uses the copied running stats: (x·w − mean)/sqrt(var + eps) = (4·2 − 5)/sqrt(2 + 1e-5).
+    out = teacher.model(torch.tensor([[4.0]]))
+    assert out.item() == pytest.approx(3.0 / math.sqrt(2.0 + 1e-5), rel=1e-6)
+
+
+def test_ema_teacher_default_decay_is_the_papers() -> None:
+    student = _OneWeight(0.0)
+    teacher = EmaTeacher(student)
+    _set_student(student, w=1000.0, mean=0.0, var=1.0, tracked=0)
+    teacher.update(student)
+    assert teacher.model.w.item() == pytest.approx(0.999 * 0.0 + 0.001 * 1000.0)  # = 1.0
+
+
+def test_ema_teacher_warmup_ramps_the_decay() -> None:
+    student = _OneWeight(0.0)
+    teacher = EmaTeacher(student, decay=0.999, warmup=True)
+    _set_student(student, w=10.0, mean=0.0, var=1.0, tracked=0)
+    assert teacher.current_decay() == pytest.approx(1 / 10)  # min(0.999, (1+0)/(10+0))
+    teacher.update(student)
+    assert teacher.model.w.item() == pytest.approx(0.1 * 0.0 + 0.9 * 10.0)  # 9
+    assert teacher.current_decay() == pytest.approx(2 / 11)  # step 1
+    teacher.update(student)
+    assert teacher.model.w.item() == pytest.approx(2 / 11 * 9.0 + 9 / 11 * 10.0)  # 9.8181…
+
+
+def test_ema_teacher_unwraps_a_ddp_style_wrapper() -> None:
+    student = _OneWeight(2.0)
+    teacher = EmaTeacher(_Wrapper(student), decay=0.5)
+    assert not hasattr(teacher.model, "module") and [n for n, _ in teacher.model.named_parameters()] == ["w"]
+    _set_student(student, w=6.0, mean=0.0, var=1.0, tracked=1)
+    teacher.update(_Wrapper(student))
+    assert teacher.model.w.item() == 4.0  # 0.5·2 + 0.5·6
+
+
+def test_ema_teacher_rejects_a_different_network() -> None:
+    teacher = EmaTeacher(_OneWeight(1.0))
+    with pytest.raises(ValueError, match="differ"):
+        teacher.update(nn.Linear(1, 1))
+
+
+def test_ema_teacher_of_a_parameter_free_network_still_counts_steps() -> None:
+    teacher = EmaTeacher(nn.ReLU())
+    teacher.update(nn.ReLU())
+    assert teacher.step == 1
+
+
+def test_ema_teacher_state_dict_round_trip() -> None:
+    student = _OneWeight(2.0)
+    teacher = EmaTeacher(student, decay=0.5)
+    _set_student(student, w=4.0, mean=1.5, var=2.5, tracked=9)
+    teacher.update(student)
+
+    buffer = io.BytesIO()
+    torch.save(teacher.state_dict(), buffer)  # as a checkpoint would, and read back with weights_only
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+
+    resumed = EmaTeacher(_OneWeight(0.0), decay=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.step == 1
+    assert resumed.model.w.item() == 3.0 and resumed.model.bn.running_mean.item() == 1.5
+    assert resumed.model.bn.num_batches_tracked.item() == 9
+    # The resumed teacher continues the same average: 0.5·3 + 0.5·4 = 3.5.
+    resumed.update(student)
+    assert resumed.model.w.item() == 3.5 and resumed.step == 2
+
+
+class _Logits(nn.Module):
+    """Logits = s·images (one parameter s), so the teacher's softmax can be worked out by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.s
+
+
+def test_probabilities_are_float32_softmax_without_grad() -> None:
+    teacher = EmaTeacher(_Logits())
+    # Pixel logits [0, ln 3] → softmax [1/4, 3/4]; [ln 2, 0] → [2/3, 1/3].
+    images = torch.tensor([[[[0.0, math.log(2.0)]], [[math.log(3.0), 0.0]]]])  # (1, 2, 1, 2)
+    probs = teacher.probabilities(images)
+    assert probs.shape == (1, 2, 1, 2) and probs.dtype == torch.float32 and not probs.requires_grad
+    assert torch.allclose(probs, torch.tensor([[[[0.25, 2 / 3]], [[0.75, 1 / 3]]]]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = teacher.probabilities(images.bfloat16())
+    assert auto.dtype == torch.float32
+    assert torch.allclose(auto, probs, atol=1e-2)
+    # Teacher probabilities feed the correction directly: 3/4 ≥ 0.7 at pixel 0 only.
+    out = correct_pseudo_masks(torch.tensor([[[0, 0]]]), probs, torch.ones(1, 1, 2, dtype=torch.bool), "replace")
+    assert out.tolist() == [[[1, 0]]]

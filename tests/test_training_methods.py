@@ -1,0 +1,146 @@
+"""Every training method from config on the local Ray cluster: the segmentation losses, OuT, robust
+early-learning, the three DeepLabs, and the KTSE and BAP classifiers, on local storage and on the S3 server.
+
+The segmentation runs train on maps made here from the generated ground truth (what the pseudo-label stage
+would write), so each run is one short Ray Train fit; ``test_pipeline`` covers the stages feeding each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from wsss_ray import storage
+from wsss_ray.config import ClassifierTrainConfig, DatasetConfig, SegModelConfig, SegTrainConfig
+from wsss_ray.data.image_io import encode_label_png, read_image, read_label
+from wsss_ray.data.manifest import build_manifest, load_manifest
+from wsss_ray.data.toy import make_toy_dataset
+from wsss_ray.data.weak_labels import weak_tags
+from wsss_ray.models.classifier import CamClassifier
+from wsss_ray.models.deeplab import build_segmentation_model
+from wsss_ray.pseudo_labels.cam import multiscale_cams
+from wsss_ray.pseudo_labels.multi_seed import proposals, vote
+from wsss_ray.pseudo_labels.scribbles import boundary_distance, scribble_distance, to_uint8
+from wsss_ray.stage_dir import StageDir
+from wsss_ray.training.classifier import train_classifier
+from wsss_ray.training.common import load_weights
+from wsss_ray.training.segmentation import train_segmentation
+
+pytestmark = pytest.mark.integration
+
+NUM_CLASSES = 21  # VOC label space; the toy data uses the first few classes
+WORKERS = {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0}
+AUGMENT = {"crop_size": 48, "scale_min": 0.75, "scale_max": 1.25}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """8 train / 2 val toy VOC images at 48² with boxes and scribbles, and per-image method maps."""
+    root = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(str(root / "voc"), num_train=8, num_val=2, image_size=48, num_classes=3, seed=5)
+    stage = StageDir.create(str(root / "out"), "ingest", "toy")
+    build_manifest(DatasetConfig(root=str(root / "voc"), train_split="train", val_split="val",
+                                 supervision="boxes"), stage)
+    train, val = load_manifest(stage, "train"), load_manifest(stage, "val")
+    rng = np.random.default_rng(0)
+    maps = root / "maps"
+    records = []
+    for r in train:
+        truth = read_label(r["mask_uri"])
+        truth = np.where(truth == 255, 0, truth).astype(np.uint8)
+        image_id = r["image_id"]
+        # Six "seeds": the truth with independent random flips to background, so votes disagree somewhere.
+        seeds = np.stack([np.where(rng.random(truth.shape) < 0.2, 0, truth) for _ in range(6)]).astype(np.uint8)
+        majority, agreement = vote(seeds)
+        tags = weak_tags(r, "boxes")
+        scribble = read_label(r["scribble_uri"])
+        arrays = {"label": truth, "retrieved": np.where(rng.random(truth.shape) < 0.3, 0, truth).astype(np.uint8),
+                  "majority": majority, "agreement": agreement, "proposed": proposals(seeds, [0, *tags]),
+                  "dist_scribble": to_uint8(scribble_distance(scribble, 2.0)),
+                  "dist_boundary": to_uint8(boundary_distance(truth, 7.0))}
+        row = {"image_id": image_id, "image_uri": r["image_uri"], "scribble_uri": r["scribble_uri"],
+               "label_list": [0, *tags]}
+        for name, array in arrays.items():
+            path = maps / name / f"{image_id}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_label_png(array))
+            row[f"{name}_uri"] = str(path)
+        records.append(row)
+    return {"records": records, "val": val, "train": train, "root": root}
+
+
+def seg_config(model: str, loss: dict[str, Any], **extra: Any) -> SegTrainConfig:
+    return SegTrainConfig.model_validate({
+        "model": {"name": model, "backbone": {"name": "resnet_tiny", "output_stride": 16}, "aspp_channels": 16},
+        "loss": loss, "epochs": 2, "batch_size": 2, "optimizer": {"lr": 0.01}, "augment": AUGMENT,
+        "workers": WORKERS, **extra})
+
+
+METHODS = {
+    "v3plus+sce+out_cumulative+early_learning": (
+        "deeplab_v3plus", {"name": "sce"},
+        {"corrector": {"inflection_epoch": 1, "strategy": "replace", "mode": "cumulative", "confidence": 0.0},
+         "early_learning": {"key_fraction": 0.4}},
+        ["changed", "labelled_after", "key_fraction"]),
+    "v2+nal": ("deeplab_v2", {"name": "nal"}, {}, ["loss_ce", "loss_wce", "loss_agree_fraction"]),
+    "v3+cdsp": ("deeplab_v3", {"name": "cdsp", "lorm_channels": 8}, {}, ["loss_partial_ce", "loss_lorm", "loss_de_ds"]),
+    "v3+mspn": ("deeplab_v3", {"name": "mspn", "agreement": 5}, {}, ["loss_pos", "loss_neg", "loss_indirect"]),
+    "v3+curriculum+out_nnss+cosine": (
+        "deeplab_v3", {"name": "curriculum", "epsilon": 0.25},
+        {"corrector": {"inflection_epoch": 1, "strategy": "nnss", "confidence": 0.0},
+         "optimizer": {"lr": 0.01, "schedule": "warmup_cosine", "warmup_epochs": 1}},
+        ["newly_ignored"]),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_segmentation_method_trains_from_config(ray_cluster: None, toy: dict[str, Any], s3_prefix: str,
+                                                tmp_path: Path, method: str) -> None:
+    model, loss, extra, logged = METHODS[method]
+    config = seg_config(model, loss, **extra)
+    # NAL and MSPN write to the S3 server, the others to a local folder: both storages train every part.
+    out = s3_prefix if method in ("v2+nal", "v3+mspn") else str(tmp_path / "out")
+    stage = StageDir.create(out, "train_seg", method.replace("+", "-"))
+    summary = train_segmentation(toy["records"], stage, config, NUM_CLASSES, toy["val"])
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    for key in logged:  # the method's own terms reach the epoch metrics (second epoch: OuT is active)
+        assert key in history[-1], (key, sorted(history[-1]))
+    assert 0.0 <= history[-1]["val_miou"] <= 1.0
+    assert storage.list_files(stage.path("tensorboard"))  # event files, also on S3
+    net = load_weights(build_segmentation_model(SegModelConfig.model_validate(config.model.model_dump()),
+                                                NUM_CLASSES), summary["model_uri"]).eval()
+    assert net(torch.zeros(1, 3, 48, 48)).shape == (1, NUM_CLASSES, 48, 48)
+    if config.corrector is not None and config.corrector.mode == "cumulative":
+        # Every image visited after the inflection epoch carries its corrected mask at full resolution.
+        carried = storage.list_files(stage.path("corrected"))
+        assert len(carried) == len(toy["records"])
+        first = read_label(carried[0])
+        assert first.shape == read_image(toy["records"][0]["image_uri"]).shape[:2]
+    if config.early_learning is not None:
+        assert 0.3 < history[-1]["key_fraction"] <= 0.5
+
+
+@pytest.mark.parametrize("head", ["ktse", "bap"])
+def test_classifier_heads_train_and_give_cams(ray_cluster: None, toy: dict[str, Any], tmp_path: Path,
+                                              head: str) -> None:
+    config = ClassifierTrainConfig.model_validate({
+        "backbone": {"name": "resnet_tiny"}, "head": {"name": head}, "loss": {"name": head}, "epochs": 1,
+        "batch_size": 2, "augment": AUGMENT, "workers": WORKERS})
+    stage = StageDir.create(str(tmp_path / "out"), "train_cls", head)
+    summary = train_classifier(toy["train"], stage, config, NUM_CLASSES, "boxes")
+    epoch = summary["history"][0]
+    assert np.isfinite(epoch["loss"])
+    expected = {"ktse": ["loss_cls", "loss_kt", "loss_ce", "loss_global"], "bap": ["loss_box_ce", "loss_bg_ce"]}
+    assert set(expected[head]) <= set(epoch)
+    model = load_weights(CamClassifier(config, NUM_CLASSES - 1), summary["model_uri"]).eval()
+    record = toy["train"][0]
+    image = read_image(record["image_uri"])
+    cams = multiscale_cams(model, image, weak_tags(record, "boxes"), [1.0], True)
+    assert cams.shape == (len(weak_tags(record, "boxes")), *image.shape[:2])
+    assert np.isfinite(cams).all() and cams.max() <= 1.0 + 1e-6
