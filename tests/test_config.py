@@ -102,3 +102,32 @@ def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["config", "check", str(write(tmp_path, MINIMAL + "ray: {num_cpus: 0}\n"))]) == 2
     err = capsys.readouterr().err
     assert "ray.num_cpus" in err and "greater than or equal to 1" in err
+
+
+def test_base_config_is_merged_under_the_file(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text(MINIMAL + "train_seg:\n  epochs: 7\n  loss: {label_smoothing: 0.1}\n"
+                                        "pseudo_labels:\n  generator: {name: image_cam, bg_score: 0.3}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain_seg:\n  batch_size: 3\n"
+                                         "pseudo_labels:\n  generator: {name: box}\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert (config.train_seg.epochs, config.train_seg.batch_size) == (7, 3)  # merged key by key
+    assert config.train_seg.loss.label_smoothing == 0.1  # type: ignore[union-attr]
+    # Another component replaces the base's section (bg_score means nothing to the box generator).
+    assert config.pseudo_labels.generator.name == "box"
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_method_configs_validate() -> None:
+    root = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    names = {path.name: load_config(path) for path in sorted(root.glob("demo*.yaml"))}
+    assert names["demo_boxes.yaml"].train_seg.loss.name == "nal"
+    assert names["demo_boxes.yaml"].train_cls.head.name == "bap"
+    assert names["demo_scribbles.yaml"].train_seg.model.name == "deeplab_v3plus"
+    assert names["demo_mspn.yaml"].pseudo_labels.generator.name == "multi_seed"
+    assert names["demo_out.yaml"].train_seg.corrector is not None
+    assert names["demo_ktse.yaml"].train_cls.loss.name == "ktse"

@@ -131,3 +131,22 @@ def test_shape_errors() -> None:
         refine_cams(image, cams, [CAT], CrfParams(), 0.3)
     with pytest.raises(ValueError, match="probs"):
         crf_inference(image, np.ones((2, 5, 5), np.float32), CrfParams())
+
+
+def test_crf_postprocess_keeps_only_labels_with_mass_and_maps_them_back() -> None:
+    from wsss_ray.evaluation.segmentation import crf_postprocess
+
+    image, truth, _ = _scene()
+    h, w = truth.shape
+    probs = np.full((6, h, w), 1e-4, np.float32)
+    # The network's belief: the truth's labels as 0 and 4 (labels 1-3 and 5 have no mass anywhere).
+    probs[0] = np.where(truth == 0, 0.8, 0.2)
+    probs[4] = 1.0 - probs[0]
+    probs /= probs.sum(0, keepdims=True)
+    out = crf_postprocess(image, probs, CrfParams())
+    assert set(np.unique(out).tolist()) <= {0, 4}
+    assert mask_miou(np.where(truth == 0, 0, 4), out, 5) > 0.9
+    # One label everywhere needs no CRF.
+    single = np.zeros((3, h, w), np.float32)
+    single[2] = 1.0
+    assert (crf_postprocess(image, single, CrfParams()) == 2).all()

@@ -181,11 +181,11 @@ def test_killed_worker_mid_stage_still_completes_identically(pipeline_run: dict[
     victims: list[int] = []
     deadline = time.monotonic() + 60
     while not victims and time.monotonic() < deadline and runner.is_alive():
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if "CamActor" in cmdline and storage.list_files(killed.path("pseudo")):
+        # Only this test's cluster: its processes descend from this one (others may run Ray beside us).
+        for proc in psutil.Process().children(recursive=True):
+            if "CamActor" in _cmdline(proc) and storage.list_files(killed.path("pseudo")):
                 proc.kill()
-                victims.append(proc.info["pid"])
+                victims.append(proc.pid)
                 break
         time.sleep(0.05)
     runner.join(timeout=300)
@@ -195,3 +195,12 @@ def test_killed_worker_mid_stage_still_completes_identically(pipeline_run: dict[
     assert done == {f"{r['image_id']}.png" for r in records}
     for name in sorted(done):
         assert storage.read_bytes(killed.path("pseudo", name)) == storage.read_bytes(clean.path("pseudo", name))
+
+
+def _cmdline(proc: Any) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # exited meanwhile
+        return ""

@@ -144,3 +144,48 @@ def test_classifier_heads_train_and_give_cams(ray_cluster: None, toy: dict[str, 
     cams = multiscale_cams(model, image, weak_tags(record, "boxes"), [1.0], True)
     assert cams.shape == (len(weak_tags(record, "boxes")), *image.shape[:2])
     assert np.isfinite(cams).all() and cams.max() <= 1.0 + 1e-6
+
+
+def test_killed_training_worker_resumes_with_its_teacher(ray_cluster: None, toy: dict[str, Any],
+                                                         tmp_path: Path) -> None:
+    """SIGKILL a Ray Train worker once the first epoch's checkpoint exists: the group restarts from it (model,
+    optimizer, OuT's EMA teacher) and the run finishes every epoch exactly once."""
+    import threading
+    import time
+
+    import psutil
+
+    config = seg_config("deeplab_v3", {"name": "cross_entropy"},
+                        corrector={"inflection_epoch": 1, "strategy": "nnss", "confidence": 0.0},
+                        epochs=4, workers={**WORKERS, "max_failures": 2})
+    stage = StageDir.create(str(tmp_path / "out"), "train_seg", "killed")
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(train_segmentation(
+        toy["records"], stage, config, NUM_CLASSES)))
+    runner.start()
+    victims: list[int] = []
+    deadline = time.monotonic() + 240
+    checkpoints = Path(stage.path("ray_train"))
+    while not victims and time.monotonic() < deadline and runner.is_alive():
+        if any(checkpoints.rglob("teacher.pt")):
+            # Only this test's cluster: its processes descend from this one (others may run Ray beside us).
+            for proc in psutil.Process().children(recursive=True):
+                if "RayTrainWorker" in _cmdline(proc):
+                    proc.kill()
+                    victims.append(proc.pid)
+                    break
+        time.sleep(0.05)
+    runner.join(timeout=600)
+    assert victims, "training finished before a worker could be killed"
+    history = result["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # resumed, not restarted: each epoch once
+    assert all(np.isfinite(h["loss"]) for h in history)
+
+
+def _cmdline(proc: Any) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # exited meanwhile
+        return ""

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from wsss_ray import storage
 from wsss_ray.evaluation.report import _CSS, _esc, format_value
 from wsss_ray.evaluation.visualize import _figure_png
-from wsss_ray.tuning.space import SearchSpace
+from wsss_ray.tuning.space import EPOCH_TRIALS, SearchSpace
 
 
 def _slug(path: str) -> str:
@@ -124,7 +124,7 @@ def write_sweep_report(out_uri: str, results: dict[str, Any], space: SearchSpace
         log_x = space.params[param].kind == "loguniform"
         storage.write_bytes(storage.join(out_uri, name), plot_metric_vs_param(results, param, log_x))
         parts.append(f'<figure><img src="{name}" alt="{_esc(metric)} vs {_esc(param)}"></figure>')
-    if results["trial"] == "train_seg":
+    if results["trial"] in EPOCH_TRIALS:
         storage.write_bytes(storage.join(out_uri, "trial_curves.png"), plot_trial_curves(results))
         parts.append(f'<h2>{_esc(metric)} per epoch</h2><figure><img src="trial_curves.png" '
                      f'alt="{_esc(metric)} per epoch"></figure>')

@@ -4,7 +4,9 @@ A space names the pipeline config it varies (``base_config``), what one trial ru
 optimises, the scheduler, and ``params``: dotted config paths, each with one distribution. Every path is checked
 against :class:`~wsss_ray.config.PipelineConfig` by applying sample values to the base config, so a typo or an
 out-of-range value fails before any trial starts, with an error that names the space file and the field, e.g.
-``tuning/lr.yaml: params.train_seg.optimiser.lr: unknown field``.
+``tuning/lr.yaml: params.train_seg.optimiser.lr: unknown field``. A path must also lie in a config section the
+trial runs (``TRIAL_SECTIONS``): a ``train_seg`` trial trains on the shared pseudo-masks, so a
+``pseudo_labels.*`` value would silently change nothing there.
 """
 
 from __future__ import annotations
@@ -28,12 +30,30 @@ from wsss_ray.config import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# What each trial kind reports (``metric`` must be one of them): train_seg trials forward Ray Train's epoch
-# metrics, pseudo_labels trials report the pseudo-mask scores against the training ground truth once.
+# What one trial runs: train the segmenter on the pipeline's shared pseudo-masks (train_seg), relabel the training
+# images (pseudo_labels), or relabel them and train on the trial's own masks (relabel_train_seg: for values the
+# pseudo-label stage turns into training inputs, e.g. CDSP's distance maps).
+TrialKind = Literal["train_seg", "pseudo_labels", "relabel_train_seg"]
+# What each trial kind reports (``metric`` must be one of them): train_seg and relabel_train_seg trials forward
+# Ray Train's epoch metrics, pseudo_labels trials report the pseudo-mask scores against the training ground truth
+# once.
 TRIAL_METRICS: dict[str, tuple[str, ...]] = {
     "train_seg": ("val_miou", "loss"),
     "pseudo_labels": ("pseudo_miou", "pseudo_precision", "pseudo_coverage", "cam_miou"),
+    "relabel_train_seg": ("val_miou", "loss"),
 }
+# The config sections a trial's values can change. Everything else is made once from the base config and shared
+# by all trials (the ingested data, the classifier, and for train_seg trials the pseudo-masks), so a value
+# elsewhere would be validated, logged, and then have no effect.
+TRIAL_SECTIONS: dict[str, tuple[str, ...]] = {
+    "train_seg": ("train_seg",),
+    "pseudo_labels": ("pseudo_labels",),
+    "relabel_train_seg": ("pseudo_labels", "train_seg"),
+}
+# Trial kinds that train the segmenter (report per epoch, so ASHA can stop them at its rungs).
+EPOCH_TRIALS = ("train_seg", "relabel_train_seg")
+# Trial kinds that relabel the training images (``max_images`` applies to them).
+RELABEL_TRIALS = ("pseudo_labels", "relabel_train_seg")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
@@ -100,19 +120,22 @@ class SearchSpace(StrictModel):
     base_config: str
     # ``key.path=value`` applied to the base config before the trial's own values (e.g. fewer epochs).
     overrides: list[str] = Field(default_factory=list)
-    trial: Literal["train_seg", "pseudo_labels"]
+    trial: TrialKind
     metric: str
     mode: Literal["max", "min"] = "max"
+    # ``pseudo_labels`` trials report once, so they always run FIFO.
     scheduler: Literal["asha", "fifo"] = "asha"
-    # ASHA (Li et al. 2020): first rung after ``grace_period`` epochs, keep 1/``reduction_factor`` per rung
-    # (Ray's defaults: 1 and 4).
+    # ASHA (Li et al. 2020): rungs at grace_period · reduction_factor^k epochs (below train_seg.epochs); at each,
+    # a trial goes on only if its metric reaches the (1 − 1/reduction_factor) quantile of the trials that reached
+    # it before (Ray's defaults: 1 and 4).
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[float, Field(gt=1.0)] = 4.0
     # Repeats of the grid (or samples of the random distributions).
     num_samples: PositiveInt = 1
     # Upper bound on trials at once; None = as many as the cluster's CPUs/GPUs hold.
     max_concurrent_trials: PositiveInt | None = None
-    # pseudo_labels trials: label only the first N training images (a quicker, noisier estimate).
+    # pseudo_labels trials: label only the first N training images (a quicker, noisier estimate);
+    # relabel_train_seg trials: label, and then train on, only those.
     max_images: PositiveInt | None = None
     params: Annotated[dict[str, ParamSpec], Field(min_length=1)]
 
@@ -122,8 +145,8 @@ class SearchSpace(StrictModel):
         if self.metric not in allowed:
             raise ValueError(f"metric {self.metric!r} is not reported by {self.trial} trials "
                              f"(one of: {', '.join(allowed)})")
-        if self.max_images is not None and self.trial != "pseudo_labels":
-            raise ValueError("max_images applies to pseudo_labels trials only")
+        if self.max_images is not None and self.trial not in RELABEL_TRIALS:
+            raise ValueError(f"max_images applies to {' and '.join(RELABEL_TRIALS)} trials only")
         return self
 
     def base_path(self) -> Path:
@@ -168,16 +191,25 @@ def load_space(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
     except ConfigError as error:
         raise ConfigError(f"{source}: base_config {space.base_config}:\n{error}") from None
     validate_params(space, base, source)
-    if space.trial == "train_seg" and space.metric == "val_miou" and base.train_seg.val_every < 1:
+    if space.trial in EPOCH_TRIALS and space.metric == "val_miou" and base.train_seg.val_every < 1:
         raise ConfigError(f"{source}: metric: val_miou needs train_seg.val_every >= 1 in the base config "
                           f"(it is {base.train_seg.val_every})")
     return space, base
 
 
 def validate_params(space: SearchSpace, base: PipelineConfig, source: str) -> None:
-    """Apply each param's sample values to the base config; a failure names the space file and the param."""
+    """Apply each param's sample values to the base config; a failure names the space file and the param.
+
+    A path outside the sections the trial runs (``TRIAL_SECTIONS``) is refused first: it would have no effect.
+    """
     data = base.model_dump(mode="json")
+    sections = TRIAL_SECTIONS[space.trial]
     for path, spec in space.params.items():
+        if path.split(".", 1)[0] not in sections:
+            hint = " (use trial: relabel_train_seg to relabel and train)" if space.trial == "train_seg" and \
+                path.startswith("pseudo_labels.") else ""
+            raise ConfigError(f"{source}: params.{path}: {space.trial} trials only run "
+                              f"{' and '.join(sections)}, so this value would change nothing{hint}")
         for value in spec.samples():
             try:
                 parse_config(data, source=source, overrides=param_overrides({path: value}))

@@ -7,7 +7,10 @@ each Tune trial runs one stage with the trial's values:
   the trial id, checkpointed below ``<output>/sweeps/<name>/trials/<trial_id>``) and forwards every epoch's
   metrics to Tune through ``TuneReportCallback``, so ASHA can stop weak trials after a few epochs;
 - ``pseudo_labels`` trials: a plain function that labels the training images with the trial's generator
-  settings (e.g. CRF parameters) and reports the pseudo-mask scores once.
+  settings (e.g. CRF parameters) and reports the pseudo-mask scores once;
+- ``relabel_train_seg`` trials: both in turn, for generator settings that only show in training (CDSP's distance
+  maps): the trial relabels the training images into its own folder, then trains on those masks as a train_seg
+  trial does, reporting every epoch (ASHA works as for train_seg).
 
 Everything lives below ``<output>/sweeps/<name>``: Tune's experiment (resumed by ``Tuner.restore`` when the sweep
 is run again), one folder per trial, ``results.json`` and ``report/report.html``. Tune's TensorBoard logger
@@ -32,10 +35,17 @@ from wsss_ray.config import PipelineConfig, config_hash
 from wsss_ray.progress import log
 from wsss_ray.ray_utils import cluster_cpus, cluster_gpus, want_gpu
 from wsss_ray.stage_dir import StageDir
-from wsss_ray.tuning.space import SearchSpace, load_space, param_overrides, trial_config
+from wsss_ray.tuning.space import (
+    EPOCH_TRIALS,
+    TRIAL_METRICS,
+    SearchSpace,
+    load_space,
+    param_overrides,
+    trial_config,
+)
 
 # A trial's function only coordinates: a train_seg trial waits on its Ray Train run (whose workers have their own
-# placement group), a pseudo_labels trial on a Ray Data pipeline. So trials hold no CPU: any CPU they held would
+# placement group), a pseudo_labels trial on a Ray Data pipeline (relabel_train_seg: one, then the other). So trials hold no CPU: any CPU they held would
 # be missing for Ray Data's 1-CPU ingest tasks, and on a 2-CPU machine (where an earlier stage's finished Ray
 # Train run can still hold its 0.5-CPU placement group) a 0.5-CPU driver left them unschedulable: a hang. Tune
 # refuses an empty bundle (``{"cpu": 0}``), hence a token amount of logical memory.
@@ -84,6 +94,19 @@ def _generate_outside_trial(records: list[dict[str, Any]], stage: StageDir, **kw
     return generate_pseudo_labels(records, stage, **kwargs)
 
 
+def _relabel(records: list[dict[str, Any]], stage: StageDir, config: PipelineConfig, model_uri: str,
+             num_classes: int, class_names: list[str]) -> dict[str, Any]:
+    """Label ``records`` into ``stage`` with the trial config's generator; the stage's summary (scores included).
+
+    Tasks started from a trial land in the trial's placement group, which holds no CPU: the stage runs in a task
+    scheduled outside it, so its Ray Data actor pool and CRF tasks take the cluster's CPUs.
+    """
+    label = ray.remote(_generate_outside_trial).options(num_cpus=0, scheduling_strategy="DEFAULT")
+    return ray.get(label.remote(records, stage, model_uri=model_uri, cls_config=config.train_cls,
+                                config=config.pseudo_labels, num_classes=num_classes,
+                                supervision=config.dataset.supervision, class_names=class_names))
+
+
 def pseudo_labels_trial(params: dict[str, Any], *, base: dict[str, Any], records: list[dict[str, Any]],
                         model_uri: str, num_classes: int, class_names: list[str], sweep_uri: str) -> None:
     """One pseudo_labels trial: label ``records`` with the trial's generator settings, report the scores once.
@@ -92,12 +115,7 @@ def pseudo_labels_trial(params: dict[str, Any], *, base: dict[str, Any], records
     """
     config = trial_config(base, params, source=f"trial {tune.get_context().get_trial_id()}")
     stage = _trial_stage(sweep_uri, "pseudo_labels")
-    # Tasks started from a trial land in the trial's placement group, which holds no CPU: the stage runs
-    # in a task scheduled outside it, so its Ray Data actor pool and CRF tasks take the cluster's CPUs.
-    label = ray.remote(_generate_outside_trial).options(num_cpus=0, scheduling_strategy="DEFAULT")
-    summary = ray.get(label.remote(records, stage, model_uri=model_uri, cls_config=config.train_cls,
-                                   config=config.pseudo_labels, num_classes=num_classes,
-                                   supervision=config.dataset.supervision, class_names=class_names))
+    summary = _relabel(records, stage, config, model_uri, num_classes, class_names)
     scores = summary["scores"]
     metrics: dict[str, Any] = {"epoch": 1, "images": summary["written"], "failed": summary["failed"]}
     if "pseudo" in scores:
@@ -109,6 +127,37 @@ def pseudo_labels_trial(params: dict[str, Any], *, base: dict[str, Any], records
     tune.report(metrics)
 
 
+def relabel_train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], records: list[dict[str, Any]],
+                            val_records: list[dict[str, Any]], model_uri: str, num_classes: int,
+                            class_names: list[str], sweep_uri: str) -> None:
+    """One relabel_train_seg trial: relabel ``records`` with the trial's generator settings, then train on them.
+
+    The masks (and the generator's other outputs, e.g. CDSP's distance maps) go to the trial's folder; the
+    segmenter trains on them exactly as a train_seg trial trains on the shared ones, its epoch metrics reaching
+    Tune through ``TuneReportCallback``. Both halves resume: a restored trial labels only the images it had not
+    finished (none, once labelling is done) and continues training from its latest Ray Train checkpoint.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from wsss_ray.pipeline import segmentation_records
+    from wsss_ray.training.segmentation import train_segmentation
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = trial_config(base, params, source=f"trial {tune.get_context().get_trial_id()}")
+    # One folder for both halves (their files do not overlap: pseudo/, stats/, generator.json against
+    # ray_train/, model.pt, history.json); the stage name is the Ray Train run name, which resuming needs.
+    stage = _trial_stage(sweep_uri, "train_seg")
+    pseudo = _relabel(records, stage, config, model_uri, num_classes, class_names)
+    seg_records = segmentation_records(records, stage, config)
+    if not seg_records:
+        raise RuntimeError(f"relabelling wrote no pseudo-mask for any of the {len(records)} images "
+                           f"({pseudo['failed']} failed; see {pseudo.get('failures_uri')})")
+    summary = train_segmentation(seg_records, stage, config.train_seg, num_classes, val_records,
+                                 callbacks=[TuneReportCallback()])
+    storage.write_json(stage.path("summary.json"), {"params": params, "finished_at": time.time(),
+                                                    "pseudo_labels": pseudo, **summary})
+
+
 # ------------------------------------------------------------------------------------------------- resources
 
 
@@ -117,29 +166,33 @@ def max_concurrent_trials(space: SearchSpace, config: PipelineConfig) -> int:
 
     train_seg: the driver plus its train workers, with one CPU kept for Ray Data's ingest tasks; on GPUs, the
     workers' GPUs bound it too. pseudo_labels: the model actor pool plus one CPU for the CRF tasks.
+    relabel_train_seg: the smaller of the two, since a trial needs each in turn and trials drift out of step.
     """
-    cpus, gpus = cluster_cpus(), cluster_gpus()
-    if space.trial == "train_seg":
-        workers = config.train_seg.workers
-        if want_gpu(workers.use_gpu):
-            count = min(gpus // workers.num_workers, int((cpus - 1) // (TRAIN_DRIVER_CPUS + workers.num_workers
-                                                                         * workers.cpus_per_worker)))
-        else:
-            per_trial = TRAIN_DRIVER_CPUS + workers.num_workers * min(workers.cpus_per_worker, cpus)
-            count = int((cpus - 1) // per_trial)
-    else:
-        pool = config.pseudo_labels
-        if want_gpu(pool.use_gpu):
-            count = gpus // min(pool.max_actors, max(gpus, 1))
-        else:
-            count = int(cpus // (min(pool.max_actors, max(cpus - 1, 1)) + 1))
-    count = max(1, count)
+    counts = {"train_seg": _train_seg_trials, "pseudo_labels": _pseudo_labels_trials}
+    kinds = ("train_seg", "pseudo_labels") if space.trial == "relabel_train_seg" else (space.trial,)
+    count = max(1, min(counts[kind](config, cluster_cpus(), cluster_gpus()) for kind in kinds))
     return min(count, space.max_concurrent_trials) if space.max_concurrent_trials else count
+
+
+def _train_seg_trials(config: PipelineConfig, cpus: float, gpus: float) -> int:
+    workers = config.train_seg.workers
+    if want_gpu(workers.use_gpu):
+        return int(min(gpus // workers.num_workers, (cpus - 1) // (TRAIN_DRIVER_CPUS + workers.num_workers
+                                                                   * workers.cpus_per_worker)))
+    per_trial = TRAIN_DRIVER_CPUS + workers.num_workers * min(workers.cpus_per_worker, cpus)
+    return int((cpus - 1) // per_trial)
+
+
+def _pseudo_labels_trials(config: PipelineConfig, cpus: float, gpus: float) -> int:
+    pool = config.pseudo_labels
+    if want_gpu(pool.use_gpu):
+        return int(gpus // min(pool.max_actors, max(gpus, 1)))
+    return int(cpus // (min(pool.max_actors, max(cpus - 1, 1)) + 1))
 
 
 def _scheduler(space: SearchSpace, config: PipelineConfig) -> Any:
     # A pseudo_labels trial reports once, so there is nothing for ASHA to stop early.
-    if space.scheduler == "fifo" or space.trial == "pseudo_labels":
+    if space.scheduler == "fifo" or space.trial not in EPOCH_TRIALS:
         return FIFOScheduler()
     epochs = config.train_seg.epochs
     # "epoch" rather than training_iteration: a trial restored from its Ray Train checkpoint continues its epoch
@@ -175,18 +228,22 @@ def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (
                    "hash": config_hash(space.model_dump(mode="json", exclude={"max_concurrent_trials"}), base)}
     _check_fingerprint(sweep_uri, fingerprint, resume)
 
+    records = train_records[: space.max_images] if space.max_images else train_records
     if space.trial == "train_seg":
         seg_records = segmentation_records(train_records, dirs["pseudo_labels"], config)
         trainable = tune.with_parameters(
             train_seg_trial, base=base, seg_records=seg_records,
             val_records=load_manifest(dirs["ingest"], ds.val_split), num_classes=len(names), sweep_uri=sweep_uri)
-        trainable = tune.with_resources(trainable, TRIAL_RESOURCES)
+    elif space.trial == "relabel_train_seg":
+        trainable = tune.with_parameters(
+            relabel_train_seg_trial, base=base, records=records,
+            val_records=load_manifest(dirs["ingest"], ds.val_split), model_uri=summaries["train_cls"]["model_uri"],
+            num_classes=len(names), class_names=names, sweep_uri=sweep_uri)
     else:
-        records = train_records[: space.max_images] if space.max_images else train_records
         trainable = tune.with_parameters(
             pseudo_labels_trial, base=base, records=records, model_uri=summaries["train_cls"]["model_uri"],
             num_classes=len(names), class_names=names, sweep_uri=sweep_uri)
-        trainable = tune.with_resources(trainable, TRIAL_RESOURCES)
+    trainable = tune.with_resources(trainable, TRIAL_RESOURCES)
 
     # The Tune experiment is <output>/sweeps/<name> itself, next to trials/, results.json and report/.
     storage_path, filesystem = storage.train_storage(storage.join(config.output, "sweeps"))
@@ -263,7 +320,8 @@ def collect_results(grid: Any, space: SearchSpace, config: PipelineConfig, sweep
         history: list[dict[str, Any]] = []
         frame = result.metrics_dataframe
         if frame is not None and len(frame):
-            columns = [c for c in dict.fromkeys(("epoch", space.metric, "loss", "val_miou")) if c in frame.columns]
+            columns = [c for c in dict.fromkeys(("epoch", space.metric, *TRIAL_METRICS[space.trial]))
+                       if c in frame.columns]
             history = [{k: _clean(v) for k, v in row.items()} for row in frame[columns].to_dict("records")]
             # A restored trial appends to its log from the epoch it resumed at; keep the latest row per epoch.
             history = list({row.get("epoch"): row for row in history}.values())
@@ -273,7 +331,7 @@ def collect_results(grid: Any, space: SearchSpace, config: PipelineConfig, sweep
         trials.append({
             "id": trial_id, "params": params, "metric": better(values) if values else None,
             "last_metric": values[-1] if values else None, "epochs": epochs, "status": status,
-            "stopped_early": space.trial == "train_seg" and status == "TERMINATED"
+            "stopped_early": space.trial in EPOCH_TRIALS and status == "TERMINATED"
             and epochs < config.train_seg.epochs,
             "error": str(result.error).splitlines()[0] if result.error else None,
             "uri": storage.join(sweep_uri, "trials", trial_id), "history": history,
@@ -283,8 +341,8 @@ def collect_results(grid: Any, space: SearchSpace, config: PipelineConfig, sweep
     best = better(scored, key=lambda t: t["metric"]) if scored else None
     return {
         "name": space.name, "trial": space.trial, "metric": space.metric, "mode": space.mode,
-        "scheduler": space.scheduler if space.trial == "train_seg" else "fifo",
-        "max_epochs": config.train_seg.epochs if space.trial == "train_seg" else 1,
+        "scheduler": space.scheduler if space.trial in EPOCH_TRIALS else "fifo",
+        "max_epochs": config.train_seg.epochs if space.trial in EPOCH_TRIALS else 1,
         "trial_epochs": sum(t["epochs"] for t in trials),
         "trials": trials,
         "best": None if best is None else {"id": best["id"], "metric": best["metric"], "params": best["params"],
