@@ -1,4 +1,5 @@
-"""Ray Tune sweeps: space validation, an end-to-end sweep on the loopback S3, and resuming (also after a kill).
+"""Ray Tune sweeps: space validation, an end-to-end sweep on the loopback S3, and resuming (also after a kill);
+pseudo_labels trials and relabel_train_seg trials (relabel, then train) on the same tiny data.
 
 The sweeps share one tiny base config (resnet_tiny, 64 px toy data, 2 epochs) whose pipeline inputs are made
 once; each sweep is a different space name below the same output, so only its trials run.
@@ -22,7 +23,7 @@ import yaml
 from wsss_ray import storage
 from wsss_ray.config import ConfigError
 from wsss_ray.data.toy import make_toy_dataset
-from wsss_ray.tuning.space import load_space
+from wsss_ray.tuning.space import TRIAL_METRICS, load_space
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,10 +103,44 @@ def test_metric_must_match_trial_kind(base_config: Path, tmp_path: Path) -> None
         load_space(space)
 
 
-@pytest.mark.parametrize("name", ["label_smoothing", "crf", "cam_threshold", "lr"])
-def test_shipped_spaces_validate(name: str) -> None:
-    space, base = load_space(REPO / "tuning" / f"{name}.yaml")
-    assert space.name and base.name == "demo"
+def test_param_outside_the_trials_sections_is_refused(base_config: Path, tmp_path: Path) -> None:
+    # train_seg trials train on the shared pseudo-masks: a generator value would validate and then do nothing.
+    space = write_space(tmp_path, base_config, name="noop",
+                        params={"pseudo_labels.generator.bg_score": {"grid": [0.1, 0.3]}})
+    with pytest.raises(ConfigError, match=rf"{space}: params.pseudo_labels.generator.bg_score: train_seg trials "
+                                          r"only run train_seg.*use trial: relabel_train_seg"):
+        load_space(space)
+    # pseudo_labels trials do not train
+    space = write_space(tmp_path, base_config, name="noop2", trial="pseudo_labels", metric="pseudo_miou",
+                        params={"train_seg.optimizer.lr": {"grid": [0.1]}})
+    with pytest.raises(ConfigError, match=r"params.train_seg.optimizer.lr: pseudo_labels trials only run"):
+        load_space(space)
+    # relabel_train_seg trials take both sections, and max_images
+    space = write_space(tmp_path, base_config, name="both", trial="relabel_train_seg", max_images=4,
+                        params={"pseudo_labels.generator.bg_score": {"grid": [0.1]},
+                                "train_seg.optimizer.lr": {"grid": [0.1]}})
+    assert load_space(space)[0].trial == "relabel_train_seg"
+    space = write_space(tmp_path, base_config, name="max", max_images=4, params={"train_seg.seed": {"grid": [1]}})
+    with pytest.raises(ConfigError, match="max_images applies to pseudo_labels and relabel_train_seg trials only"):
+        load_space(space)
+
+
+SHIPPED_SPACES = sorted((REPO / "tuning").glob("*.yaml"))
+
+
+def test_every_paper_ablation_has_a_space() -> None:
+    names = {path.stem for path in SHIPPED_SPACES}
+    assert {"out_inflection", "curriculum", "sce", "early_learning", "nal", "cdsp", "mspn_seeds",
+            "mspn_agreement", "crf", "cam_threshold", "label_smoothing", "lr"} <= names, names
+
+
+@pytest.mark.parametrize("path", SHIPPED_SPACES, ids=lambda p: p.stem)
+def test_shipped_spaces_validate(path: Path) -> None:
+    space, base = load_space(path)
+    assert space.name == path.stem and base.name.startswith("demo")
+    assert space.metric in TRIAL_METRICS[space.trial]
+    # the header comment cites the paper the space reproduces
+    assert path.read_text().startswith("# ")
 
 
 # ------------------------------------------------------------------------------------------------ sweeps
@@ -254,3 +289,30 @@ def test_pseudo_label_sweep(ray_cluster: None, base_config: Path, tmp_path: Path
         assert len(storage.list_files(storage.join(trial["uri"], "pseudo"), suffix=".png")) == 4
     report_dir = storage.join(results["experiment_uri"], "report")
     assert storage.exists(storage.join(report_dir, "metric_vs_pseudo_labels.generator.bg_score.png"))
+
+
+def test_relabel_train_seg_sweep(ray_cluster: None, base_config: Path, tmp_path: Path) -> None:
+    """relabel_train_seg trials relabel with their own generator settings into their folder, then train on those
+    masks reporting val_miou every epoch, under ASHA (which may stop the second trial at its epoch-1 rung)."""
+    from wsss_ray.tuning.sweep import run_sweep
+
+    space = write_space(tmp_path, base_config, name="relabel", trial="relabel_train_seg", max_images=4,
+                        scheduler="asha", grace_period=1, reduction_factor=2,
+                        params={"pseudo_labels.generator.bg_score": {"grid": [0.15, 0.4]}})
+    results = run_sweep(space)
+    assert results["scheduler"] == "asha" and results["max_epochs"] == 2 and len(results["trials"]) == 2
+    for trial in results["trials"]:
+        assert trial["status"] == "TERMINATED" and trial["epochs"] >= 1, trial
+        assert trial["stopped_early"] == (trial["epochs"] < 2)
+        assert [row["epoch"] for row in trial["history"]] == list(range(1, trial["epochs"] + 1))
+        assert all(0.0 <= row["val_miou"] <= 1.0 for row in trial["history"]), trial["history"]
+        # the trial's own pseudo-masks, made with its own bg_score, are what it trained on
+        assert len(storage.list_files(storage.join(trial["uri"], "pseudo"), suffix=".png")) == 4
+        generator = storage.read_json(storage.join(trial["uri"], "generator.json"))["generator"]
+        assert generator["bg_score"] == trial["params"]["pseudo_labels.generator.bg_score"]
+        assert storage.exists(storage.join(trial["uri"], "model.pt"))
+        summary = storage.read_json(storage.join(trial["uri"], "summary.json"))
+        assert summary["pseudo_labels"]["written"] == 4
+    # ASHA lets the first trial to reach a rung through, so at least one ran all epochs
+    assert max(t["epochs"] for t in results["trials"]) == 2
+    assert storage.exists(storage.join(results["experiment_uri"], "report", "trial_curves.png"))

@@ -208,6 +208,8 @@ def evaluate_and_report(config: PipelineConfig, dirs: dict[str, StageDir], summa
     metrics = {
         "name": config.name,
         "val_miou": result["scores"]["miou"],
+        # With evaluate.crf the headline is the CRF-post-processed prediction; this is the network's own.
+        "val_miou_without_crf": result["scores_raw"]["miou"],
         "background_only_miou": scores["background_only"]["miou"],
         "pseudo_mask_miou": {k: v["miou"] for k, v in pseudo["scores"].items()},
         "per_class_iou": {
