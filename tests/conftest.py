@@ -6,8 +6,9 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import boto3
@@ -89,3 +90,27 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def kill_worker_when(marker: str, ready: Callable[[], bool], running: Callable[[], bool],
+                     timeout_s: float) -> list[int]:
+    """SIGKILL one Ray worker process whose command line holds ``marker`` once ``ready()``, while ``running()``.
+
+    Only this test session's cluster is touched: its processes descend from this one (other Ray clusters may
+    run beside the tests on the same machine). Returns the killed PIDs (empty when the work ended first).
+    """
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and running():
+        if ready():
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    cmdline = " ".join(proc.cmdline())
+                except psutil.Error:  # exited meanwhile
+                    continue
+                if marker in cmdline:
+                    proc.kill()
+                    return [proc.pid]
+        time.sleep(0.05)
+    return []

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import kill_worker_when
 from pydensecrf import densecrf
 from pydensecrf.utils import unary_from_softmax
 
@@ -162,8 +163,6 @@ def test_killed_worker_mid_stage_still_completes_identically(pipeline_run: dict[
     ends with exactly one mask per image, byte-identical to an uninterrupted run."""
     import threading
 
-    import psutil
-
     config = pipeline_run["config"]
     dirs = stage_dirs(config)
     records = load_manifest(dirs["ingest"])  # train + val: more work, so the kill lands mid-stage
@@ -178,16 +177,8 @@ def test_killed_worker_mid_stage_still_completes_identically(pipeline_run: dict[
     result: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: result.update(generate_pseudo_labels(records, killed, **kwargs)))
     runner.start()
-    victims: list[int] = []
-    deadline = time.monotonic() + 60
-    while not victims and time.monotonic() < deadline and runner.is_alive():
-        # Only this test's cluster: its processes descend from this one (others may run Ray beside us).
-        for proc in psutil.Process().children(recursive=True):
-            if "CamActor" in _cmdline(proc) and storage.list_files(killed.path("pseudo")):
-                proc.kill()
-                victims.append(proc.pid)
-                break
-        time.sleep(0.05)
+    victims = kill_worker_when("CamActor", lambda: bool(storage.list_files(killed.path("pseudo"))),
+                               runner.is_alive, timeout_s=60)
     runner.join(timeout=300)
     assert victims, "the stage finished before a worker could be killed"
     assert result["written"] == len(records) and result["failed"] == 0
@@ -196,11 +187,3 @@ def test_killed_worker_mid_stage_still_completes_identically(pipeline_run: dict[
     for name in sorted(done):
         assert storage.read_bytes(killed.path("pseudo", name)) == storage.read_bytes(clean.path("pseudo", name))
 
-
-def _cmdline(proc: Any) -> str:
-    import psutil
-
-    try:
-        return " ".join(proc.cmdline())
-    except psutil.Error:  # exited meanwhile
-        return ""

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import kill_worker_when
 
 from wsss_ray import storage
 from wsss_ray.config import ClassifierTrainConfig, DatasetConfig, SegModelConfig, SegTrainConfig
@@ -151,9 +152,6 @@ def test_killed_training_worker_resumes_with_its_teacher(ray_cluster: None, toy:
     """SIGKILL a Ray Train worker once the first epoch's checkpoint exists: the group restarts from it (model,
     optimizer, OuT's EMA teacher) and the run finishes every epoch exactly once."""
     import threading
-    import time
-
-    import psutil
 
     config = seg_config("deeplab_v3", {"name": "cross_entropy"},
                         corrector={"inflection_epoch": 1, "strategy": "nnss", "confidence": 0.0},
@@ -163,32 +161,15 @@ def test_killed_training_worker_resumes_with_its_teacher(ray_cluster: None, toy:
     runner = threading.Thread(target=lambda: result.update(train_segmentation(
         toy["records"], stage, config, NUM_CLASSES)))
     runner.start()
-    victims: list[int] = []
-    deadline = time.monotonic() + 240
     checkpoints = Path(stage.path("ray_train"))
-    while not victims and time.monotonic() < deadline and runner.is_alive():
-        if any(checkpoints.rglob("teacher.pt")):
-            # Only this test's cluster: its processes descend from this one (others may run Ray beside us).
-            for proc in psutil.Process().children(recursive=True):
-                if "RayTrainWorker" in _cmdline(proc):
-                    proc.kill()
-                    victims.append(proc.pid)
-                    break
-        time.sleep(0.05)
+    victims = kill_worker_when("RayTrainWorker", lambda: any(checkpoints.rglob("teacher.pt")), runner.is_alive,
+                               timeout_s=240)
     runner.join(timeout=600)
     assert victims, "training finished before a worker could be killed"
     history = result["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # resumed, not restarted: each epoch once
     assert all(np.isfinite(h["loss"]) for h in history)
 
-
-def _cmdline(proc: Any) -> str:
-    import psutil
-
-    try:
-        return " ".join(proc.cmdline())
-    except psutil.Error:  # exited meanwhile
-        return ""
 
 
 # Each paper's chain through the real stages: the classifier it needs, its generator, the loss reading that
