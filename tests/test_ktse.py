@@ -137,16 +137,17 @@ def test_ssr_pseudo_label_thresholds_and_present_classes() -> None:
                    [[10.0, 5.0, 2.0, 1.0, -1.0]],
                    [[50.0, 50.0, 50.0, 50.0, 50.0]]]])
     present = torch.tensor([[True, False]])
-    # A_1 = [1, 0.5, 0.2, 0.1, 0]: ≥ 0.3 → argmax over {background, class 1}; ≤ 0.15 → 0; else 255.
-    # Pixel 1 is confident but its background score 7 beats class 1's 5 → 0.
+    # A_1 = [1, 0.5, 0.2, 0.1, 0]: ≥ 0.3 → argmax over the present foreground classes; ≤ 0.15 → 0; else 255.
+    # Pixel 1 is confident: class 1 although the background channel's 7 exceeds its 5 (the background channel
+    # does not vote in the argmax), and never the absent class 2 whatever its activation.
     label = ssr_pseudo_label(features, present, beta_h=0.3, beta_l=0.15)
     assert label.dtype == torch.long
-    assert label.tolist() == [[[1, 0, 255, 0, 0]]]
+    assert label.tolist() == [[[1, 1, 255, 0, 0]]]
 
 
 def test_ssr_pseudo_label_boundaries_and_two_classes() -> None:
     # Image 0: class 1 = [8, 4, 2, 0] → A = [1, 0.5, 0.25, 0]: A = β_h is foreground, A = β_l background.
-    # Image 1: both classes present; A_1 = [1, 0, 0, 0.25], A_2 = [0.5, 1, 0, 0]; argmax of F among 0, 1, 2.
+    # Image 1: both classes present; A_1 = [1, 0, 0, 0.25], A_2 = [0.5, 1, 0, 0]; argmax of F among 1, 2.
     features = t([[[[0.0, 0.0, 0.0, 0.0]], [[8.0, 4.0, 2.0, 0.0]], [[0.0, 0.0, 0.0, 0.0]]],
                   [[[0.0, 0.0, 0.0, 0.0]], [[4.0, 0.0, 0.0, 1.0]], [[3.0, 6.0, 0.0, 0.0]]]])
     present = torch.tensor([[True, False], [True, True]])

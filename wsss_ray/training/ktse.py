@@ -91,14 +91,16 @@ def ssr_pseudo_label(features: torch.Tensor, present: torch.Tensor, beta_h: floa
 
     Ŷ = argmax_c F_c where max_c A^c ≥ β_h, 0 (background) where max_c A^c ≤ β_l, 255 otherwise, with A the
     max-normalised CAM (Eq. 1). Our reading: both the max over A and the argmax over F run over the present
-    classes (plus the background channel for the argmax, so a confident pixel may still be labelled 0), since
-    an absent class's max-normalised CAM reaches 1 somewhere by construction. An image with no present class
-    is all background. No gradient: Ŷ is a target.
+    foreground classes, since an absent class's max-normalised CAM reaches 1 somewhere by construction, and Eq. 4
+    labels *confident foreground* there. The background channel must not take part in the argmax: it is trained
+    only by this CE, so once it wins a pixel it labels that pixel background, learns from it, and wins more —
+    on the generated data every pixel was background after one epoch (bench/classifier_quality.py). An image
+    with no present class is all background. No gradient: Ŷ is a target.
     """
     with torch.no_grad():
-        peak = _present_peak(normalized_cam(features[:, 1:]), present)
-        allowed = torch.cat([torch.ones_like(present[:, :1]), present], dim=1)
-        label = features.masked_fill(~allowed[:, :, None, None], float("-inf")).argmax(1)
+        foreground = features[:, 1:]
+        peak = _present_peak(normalized_cam(foreground), present)
+        label = foreground.masked_fill(~present[:, :, None, None], float("-inf")).argmax(1) + 1
         background = torch.zeros_like(label)
         ignore = torch.full_like(label, IGNORE_LABEL)
         return torch.where(peak >= beta_h, label, torch.where(peak <= beta_l, background, ignore))
