@@ -57,6 +57,8 @@ TRAIN_DRIVER_CPUS = 0.5
 # can lose of its bookkeeping. Trials' own Ray Train checkpoints are uploaded every epoch regardless.
 SYNC_PERIOD_S = 30
 RESULTS_FILE = "results.json"
+# A relabel_train_seg trial's pseudo-label summary (scores against the ground truth), next to its masks.
+RELABEL_FILE = "pseudo_labels.json"
 FINGERPRINT_FILE = "space.json"
 
 
@@ -148,6 +150,8 @@ def relabel_train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], rec
     # ray_train/, model.pt, history.json); the stage name is the Ray Train run name, which resuming needs.
     stage = _trial_stage(sweep_uri, "train_seg")
     pseudo = _relabel(records, stage, config, model_uri, num_classes, class_names)
+    # Kept apart from summary.json, which only a trial that trains to the end writes itself (ASHA ends the others).
+    storage.write_json(stage.path(RELABEL_FILE), pseudo)
     seg_records = segmentation_records(records, stage, config)
     if not seg_records:
         raise RuntimeError(f"relabelling wrote no pseudo-mask for any of the {len(records)} images "
@@ -273,6 +277,10 @@ def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (
         )
     grid = tuner.fit()
     results = collect_results(grid, space, config, sweep_uri)
+    if space.trial in EPOCH_TRIALS:
+        for trial in results["trials"]:
+            if trial["status"] == "TERMINATED":
+                finish_stopped_trial(trial)
     results["seconds"] = round(time.monotonic() - started, 1)
     storage.write_json(storage.join(sweep_uri, RESULTS_FILE), results)
     from wsss_ray.tuning.report import write_sweep_report
@@ -281,6 +289,42 @@ def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (
     storage.write_json(storage.join(sweep_uri, RESULTS_FILE), results)
     print_results(results)
     return results
+
+
+def finish_stopped_trial(trial: dict[str, Any]) -> str | None:
+    """``model.pt``, ``history.json`` and ``summary.json`` of a trial the scheduler stopped (a results row).
+
+    ASHA stops trials at its rungs and, with Ray's ``stop_last_trials``, also at ``max_t``: the trial function
+    is ended right after that epoch's report, before ``train_segmentation`` could export its weights and the
+    trial write its summary. The latest Ray Train checkpoint holds the weights (an epoch's checkpoint is saved
+    before its metrics are reported). A trial that finished on its own is left as it is. Returns the model's
+    URI, or None when there was no checkpoint to export.
+    """
+    from wsss_ray.training.common import MODEL_FILE, STATE_FILE
+
+    model_uri = storage.join(trial["uri"], MODEL_FILE)
+    summary_uri = storage.join(trial["uri"], "summary.json")
+    if storage.exists(summary_uri):
+        return model_uri if storage.exists(model_uri) else None
+    best: tuple[int, str] | None = None
+    for uri in storage.list_files(storage.join(trial["uri"], "ray_train"), suffix=f"/{STATE_FILE}"):
+        directory = uri.rsplit("/", 1)[0]
+        if not directory.rsplit("/", 1)[-1].startswith("checkpoint_") or \
+                not storage.exists(storage.join(directory, MODEL_FILE)):
+            continue
+        epochs = len(storage.read_json(uri)["history"])
+        if best is None or epochs > best[0]:
+            best = (epochs, directory)
+    if best is None:
+        return None
+    history = storage.read_json(storage.join(best[1], STATE_FILE))["history"]
+    storage.write_bytes(model_uri, storage.read_bytes(storage.join(best[1], MODEL_FILE)))
+    storage.write_json(storage.join(trial["uri"], "history.json"), history)
+    relabel_uri = storage.join(trial["uri"], RELABEL_FILE)
+    relabel = {"pseudo_labels": storage.read_json(relabel_uri)} if storage.exists(relabel_uri) else {}
+    storage.write_json(summary_uri, {"params": trial["params"], "finished_at": time.time(), "stopped_early":
+                                     trial["stopped_early"], "model_uri": model_uri, "history": history, **relabel})
+    return model_uri
 
 
 def _check_fingerprint(sweep_uri: str, fingerprint: dict[str, Any], resume: bool) -> None:
