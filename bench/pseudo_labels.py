@@ -26,6 +26,7 @@ import contextlib
 import importlib
 import io
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -52,7 +53,7 @@ from wsss_ray.data.voc import VocReader
 from wsss_ray.evaluation.metrics import ConfusionMatrix
 from wsss_ray.models.classifier import CamClassifier
 from wsss_ray.pseudo_labels.crf import CrfParams, cams_to_probs, crf_inference, refine_cams, threshold_cams
-from wsss_ray.pseudo_labels.stage import generate_pseudo_labels, refine_and_write
+from wsss_ray.pseudo_labels.stage import generate_pseudo_labels, images_per_task, refine_and_write
 from wsss_ray.stage_dir import StageDir
 
 # psutil is not installed on its own: Ray vendors it (ray/thirdparty_files) and puts it on sys.path when `ray`
@@ -288,37 +289,53 @@ def time_loop(images: Sequence[CrfImage], fn: Callable[[CrfImage], object]) -> f
 
 @dataclass
 class StageRun:
-    per_image_steady: float  # (last arrival - arrival ending the first wave) / images after it
-    per_image_total: float  # wall time from the start of iteration / all images
+    per_image: float  # wall time from the start of iteration to the last row / images
+    images_per_task: int  # what the stage's ``images_per_task`` chose for this many images and CPUs
     task_seconds: float  # median time spent inside refine_and_write, as the stats row reports it
     cpu_workers: float  # CPU seconds per image of the ray:: worker processes
     cpu_all: float  # CPU seconds per image of every process of the session (driver, raylet, GCS, workers)
 
 
+@ray.remote(num_cpus=1)
+def _import_stage() -> int:
+    importlib.import_module("wsss_ray.pseudo_labels.stage")
+    time.sleep(0.5)  # hold the CPU, so that each warm-up task lands on its own worker
+    return os.getpid()
+
+
+def warm_workers(num_cpus: int) -> None:
+    """Make every CPU's worker import the stage's modules (~1.5 s, torch included) before anything is timed.
+
+    A worker pays that once per cluster; a short run would otherwise count it against the later-started
+    workers only, i.e. against the 2-CPU side.
+    """
+    pids = ray.get([_import_stage.remote() for _ in range(num_cpus)])
+    if len(set(pids)) != num_cpus:
+        log(f"warm-up reached {len(set(pids))} of {num_cpus} workers")
+
+
 def run_refine_stage(rows: list[dict[str, Any]], generator: ImageCamGeneratorConfig, out_uri: str,
                      num_cpus: int, session: SessionProcesses) -> StageRun:
-    """``refine_and_write`` over ``rows`` as Ray Data map tasks, exactly as ``generate_pseudo_labels`` maps it."""
-    # One row per block: one task per image, as the stage gets from the actor pool's small output blocks.
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    """``refine_and_write`` over ``rows`` as Ray Data map tasks, exactly as ``generate_pseudo_labels`` maps it.
+
+    The rows are cut into blocks the way the stage cuts its input (``images_per_task``): the CAM actor keeps
+    the blocks, so each CRF task gets one.
+    """
+    per_task = images_per_task(len(rows), num_cpus)
+    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_task))
     ds = ds.map(refine_and_write, fn_kwargs={"generator": generator, "out_uri": out_uri,
                                              "num_classes": NUM_CLASSES}, num_cpus=1)
-    arrivals: list[float] = []
     seconds: list[float] = []
     # CPU time is what a loaded machine does not distort much: wall time includes waiting for other jobs.
     cpu_before = session.cpu_seconds()
     start = time.perf_counter()
     for stats in ds.iter_rows():
-        arrivals.append(time.perf_counter())
         if stats["error"] is not None:
             raise RuntimeError(f"stage failed on {stats['image_id']}: {stats['error']}")
         seconds.append(stats["seconds"])
+    wall = time.perf_counter() - start
     cpu = cpu_delta(cpu_before, session.cpu_seconds())
-    total = (arrivals[-1] - start) / len(arrivals)
-    # The first wave (one image per CPU) carries the pipeline's start-up; steady state is the rate after it.
-    # With fewer than three waves (quick mode) that rate is too noisy to mean anything: use wall / images.
-    waves_ok = len(arrivals) >= 3 * num_cpus
-    steady = (arrivals[-1] - arrivals[num_cpus - 1]) / (len(arrivals) - num_cpus) if waves_ok else total
-    return StageRun(steady, total, median(seconds),
+    return StageRun(wall / len(seconds), per_task, median(seconds),
                     cpu.get("workers (ray::)", 0.0) / len(rows), cpu["all"] / len(rows))
 
 
@@ -408,6 +425,7 @@ def bench_overhead_and_scaling(images: list[CrfImage], reps: int, work: str) -> 
                    also_first: bool = False) -> None:
         start_ray(num_cpus, ray_dir)
         try:
+            warm_workers(num_cpus)
             run_refine_stage(warmup, generator, out_uri, num_cpus, session)  # starts workers, imports the stage's modules
             if also is not None and also_first:
                 also()
@@ -428,16 +446,16 @@ def bench_overhead_and_scaling(images: list[CrfImage], reps: int, work: str) -> 
         if even:
             on_cluster(2, two)
         log(f"rep {rep + 1}/{reps}: direct {direct[-1] * 1e3:.0f} ms, refine_and_write in-process "
-            f"{inproc[-1] * 1e3:.0f} ms, stage 1 CPU {one[-1].per_image_steady * 1e3:.0f} ms, "
-            f"stage 2 CPUs {two[-1].per_image_steady * 1e3:.0f} ms per image; load {os.getloadavg()[0]:.1f}")
+            f"{inproc[-1] * 1e3:.0f} ms, stage 1 CPU {one[-1].per_image * 1e3:.0f} ms, "
+            f"stage 2 CPUs {two[-1].per_image * 1e3:.0f} ms per image; load {os.getloadavg()[0]:.1f}")
 
     breakdown = stage_breakdown(images, generator, os.path.join(work, "breakdown"))
     h, w = images[0].image.shape[:2]
     def ms(values: Sequence[float]) -> str:
         return f"{median(values) * 1e3:7.1f} ms"
 
-    steady1 = [o.per_image_steady for o in one]
-    steady2 = [t.per_image_steady for t in two]
+    steady1 = [o.per_image for o in one]
+    steady2 = [t.per_image for t in two]
     overhead = median([o / d for o, d in zip(steady1, direct)])
     overhead_cpu = median([o.cpu_all / d for o, d in zip(one, direct_cpu)])
     scaling = median([o / t for o, t in zip(steady1, steady2)])
@@ -446,18 +464,17 @@ def bench_overhead_and_scaling(images: list[CrfImage], reps: int, work: str) -> 
     print(f"  direct pydensecrf on precomputed unaries        {ms(direct)} {ms(direct_cpu)} (this thread)")
     print(f"  refine_and_write called in-process (no Ray)     {ms(inproc)} {ms(inproc_cpu)} (this thread), "
           f"{median([i / d for i, d in zip(inproc, direct)]):.3f}x direct wall")
-    print(f"  stage, 1-CPU Ray cluster, steady state          {ms(steady1)} {ms([o.cpu_all for o in one])} "
+    print(f"  stage, 1-CPU Ray cluster ({one[0].images_per_task:2d} images/task)      {ms(steady1)} {ms([o.cpu_all for o in one])} "
           f"(all session processes), {overhead:.3f}x direct wall, {overhead_cpu:.3f}x direct CPU")
     print(f"  ... of which ray:: worker processes                        {ms([o.cpu_workers for o in one])}")
-    print(f"  stage, 1-CPU cluster, incl. pipeline start-up   {ms([o.per_image_total for o in one])}")
     print(f"  inside refine_and_write per task (stats rows)   {ms([o.task_seconds for o in one])}")
     print(f"  per-rep wall ratios: {', '.join(f'{o / d:.3f}' for o, d in zip(steady1, direct))}")
     print("  refine_and_write's steps replayed in-process (medians):")
     for name, seconds in breakdown.items():
         print(f"    {name:38s} {seconds * 1e3:7.1f} ms")
-    print(f"\n== 2. scaling (same stage, steady state, {reps} interleaved reps, medians)")
+    print(f"\n== 2. scaling (same stage and images, {reps} interleaved reps, medians)")
     for label, runs, steady in (("1 CPU ", one, steady1), ("2 CPUs", two, steady2)):
-        print(f"  {label}: {ms(steady)}/image = {median([1 / s for s in steady]):5.2f} images/s; inside a task "
+        print(f"  {label} ({runs[0].images_per_task:2d} images/task): {ms(steady)}/image = {median([1 / s for s in steady]):5.2f} images/s; inside a task "
               f"{ms([r.task_seconds for r in runs])}; CPU/image: workers {ms([r.cpu_workers for r in runs])}, "
               f"all {ms([r.cpu_all for r in runs])}")
     print(f"  speed-up {scaling:.2f}x; per rep: {', '.join(f'{o / t:.2f}' for o, t in zip(steady1, steady2))}")
@@ -638,7 +655,7 @@ def print_table(results: list[Result]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke mode: a few images, one repetition")
-    parser.add_argument("--images", type=int, help="VOC-sized images for benches 1-3 (default 12, quick 4)")
+    parser.add_argument("--images", type=int, help="VOC-sized images for benches 1-3 (default 96, quick 8)")
     parser.add_argument("--image-size", type=int, default=448, help="side of the square test images (default 448)")
     parser.add_argument("--reps", type=int, help="interleaved repetitions of benches 1-2 (default 3, quick 1)")
     parser.add_argument("--memory-sizes", type=int, nargs=2, metavar=("SMALL", "LARGE"),
@@ -647,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these benches (overhead = 1 and 2)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args(argv)
-    count = args.images or (4 if args.quick else 12)
+    count = args.images or (8 if args.quick else 96)
     reps = args.reps or (1 if args.quick else 3)
     sizes = tuple(args.memory_sizes or ((100, 400) if args.quick else (500, 2000)))
     only = set(args.only or ["overhead", "labels", "memory"])

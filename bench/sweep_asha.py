@@ -71,8 +71,8 @@ def base_config(root: str, output: str, epochs: int) -> dict[str, Any]:
     workers = {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 0}
     return {
         "name": "bench-sweep", "output": output,
-        # No dashboard: on a loaded machine its start can time out and take ray.init with it.
-        "ray": {"include_dashboard": False},
+        # The dashboard stays on (the default): without its state API Ray Train cannot free an ASHA-stopped
+        # trial's CPUs, and the sweep stalls (run_sweep refuses such a config).
         "dataset": {"format": "voc", "root": root, "train_split": "train", "val_split": "val",
                     "supervision": "boxes"},
         # bench/generator_quality.py's classifier (run B): its box pseudo-masks are good enough to learn from.

@@ -322,3 +322,52 @@ def test_probabilities_are_float32_softmax_without_grad() -> None:
     # Teacher probabilities feed the correction directly: 3/4 ≥ 0.7 at pixel 0 only.
     out = correct_pseudo_masks(torch.tensor([[[0, 0]]]), probs, torch.ones(1, 1, 2, dtype=torch.bool), "replace")
     assert out.tolist() == [[[1, 0]]]
+
+
+def test_teacher_precision_picks_bf16_only_where_asked_or_native() -> None:
+    from wsss_ray.training.online_correction import native_bf16, teacher_dtype
+
+    cpu = torch.device("cpu")
+    assert teacher_dtype("float32", cpu) == torch.float32
+    assert teacher_dtype("bfloat16", cpu) == torch.bfloat16
+    assert teacher_dtype("auto", cpu) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
+
+
+def test_bf16_teacher_at_half_scale_matches_float32_teacher() -> None:
+    from wsss_ray.training.online_correction import teacher_probabilities
+
+    torch.manual_seed(0)
+    # A 3x3 conv with well-separated logits: the bf16 forward must give the same classes, float32 probabilities.
+    net = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        net.weight.mul_(8.0)
+    fp32, bf16 = EmaTeacher(net), EmaTeacher(net)
+    bf16.model.to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 16, 20)
+    for scale in (1.0, 0.5):
+        reference = teacher_probabilities(fp32, images, scale)
+        probs = teacher_probabilities(bf16, images, scale, torch.bfloat16)
+        assert probs.shape == (2, 4, 16, 20) and probs.dtype == torch.float32 and probs.is_contiguous()
+        assert torch.allclose(probs.sum(1), torch.ones(2, 16, 20), atol=1e-5)
+        assert (probs - reference).abs().max() < 0.05
+        assert (probs.argmax(1) == reference.argmax(1)).float().mean() > 0.97
+    # The EMA update averages into a channels-last teacher exactly as into a contiguous one.
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    fp32.update(net)
+    bf16.update(net)
+    assert torch.allclose(fp32.model.weight, bf16.model.weight)
+    assert bf16.model.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_online_corrector_resolves_teacher_precision() -> None:
+    from wsss_ray.config import OutCorrectorConfig
+    from wsss_ray.training.online_correction import OnlineCorrector
+
+    net = nn.Conv2d(3, 4, 3, padding=1)
+    assert OnlineCorrector(OutCorrectorConfig(teacher_precision="float32"), net, "/unused").dtype == torch.float32
+    corrector = OnlineCorrector(OutCorrectorConfig(teacher_precision="bfloat16"), net, "/unused")
+    assert corrector.dtype == torch.bfloat16
+    assert corrector.teacher.model.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="teacher_precision"):
+        OutCorrectorConfig(teacher_precision="fp8")

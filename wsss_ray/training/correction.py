@@ -85,10 +85,10 @@ class EmaTeacher:
         ema = [teacher_params[name] for name in names]
         # .to(dtype) so a student converted to another precision still averages into the teacher's dtype.
         online = [student_params[name].detach().to(ema_p.dtype) for name, ema_p in zip(names, ema)]
-        # foreach ops: one fused kernel per dtype/device instead of two launches for each of the hundreds of tensors of a DeepLab.
+        # One foreach lerp: θ_ema + (1 − v)(θ − θ_ema) = v·θ_ema + (1 − v)·θ in a single pass over the weights,
+        # fused per dtype/device instead of launches for each of the hundreds of tensors of a DeepLab.
         if ema:  # foreach ops reject empty lists (a parameter-free network)
-            torch._foreach_mul_(ema, v)
-            torch._foreach_add_(ema, online, alpha=1.0 - v)
+            torch._foreach_lerp_(ema, online, 1.0 - v)
         for name, buffer in teacher_buffers.items():
             buffer.copy_(student_buffers[name])
         self.step += 1
