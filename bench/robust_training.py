@@ -212,7 +212,7 @@ TEACHER_VARIANTS = [("float32 teacher (paper)", "float32", 1.0), ("auto precisio
                     ("auto precision, scale 0.75", "auto", 0.75), ("auto precision, scale 0.5", "auto", 0.5)]
 
 
-def ema_cost(args: argparse.Namespace, repeats: int = 8) -> dict[str, Any]:
+def ema_cost(args: argparse.Namespace, repeats: int = 16) -> dict[str, Any]:
     """OuT's training-time overhead on a realistic model: DeepLab-v3 / ResNet-50, ``--cost-size``² crops, batch 2.
 
     Times, interleaved: the plain step; the step + EMA update (before the inflection epoch); and the corrected

@@ -186,6 +186,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the learning rates' order in the grid")
     parser.add_argument("--orders", type=int, default=2000, help="random orders the replay scores")
     parser.add_argument("--out", default=None, help="output folder (default: a temp dir)")
+    parser.add_argument("--reuse-grid", action="store_true",
+                        help="take the finished grid sweep from --out instead of running it again (another ASHA "
+                             "schedule on the same grid)")
     args = parser.parse_args()
     lrs, smoothing = (LRS[2:4], SMOOTHING) if args.quick else (list(LRS), SMOOTHING)
     epochs = args.epochs or (4 if args.quick else 12)
@@ -206,10 +209,15 @@ def main() -> None:
         results, seconds = {}, {}
         for scheduler in ("fifo", "asha"):
             path = work / f"{scheduler}.yaml"
-            path.write_text(yaml.safe_dump(space(f"grid-{scheduler}", base, scheduler, lrs, smoothing, grace,
-                                                 args.reduction)))
+            # FIFO ignores the ASHA knobs: the grid's space keeps the defaults, so --reuse-grid finds it whatever
+            # schedule the ASHA side tries.
+            asha = scheduler == "asha"
+            path.write_text(yaml.safe_dump(space(
+                f"grid-{scheduler}", base, scheduler, lrs, smoothing, grace if asha else parser.get_default("grace"),
+                args.reduction if asha else parser.get_default("reduction"))))
             start = time.monotonic()
-            results[scheduler] = run_sweep(path, resume=False)
+            # run_sweep resumes a finished sweep by reading its results; an ASHA run always starts over.
+            results[scheduler] = run_sweep(path, resume=args.reuse_grid and scheduler == "fifo")
             seconds[scheduler] = time.monotonic() - start
         pseudo = _pseudo_scores(work / "fifo.yaml")
 
