@@ -129,7 +129,7 @@ def ray_head(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1",
            # The job's entrypoint is a shell command: `python` must be the venv's, as on a cluster image.
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)  # a caller's cluster or token must not leak into this private one
     generated = subprocess.run([RAY_CLI, "get-auth-token", "--generate"], check=False, env=env, capture_output=True,
                                text=True, timeout=60)

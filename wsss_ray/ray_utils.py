@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 from ray.data import ActorPoolStrategy
@@ -12,6 +13,8 @@ from wsss_ray.progress import log
 
 # Passed to every Ray worker so that storage (pyarrow S3) finds the same endpoint and credentials as the
 # driver on a local cluster. On a real cluster the pods get them from a Kubernetes Secret instead.
+API_SERVER_ADDRESS_VAR = "RAY_API_SERVER_ADDRESS"
+_PINNED_ADDRESS: str | None = None  # the value pin_state_api set (replaced when it starts another cluster)
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                   "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
@@ -27,12 +30,34 @@ def init_ray(config: RayConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        port = pin_state_api() if config.include_dashboard else None
         context = ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=config.include_dashboard,
-                           dashboard_host="127.0.0.1")
+                           dashboard_host="127.0.0.1", dashboard_port=port)
         if context.dashboard_url:
             log("ray", f"dashboard: http://{context.dashboard_url}")
     # Ray Data's per-operator progress bars are noisy in logs; our stages print their own progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def pin_state_api() -> int:
+    """Choose the next local cluster's dashboard port and point Ray's state API clients at it; returns the port.
+
+    Ray processes find the state API from RAY_API_SERVER_ADDRESS / RAY_ADDRESS, or else by scanning the machine
+    for GCS processes. With two Ray clusters on one machine (a test suite beside a benchmark, two users of a
+    workstation) the scan is ambiguous, and Ray Train's placement-group cleaner thread dies on the error: an
+    early-stopped trial then never gives its CPUs back and the sweep stalls (measured). Workers inherit the
+    driver's environment through the raylet, so this must run before ``ray.init`` starts the cluster. An address
+    the user exported is kept.
+    """
+    global _PINNED_ADDRESS
+    current = os.environ.get(API_SERVER_ADDRESS_VAR)
+    if current is not None and current != _PINNED_ADDRESS:
+        return int(current.rsplit(":", 1)[1].rstrip("/"))
+    with socket.socket() as probe:  # a free port; the dashboard binds it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _PINNED_ADDRESS = os.environ[API_SERVER_ADDRESS_VAR] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def cluster_cpus() -> int:
