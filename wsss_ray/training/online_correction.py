@@ -33,7 +33,9 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 convolutions natively (faster than float32, not emulated)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # A private oneDNN probe; a torch build without it counts as "not native".
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and probe is not None and bool(probe())
 
 
 def teacher_dtype(precision: str, device: torch.device) -> torch.dtype:
