@@ -52,8 +52,7 @@ from wsss_ray.pseudo_labels.boxes import prototypes, retrieve
 from wsss_ray.pseudo_labels.multi_seed import proposals, vote
 from wsss_ray.pseudo_labels.scribbles import boundary_distance, scribble_distance, to_uint8
 from wsss_ray.stage_dir import StageDir
-from wsss_ray.training.correction import EmaTeacher
-from wsss_ray.training.online_correction import teacher_probabilities
+from wsss_ray.training.online_correction import build_teacher, teacher_probabilities
 from wsss_ray.training.segmentation import train_segmentation
 
 NUM_CLASSES = 21
@@ -221,19 +220,13 @@ def ema_cost(args: argparse.Namespace, repeats: int = 16) -> dict[str, Any]:
     data loading, validation and checkpoints the two runs share cost the same in both.
     """
     from wsss_ray.training.correction import correct_pseudo_masks
-    from wsss_ray.training.online_correction import teacher_dtype
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
     config = SegModelConfig.model_validate({"backbone": {"name": "resnet50", "output_stride": 16}})
     model = build_segmentation_model(config, NUM_CLASSES)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    device = torch.device("cpu")
-    teachers = {}
-    for precision in ("float32", "auto"):
-        teachers[precision] = EmaTeacher(model, 0.999)
-        if teacher_dtype(precision, device) != torch.float32:
-            teachers[precision].model.to(memory_format=torch.channels_last)
+    teachers = {precision: build_teacher(model, 0.999, precision) for precision in ("float32", "auto")}
     x = torch.randn(2, 3, args.cost_size, args.cost_size)
     y = torch.randint(0, NUM_CLASSES, (2, args.cost_size, args.cost_size))
     valid = torch.ones_like(y, dtype=torch.bool)
@@ -243,14 +236,15 @@ def ema_cost(args: argparse.Namespace, repeats: int = 16) -> dict[str, Any]:
         target = y
         if correct is not None:
             precision, scale = correct
-            probs = teacher_probabilities(teachers[precision], x, scale, teacher_dtype(precision, device))
+            ema_teacher, dtype = teachers[precision]
+            probs = teacher_probabilities(ema_teacher, x, scale, dtype)
             target = correct_pseudo_masks(y, probs, valid, "nnss")
         loss = F.cross_entropy(model(x), target, ignore_index=255)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if teacher is not None:
-            teachers[teacher].update(model)
+            teachers[teacher][0].update(model)
         return time.perf_counter() - start
 
     runs: list[tuple[str, Any]] = [("plain", {}), ("EMA update only (before the inflection epoch)", {"teacher": "auto"})]
@@ -271,7 +265,7 @@ def ema_cost(args: argparse.Namespace, repeats: int = 16) -> dict[str, Any]:
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     # Training state: weights + gradients + SGD momentum (+ buffers); the teacher adds weights + buffers.
     state = 3 * params + buffers
-    return {"size": args.cost_size, "dtype_auto": str(teacher_dtype("auto", device)), "step_s": median,
+    return {"size": args.cost_size, "dtype_auto": str(teachers["auto"][1]), "step_s": median,
             "step_ratio": {label: value / plain for label, value in median.items()}, "training_ratio": whole,
             "teacher_mb": (params + buffers) / 2**20, "memory_ratio": (state + params + buffers) / state}
 

@@ -125,7 +125,6 @@ def test_param_outside_the_trials_sections_is_refused(base_config: Path, tmp_pat
         load_space(space)
 
 
-
 def test_local_sweep_without_dashboard_is_refused(base_config: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from wsss_ray.tuning.sweep import run_sweep
@@ -136,6 +135,7 @@ def test_local_sweep_without_dashboard_is_refused(base_config: Path, tmp_path: P
                         params={"train_seg.optimizer.lr": {"grid": [0.1]}})
     with pytest.raises(ConfigError, match=rf"{space}: base config ray.include_dashboard: .*set it to true"):
         run_sweep(space)  # refused before any Ray work starts
+
 
 SHIPPED_SPACES = sorted((REPO / "tuning").glob("*.yaml"))
 

@@ -11,10 +11,10 @@ from ray.data import ActorPoolStrategy
 from wsss_ray.config import RayConfig
 from wsss_ray.progress import log
 
-# Passed to every Ray worker so that storage (pyarrow S3) finds the same endpoint and credentials as the
-# driver on a local cluster. On a real cluster the pods get them from a Kubernetes Secret instead.
 API_SERVER_ADDRESS_VAR = "RAY_API_SERVER_ADDRESS"
 _PINNED_ADDRESS: str | None = None  # the value pin_state_api set (replaced when it starts another cluster)
+# Passed to every Ray worker so that storage (pyarrow S3) finds the same endpoint and credentials as the
+# driver on a local cluster. On a real cluster the pods get them from a Kubernetes Secret instead.
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                   "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 

@@ -351,14 +351,19 @@ def export_model(result: ray.train.Result, stage: StageDir) -> dict[str, Any]:
     """
     if result.checkpoint is None:
         raise RuntimeError(f"{stage.name}: training finished without a checkpoint ({stage.uri})")
-    with result.checkpoint.as_directory() as directory:
+    return export_checkpoint(result.checkpoint, stage.uri)
+
+
+def export_checkpoint(checkpoint: ray.train.Checkpoint, stage_uri: str) -> dict[str, Any]:
+    """``export_model`` for a given checkpoint: its weights to ``<stage_uri>/model.pt``, its history beside them."""
+    with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, MODEL_FILE), "rb") as f:
             weights = f.read()
         with open(os.path.join(directory, STATE_FILE)) as f:
             history = json.load(f)["history"]
-    model_uri = stage.path(MODEL_FILE)
+    model_uri = storage.join(stage_uri, MODEL_FILE)
     storage.write_bytes(model_uri, weights)
-    storage.write_json(stage.path("history.json"), history)
+    storage.write_json(storage.join(stage_uri, "history.json"), history)
     return {"model_uri": model_uri, "model_sha256": hashlib.sha256(weights).hexdigest(), "history": history}
 
 

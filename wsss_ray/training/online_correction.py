@@ -45,6 +45,24 @@ def teacher_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _channels_last(dtype: torch.dtype, device: torch.device) -> bool:
+    # oneDNN's bf16 convolutions want NHWC on CPU; CUDA and float32 keep the default layout.
+    return dtype != torch.float32 and device.type == "cpu"
+
+
+def build_teacher(model: nn.Module, decay: float, precision: str) -> tuple[EmaTeacher, torch.dtype]:
+    """OuT's EMA teacher of ``model`` and the dtype its forward runs in (``teacher_precision`` resolved).
+
+    A bf16 teacher on CPU keeps its weights channels-last to match the inputs ``teacher_probabilities`` gives it.
+    """
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    dtype = teacher_dtype(precision, device)
+    teacher = EmaTeacher(model, decay)
+    if _channels_last(dtype, device):
+        teacher.model.to(memory_format=torch.channels_last)
+    return teacher, dtype
+
+
 def teacher_probabilities(teacher: EmaTeacher, images: torch.Tensor, scale: float,
                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The teacher's class probabilities (float32) at the images' size, predicted at ``scale`` × that size.
@@ -56,8 +74,7 @@ def teacher_probabilities(teacher: EmaTeacher, images: torch.Tensor, scale: floa
     size = images.shape[-2:]
     if scale != 1.0:
         images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
-    if dtype != torch.float32 and images.device.type == "cpu":
-        # oneDNN's bf16 convolutions want NHWC; the teacher's weights are kept channels-last to match.
+    if _channels_last(dtype, images.device):
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
         probs = teacher.probabilities(images)
@@ -71,11 +88,7 @@ class OnlineCorrector:
 
     def __init__(self, config: OutCorrectorConfig, model: nn.Module, stage_uri: str) -> None:
         self.config = config
-        self.teacher = EmaTeacher(model, config.ema_decay)
-        device = next(iter(model.parameters()), torch.empty(0)).device
-        self.dtype = teacher_dtype(config.teacher_precision, device)
-        if self.dtype != torch.float32 and device.type == "cpu":
-            self.teacher.model.to(memory_format=torch.channels_last)
+        self.teacher, self.dtype = build_teacher(model, config.ema_decay, config.teacher_precision)
         self.store = storage.join(stage_uri, STORE)
 
     def active(self, epoch: int) -> bool:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import ray
 from ray import tune
+from ray.train import Checkpoint
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -307,31 +308,25 @@ def finish_stopped_trial(trial: dict[str, Any]) -> str | None:
     before its metrics are reported). A trial that finished on its own is left as it is. Returns the model's
     URI, or None when there was no checkpoint to export.
     """
-    from wsss_ray.training.common import MODEL_FILE, STATE_FILE
+    from wsss_ray.training.common import MODEL_FILE, export_checkpoint
 
-    model_uri = storage.join(trial["uri"], MODEL_FILE)
     summary_uri = storage.join(trial["uri"], "summary.json")
     if storage.exists(summary_uri):
+        model_uri = storage.join(trial["uri"], MODEL_FILE)
         return model_uri if storage.exists(model_uri) else None
-    best: tuple[int, str] | None = None
-    for uri in storage.list_files(storage.join(trial["uri"], "ray_train"), suffix=f"/{STATE_FILE}"):
-        directory = uri.rsplit("/", 1)[0]
-        if not directory.rsplit("/", 1)[-1].startswith("checkpoint_") or \
-                not storage.exists(storage.join(directory, MODEL_FILE)):
-            continue
-        epochs = len(storage.read_json(uri)["history"])
-        if best is None or epochs > best[0]:
-            best = (epochs, directory)
-    if best is None:
+    # Ray Train names checkpoints checkpoint_<timestamp>: the greatest name is the latest epoch's.
+    checkpoints = {uri.rsplit("/", 2)[-2]: uri.rsplit("/", 1)[0]
+                   for uri in storage.list_files(storage.join(trial["uri"], "ray_train"), suffix=f"/{MODEL_FILE}")
+                   if uri.rsplit("/", 2)[-2].startswith("checkpoint_")}
+    if not checkpoints:
         return None
-    history = storage.read_json(storage.join(best[1], STATE_FILE))["history"]
-    storage.write_bytes(model_uri, storage.read_bytes(storage.join(best[1], MODEL_FILE)))
-    storage.write_json(storage.join(trial["uri"], "history.json"), history)
+    path, filesystem = storage.train_storage(checkpoints[max(checkpoints)])
+    exported = export_checkpoint(Checkpoint(path, filesystem), trial["uri"])
     relabel_uri = storage.join(trial["uri"], RELABEL_FILE)
     relabel = {"pseudo_labels": storage.read_json(relabel_uri)} if storage.exists(relabel_uri) else {}
-    storage.write_json(summary_uri, {"params": trial["params"], "finished_at": time.time(), "stopped_early":
-                                     trial["stopped_early"], "model_uri": model_uri, "history": history, **relabel})
-    return model_uri
+    storage.write_json(summary_uri, {"params": trial["params"], "finished_at": time.time(),
+                                     "stopped_early": trial["stopped_early"], **exported, **relabel})
+    return exported["model_uri"]
 
 
 def _check_fingerprint(sweep_uri: str, fingerprint: dict[str, Any], resume: bool) -> None:
