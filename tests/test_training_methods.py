@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import ray
 import torch
 from conftest import kill_worker_when
 
@@ -28,7 +29,7 @@ from wsss_ray.pseudo_labels.multi_seed import proposals, vote
 from wsss_ray.pseudo_labels.scribbles import boundary_distance, scribble_distance, to_uint8
 from wsss_ray.stage_dir import StageDir
 from wsss_ray.training.classifier import train_classifier
-from wsss_ray.training.common import load_weights
+from wsss_ray.training.common import augment_rng, epoch_seeded_dataset, load_weights
 from wsss_ray.training.segmentation import train_segmentation
 
 pytestmark = pytest.mark.integration
@@ -79,6 +80,31 @@ def seg_config(model: str, loss: dict[str, Any], **extra: Any) -> SegTrainConfig
         "model": {"name": model, "backbone": {"name": "resnet_tiny", "output_stride": 16}, "aspp_channels": 16},
         "loss": loss, "epochs": 2, "batch_size": 2, "optimizer": {"lr": 0.01}, "augment": AUGMENT,
         "workers": WORKERS, **extra})
+
+
+def test_epoch_seeded_dataset_reshuffles_every_epoch_and_repeats_across_runs(ray_cluster: None) -> None:
+    records = [{"image_id": f"{i:03d}"} for i in range(40)]
+
+    def draw(row: dict[str, Any]) -> dict[str, Any]:  # a closure: Ray workers cannot import this test module
+        return {"image_id": row["image_id"], "draw": float(augment_rng(row).random())}
+
+    def three_epochs(seed: int) -> list[list[tuple[str, float]]]:
+        dataset = epoch_seeded_dataset(records, seed, draw, {})
+        return [[(r["image_id"], r["draw"]) for r in dataset.iter_rows()] for _ in range(3)]
+
+    options = ray.data.DataContext.get_current().execution_options
+    options.preserve_order = True  # what fit asks of Ray Train's ingest
+    try:
+        first, again, other = three_epochs(0), three_epochs(0), three_epochs(1)
+    finally:
+        options.preserve_order = False
+    ids = [[image_id for image_id, _ in epoch] for epoch in first]
+    assert all(sorted(order) == [r["image_id"] for r in records] for order in ids)  # each epoch sees every row once
+    assert ids[0] != ids[1] != ids[2] and ids[0] != sorted(ids[0])  # a new order every epoch
+    draws = [dict(epoch) for epoch in first]
+    assert all(draws[0][i] != draws[1][i] for i in draws[0])  # new crops every epoch
+    assert first == again  # the same seed: the same orders and crops
+    assert other[0] != first[0]
 
 
 METHODS = {
@@ -170,6 +196,16 @@ def test_killed_training_worker_resumes_with_its_teacher(ray_cluster: None, toy:
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # resumed, not restarted: each epoch once
     assert all(np.isfinite(h["loss"]) for h in history)
 
+
+def test_same_seed_trains_the_same_way(ray_cluster: None, toy: dict[str, Any], tmp_path: Path) -> None:
+    """Two runs of one config (one worker) give the same losses and the same weights: initial weights, shuffle
+    and crops are seeded, and the rows arrive in order (a sweep compares configs, not luck)."""
+    config = seg_config("deeplab_v3", {"name": "cross_entropy"}, val_every=0,
+                        workers={"num_workers": 1, "cpus_per_worker": 1, "max_failures": 0})
+    runs = [train_segmentation(toy["records"], StageDir.create(str(tmp_path), "train_seg", name), config,
+                               NUM_CLASSES) for name in ("first", "again")]
+    assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
+    assert runs[0]["model_sha256"] == runs[1]["model_sha256"]
 
 
 # Each paper's chain through the real stages: the classifier it needs, its generator, the loss reading that

@@ -264,7 +264,8 @@ class ClassifierTrainConfig(StrictModel):
     head_lr_multiplier: PositiveFloat = 10.0
     augment: AugmentConfig = AugmentConfig(crop_size=512)
     workers: WorkersConfig = WorkersConfig()
-    seed: int = 0
+    # Seeds the initial weights, each epoch's shuffle and every crop: the same config trains the same way twice.
+    seed: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _head_matches_loss(self) -> ClassifierTrainConfig:
@@ -515,7 +516,8 @@ class SegTrainConfig(StrictModel):
     head_lr_multiplier: PositiveFloat = 10.0
     augment: AugmentConfig = AugmentConfig()
     workers: WorkersConfig = WorkersConfig()
-    seed: int = 0
+    # Seeds the initial weights, each epoch's shuffle and every crop: the same config trains the same way twice.
+    seed: Annotated[int, Field(ge=0)] = 0
 
 
 class EvaluateConfig(StrictModel):

@@ -6,7 +6,6 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import ray
 from PIL import Image
 
 from wsss_ray.config import AugmentConfig, ClassifierTrainConfig
@@ -17,7 +16,7 @@ from wsss_ray.models.classifier import CamClassifier
 from wsss_ray.progress import log
 from wsss_ray.pseudo_labels.boxes import boxes_array
 from wsss_ray.stage_dir import StageDir
-from wsss_ray.training.common import export_model, fit, steps_per_epoch
+from wsss_ray.training.common import augment_rng, epoch_seeded_dataset, export_model, fit, steps_per_epoch
 from wsss_ray.training.objectives import build_classifier_objective
 
 # Boxes per training crop for BAP (padded to a fixed shape); VOC images have at most ~40, crops far fewer.
@@ -30,7 +29,7 @@ def classifier_sample(row: dict[str, Any], augment: AugmentConfig, num_foregroun
     moved into the crop's frame."""
     image = read_image(row["image_uri"])
     geometry = random_geometry(image.shape[:2], augment.crop_size, (augment.scale_min, augment.scale_max),
-                               augment.flip, np.random.default_rng())
+                               augment.flip, augment_rng(row))
     target = np.zeros(num_foreground, np.float32)
     target[[t - 1 for t in weak_tags(row, supervision)]] = 1.0
     sample = {"image": apply_geometry(image, geometry, 0, Image.BILINEAR), "target": target}
@@ -48,9 +47,10 @@ def train_classifier(records: list[dict[str, Any]], stage: StageDir, config: Cla
     batch_size, steps = steps_per_epoch(len(records), config.batch_size, workers)
     log("train_cls", f"{len(records)} images, {config.head.name} head + {config.loss.name} loss, {workers} workers × "
                      f"batch {batch_size}, {steps} steps/epoch, {config.epochs} epochs → {stage.uri}")
-    dataset = ray.data.from_items(records).map(
-        classifier_sample, fn_kwargs={"augment": config.augment, "num_foreground": num_classes - 1,
-                                      "supervision": supervision, "with_boxes": config.head.name == "bap"})
+    dataset = epoch_seeded_dataset(
+        records, config.seed, classifier_sample,
+        {"augment": config.augment, "num_foreground": num_classes - 1, "supervision": supervision,
+         "with_boxes": config.head.name == "bap"})
     loop = {"config": config, "build_model": partial(CamClassifier, config, num_classes - 1),
             "build_objective": partial(build_classifier_objective, config), "num_rows": len(records)}
     return {**export_model(fit(loop, config.workers, {"train": dataset}, stage), stage), "images": len(records)}

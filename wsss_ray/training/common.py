@@ -179,6 +179,32 @@ class EpochTimer:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
 
 
+def epoch_seeded_dataset(records: list[dict[str, Any]], seed: int, sample: Any,
+                         fn_kwargs: dict[str, Any]) -> ray.data.Dataset:
+    """Training rows in a new order every epoch, each mapped by ``sample`` with its own augmentation seed.
+
+    Ray Data executes a dataset afresh for every epoch, and ``reseed_after_execution`` mixes that execution's
+    index into the shuffle's seed and into each row's ``augment_seed`` (read by :func:`augment_rng`). So every
+    epoch sees a new order and new crops, as with torchvision's ``RandomSampler``, and two runs with the same
+    ``seed`` see the same ones: a sweep's trials and a rerun of one config differ only by their hyperparameters.
+    That needs the rows to reach the workers in order, which ``fit`` asks of the ingest (``preserve_order``).
+    A run resumed from a checkpoint starts again from epoch 0's draws.
+    """
+    from ray.data.expressions import random as random_column
+
+    reseeded = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    return (ray.data.from_items(records)
+            .random_shuffle(seed=reseeded)
+            .with_column("augment_seed", random_column(seed=seed, reseed_after_execution=True))
+            .map(sample, fn_kwargs=fn_kwargs))
+
+
+def augment_rng(row: dict[str, Any]) -> np.random.Generator:
+    """The generator for one row's augmentation, seeded by the ``augment_seed`` column (a float in [0, 1) with
+    53 random bits) that :func:`epoch_seeded_dataset` adds."""
+    return np.random.default_rng(int(row["augment_seed"] * 2**53))
+
+
 def steps_per_epoch(num_rows: int, batch_size: int, num_workers: int) -> tuple[int, int]:
     """(per-worker batch size, steps per epoch) with ``drop_last``; the batch shrinks for tiny datasets."""
     per_worker = max(1, num_rows // num_workers)
@@ -338,9 +364,17 @@ def fit(loop: dict[str, Any], workers: WorkersConfig, datasets: dict[str, ray.da
         ),
         datasets=datasets,
         # Only the training data is split across workers; ``validate`` shares out the val rows itself.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": _ordered_ingest()}),
     )
     return trainer.fit()
+
+
+def _ordered_ingest() -> ray.data.ExecutionOptions:
+    """Ray Train's ingest options with ``preserve_order``: the training rows reach the workers in the seeded
+    order of ``epoch_seeded_dataset`` (else in whichever order the map tasks finish), so runs repeat."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def export_model(result: ray.train.Result, stage: StageDir) -> dict[str, Any]:

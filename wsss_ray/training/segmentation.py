@@ -23,7 +23,7 @@ from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.progress import log
 from wsss_ray.pseudo_labels.multi_seed import MAX_PROPOSAL_LABELS
 from wsss_ray.stage_dir import StageDir
-from wsss_ray.training.common import export_model, fit, steps_per_epoch
+from wsss_ray.training.common import augment_rng, epoch_seeded_dataset, export_model, fit, steps_per_epoch
 from wsss_ray.training.objectives import build_segmentation_objective, segmentation_maps
 
 # What a crop's padding holds in each map: label maps ignore it, weights and counts are zero there.
@@ -33,10 +33,11 @@ MAP_PADDING = {"label": IGNORE_LABEL, "retrieved": IGNORE_LABEL, "scribble": IGN
 
 def segmentation_sample(row: dict[str, Any], augment: AugmentConfig, maps: tuple[str, ...],
                         num_classes: int) -> dict[str, Any]:
-    """Ray Data map: the image and its ``maps``, scaled, cropped and flipped together."""
+    """Ray Data map: the image and its ``maps``, scaled, cropped and flipped together (one draw per row and
+    epoch, from the row's ``augment_seed``)."""
     image = read_image(row["image_uri"])
     geometry = random_geometry(image.shape[:2], augment.crop_size, (augment.scale_min, augment.scale_max),
-                               augment.flip, np.random.default_rng())
+                               augment.flip, augment_rng(row))
     sample: dict[str, Any] = {"image": apply_geometry(image, geometry, 0, Image.BILINEAR),
                               "geometry": geometry.as_array(), "image_id": str(row["image_id"]),
                               "label_uri": row["label_uri"]}
@@ -83,8 +84,9 @@ def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: S
     methods = " + ".join(filter(None, [config.loss.name, config.corrector and "OuT", config.early_learning and "RE"]))
     log("train_seg", f"{len(records)} images, {config.model.name} with {methods}, {workers} workers × batch "
                      f"{batch_size}, {steps} steps/epoch, {config.epochs} epochs → {stage.uri}")
-    datasets = {"train": ray.data.from_items(records).map(
-        segmentation_sample, fn_kwargs={"augment": config.augment, "maps": maps, "num_classes": num_classes})}
+    datasets = {"train": epoch_seeded_dataset(
+        records, config.seed, segmentation_sample,
+        {"augment": config.augment, "maps": maps, "num_classes": num_classes})}
     val = [r for r in val_records or [] if r["mask_uri"]]
     if val and config.val_every:
         datasets["val"] = ray.data.from_items(val).map(val_sample)
