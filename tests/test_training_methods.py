@@ -198,10 +198,9 @@ def test_killed_training_worker_resumes_with_its_teacher(ray_cluster: None, toy:
 
 
 def test_same_seed_trains_the_same_way(ray_cluster: None, toy: dict[str, Any], tmp_path: Path) -> None:
-    """Two runs of one config (one worker) give the same losses and the same weights: initial weights, shuffle
-    and crops are seeded, and the rows arrive in order (a sweep compares configs, not luck)."""
-    config = seg_config("deeplab_v3", {"name": "cross_entropy"}, val_every=0,
-                        workers={"num_workers": 1, "cpus_per_worker": 1, "max_failures": 0})
+    """Two runs of one config give the same losses and the same weights, with two DDP workers: initial weights,
+    shuffle and crops are seeded, and the rows reach the workers in order (a sweep compares configs, not luck)."""
+    config = seg_config("deeplab_v3", {"name": "cross_entropy"}, val_every=0)
     runs = [train_segmentation(toy["records"], StageDir.create(str(tmp_path), "train_seg", name), config,
                                NUM_CLASSES) for name in ("first", "again")]
     assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]

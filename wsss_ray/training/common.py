@@ -7,6 +7,7 @@ Inside a worker, a training loop reads like torchvision's reference ``train.py``
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -372,7 +373,9 @@ def fit(loop: dict[str, Any], workers: WorkersConfig, datasets: dict[str, ray.da
 def _ordered_ingest() -> ray.data.ExecutionOptions:
     """Ray Train's ingest options with ``preserve_order``: the training rows reach the workers in the seeded
     order of ``epoch_seeded_dataset`` (else in whichever order the map tasks finish), so runs repeat."""
-    options = DataConfig.default_ingest_options()
+    # A copy of the driver's options, as DataConfig.default_ingest_options would give (without its deprecated
+    # exclude_resources argument, which warns in every trial).
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
     options.preserve_order = True
     return options
 
