@@ -29,7 +29,7 @@ Why the first version measured 0.90× (8 configs, 5 epochs, 24 images, grace 1, 
   trial that reaches a rung first costs more.
 
 So this version uses a problem that learns, rungs after most of the plateau and early enough to save (grace
-period 2, and the sweep's default reduction factor 4, also Ray's: rungs at epochs 2 and 8), 12 configs over a log grid of learning rates wide
+period 2, and a space's default reduction factor 4, also Ray's: rungs at epochs 2 and 8), 12 configs over a log grid of learning rates wide
 enough to hold bad ones (as a real first sweep would), and runs the configs in a seeded random order
 (``--seed``; printed). The problem: 64 training images at 96 px, the segmenter trained on 64 px crops with
 batch 2 (32 steps an epoch, 12 epochs; a trial-epoch takes ~7 s on a quiet 2-core machine, which bounds the
@@ -41,7 +41,7 @@ from them: the same degenerate measurement as the first version.
 The bench first ran with reduction factor 3. The replay below, over random orders of the grid's curves, gave
 3 and 4 the same mean ratio (0.44-0.45×) on each of two grids, but 4 picked a config within 1 point in 96-99%
 of orders against 29-31% for 3 (a rung at epoch 6 cuts configs that still improve late), so the bench now
-measures the sweep's default, 4.
+measures a space's default, 4.
 
 One order is one draw, so the bench also replays ASHA offline over many random orders, with Ray's own rung
 bookkeeping (``_Bracket``) fed the grid's per-epoch curves. That gives the expected ratio and how often the pick
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial, ASHA's max_t (default 12)")
     parser.add_argument("--grace", type=int, default=2, help="ASHA grace period in epochs (default 2)")
     parser.add_argument("--reduction", type=float, default=4.0,
-                        help="ASHA reduction factor (default 4, the sweep's and Ray's default)")
+                        help="ASHA reduction factor (default 4, a space's and Ray's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the learning rates' order in the grid")
     parser.add_argument("--orders", type=int, default=2000, help="random orders the replay scores")
     parser.add_argument("--out", default=None, help="output folder (default: a temp dir)")
@@ -258,8 +258,8 @@ def main() -> None:
         value = other.get("last_metric")
         print(f"{_name(config):<34} " + " ".join(f"{100 * grid_curves[config][e - 1]:>6.1f}" for e in shown)
               + f" {other.get('epochs', 0):>11} {'–' if value is None else f'{100 * value:.1f}':>10}")
-    print(f"grid  (FIFO): {grid['trial_epochs']:>3} trial-epochs, {seconds['fifo']:.0f}s wall (incl. shared "
-          f"pipeline inputs); best final mIoU {100 * best_grid:.1f}")
+    grid_wall = "reused from --out" if args.reuse_grid else f"{seconds['fifo']:.0f}s wall (incl. shared pipeline inputs)"
+    print(f"grid  (FIFO): {grid['trial_epochs']:>3} trial-epochs, {grid_wall}; best final mIoU {100 * best_grid:.1f}")
     if asha_best is not None and picked is not None:
         within = 100 * (best_grid - picked) <= 1.0
         print(f"ASHA        : {asha['trial_epochs']:>3} trial-epochs, {seconds['asha']:.0f}s wall; picks "
@@ -276,7 +276,8 @@ def main() -> None:
         print(f"ASHA's trials vs the grid's runs of the same configs: {len(repeat)} epochs compared, largest "
               f"difference {100 * max(repeat):.2f} mIoU points")
     ratio = asha["trial_epochs"] / max(grid["trial_epochs"], 1)
-    print(f"ratio ASHA / grid trial-epochs: {ratio:.2f}× (goal ≤ 0.5×); wall {seconds['asha'] / seconds['fifo']:.2f}×")
+    wall = "grid reused" if args.reuse_grid else f"{seconds['asha'] / seconds['fifo']:.2f}×"
+    print(f"ratio ASHA / grid trial-epochs: {ratio:.2f}× (goal ≤ 0.5×); wall {wall}")
 
     order = [key(t) for t in sorted(asha["trials"], key=lambda t: t["id"])]
     cost, pick = replay(order, grid_curves, epochs, grace, args.reduction)
