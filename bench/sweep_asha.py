@@ -32,7 +32,7 @@ So this version uses a problem that learns, rungs after most of the plateau and 
 period 2, and a space's default reduction factor 4, also Ray's: rungs at epochs 2 and 8), 12 configs over a log grid of learning rates wide
 enough to hold bad ones (as a real first sweep would), and runs the configs in a seeded random order
 (``--seed``; printed). The problem: 64 training images at 96 px, the segmenter trained on 64 px crops with
-batch 2 (32 steps an epoch, 12 epochs; a trial-epoch takes ~7 s on a quiet 2-core machine, which bounds the
+batch 2 (32 steps an epoch, 12 epochs; a trial-epoch takes ~8-9 s on a quiet 2-core machine, which bounds the
 grid), on pseudo-masks from boxes (the ``box`` generator over a GAP classifier at output stride 8, CRF scaled
 to the image: ~0.6 mIoU / 0.95 precision in bench/generator_quality.py). Image-level CAMs from a classifier
 this small gave 0.23 mIoU / 0.47 precision pseudo-masks here, and no config learned past predicting background

@@ -180,6 +180,10 @@ class EpochTimer:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
 
 
+# Blocks of the training rows: enough map tasks in flight for any cluster, and independent of its size.
+TRAIN_BLOCKS = 200
+
+
 def epoch_seeded_dataset(records: list[dict[str, Any]], seed: int, sample: Any,
                          fn_kwargs: dict[str, Any]) -> ray.data.Dataset:
     """Training rows in a new order every epoch, each mapped by ``sample`` with its own augmentation seed.
@@ -189,12 +193,15 @@ def epoch_seeded_dataset(records: list[dict[str, Any]], seed: int, sample: Any,
     epoch sees a new order and new crops, as with torchvision's ``RandomSampler``, and two runs with the same
     ``seed`` see the same ones: a sweep's trials and a rerun of one config differ only by their hyperparameters.
     That needs the rows to reach the workers in order, which ``fit`` asks of the ingest (``preserve_order``).
-    A run resumed from a checkpoint starts again from epoch 0's draws.
+    A run resumed from a checkpoint (or after a worker failure) starts again from epoch 0's draws, because the
+    restarted split coordinator counts executions from 0.
     """
     from ray.data.expressions import random as random_column
 
     reseeded = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
-    return (ray.data.from_items(records)
+    # The shuffle and the per-row seeds depend on the block layout; Ray's automatic block count follows the
+    # cluster's CPUs (and a trial's placement group), so fix it to repeat on any cluster.
+    return (ray.data.from_items(records, override_num_blocks=max(1, min(len(records), TRAIN_BLOCKS)))
             .random_shuffle(seed=reseeded)
             .with_column("augment_seed", random_column(seed=seed, reseed_after_execution=True))
             .map(sample, fn_kwargs=fn_kwargs))
