@@ -19,11 +19,16 @@ _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID"
                   "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
+def cluster_address(config: RayConfig) -> str | None:
+    """The cluster ``init_ray`` joins (the config's address, else RAY_ADDRESS); None: it starts a local one."""
+    return config.address or os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(config: RayConfig) -> None:
     """Join the cluster named by the config or RAY_ADDRESS, or start a local one."""
     if ray.is_initialized():
         return
-    address = config.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(config)
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     # Workers of a local cluster inherit the driver's environment; the runtime env covers a remote one.
     runtime_env = {"env_vars": env} if env and address else None

@@ -20,7 +20,6 @@ writes each trial's event files there, so ``tensorboard --logdir <output>/sweeps
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from wsss_ray import storage
 from wsss_ray.config import ConfigError, PipelineConfig, config_hash
 from wsss_ray.progress import log
-from wsss_ray.ray_utils import cluster_cpus, cluster_gpus, want_gpu
+from wsss_ray.ray_utils import cluster_address, cluster_cpus, cluster_gpus, want_gpu
 from wsss_ray.stage_dir import StageDir
 from wsss_ray.tuning.space import (
     EPOCH_TRIALS,
@@ -222,7 +221,7 @@ def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (
     from wsss_ray.pipeline import run_pipeline, segmentation_records, stage_dirs
 
     space, config = load_space(space_path, tuple(overrides))
-    if not (config.ray.address or os.environ.get("RAY_ADDRESS") or config.ray.include_dashboard):
+    if not (cluster_address(config.ray) or config.ray.include_dashboard):
         # Measured: without the state API, Ray Train's PlacementGroupCleaner never learns that an early-stopped
         # trial's controller died, so each stopped trial keeps its workers' CPUs and the sweep stalls.
         raise ConfigError(f"{space_path}: base config ray.include_dashboard: a sweep on a local cluster needs "
