@@ -45,14 +45,15 @@ from typing import Any
 
 import ray
 
-from wsss_ray.config import ClassifierTrainConfig, DatasetConfig, PseudoLabelConfig
+from wsss_ray.config import ClassifierTrainConfig, PseudoLabelConfig
+from wsss_ray.core.config import DatasetConfig
+from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
-from wsss_ray.data.manifest import build_manifest, load_manifest
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.data.weak_labels import weak_tags
-from wsss_ray.pseudo_labels.stage import generate_pseudo_labels
-from wsss_ray.stage_dir import StageDir
-from wsss_ray.training.classifier import train_classifier
+from wsss_ray.stages.ingest import build_manifest, load_manifest
+from wsss_ray.stages.pseudo_labels import generate_pseudo_labels
+from wsss_ray.stages.train_cls import train_classifier
 
 # (key, label, head, loss): KTSE's Table 6 rows are switches of its loss on the KTSE (GPP) head.
 TAG_ROWS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [

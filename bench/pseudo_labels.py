@@ -44,17 +44,19 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from wsss_ray import storage
-from wsss_ray.config import ClassifierTrainConfig, ImageCamGeneratorConfig, PseudoLabelConfig
+from wsss_ray.config import ClassifierTrainConfig, PseudoLabelConfig
+from wsss_ray.core import storage
+from wsss_ray.core.config import CrfConfig
+from wsss_ray.core.crf import cams_to_probs, crf_inference, refine_cams, threshold_cams
+from wsss_ray.core.metrics import ConfusionMatrix
+from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.data.voc import VocReader
-from wsss_ray.evaluation.metrics import ConfusionMatrix
-from wsss_ray.models.classifier import CamClassifier
-from wsss_ray.pseudo_labels.crf import CrfParams, cams_to_probs, crf_inference, refine_cams, threshold_cams
-from wsss_ray.pseudo_labels.stage import generate_pseudo_labels, images_per_task, refine_and_write
-from wsss_ray.stage_dir import StageDir
+from wsss_ray.methods.cam.config import ImageCamGeneratorConfig
+from wsss_ray.methods.registry import build_classifier
+from wsss_ray.stages.pseudo_labels import generate_pseudo_labels, images_per_task, refine_and_write
 
 # psutil is not installed on its own: Ray vendors it (ray/thirdparty_files) and puts it on sys.path when `ray`
 # is imported, so it is imported here, after `ray`, rather than in the import block that sorting reorders.
@@ -264,7 +266,7 @@ def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
 # -------------------------------------------------------------------------------- 1 + 2: overhead, scaling
 
 
-def direct_crf(img: CrfImage, params: CrfParams) -> np.ndarray:
+def direct_crf(img: CrfImage, params: CrfConfig) -> np.ndarray:
     """The baseline: raw pydensecrf calls on precomputed unaries, then the argmax (a label map is the output)."""
     from pydensecrf.densecrf import DenseCRF2D
 
@@ -298,7 +300,7 @@ class StageRun:
 
 @ray.remote(num_cpus=1)
 def _import_stage() -> int:
-    importlib.import_module("wsss_ray.pseudo_labels.stage")
+    importlib.import_module("wsss_ray.stages.pseudo_labels")
     time.sleep(0.5)  # hold the CPU, so that each warm-up task lands on its own worker
     return os.getpid()
 
@@ -341,7 +343,7 @@ def run_refine_stage(rows: list[dict[str, Any]], generator: ImageCamGeneratorCon
 
 def stage_breakdown(images: Sequence[CrfImage], generator: ImageCamGeneratorConfig, out_dir: str) -> dict[str, float]:
     """Median per-image seconds of each step ``refine_and_write`` takes, replayed in this process."""
-    params = CrfParams(**generator.crf.model_dump())
+    params = generator.crf
     steps: dict[str, list[float]] = {}
 
     @contextlib.contextmanager
@@ -380,7 +382,7 @@ def _load_cams(data: bytes) -> np.ndarray:
         return arrays["cams"].astype(np.float32)
 
 
-def _crf_from_probs(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.ndarray:
+def _crf_from_probs(image: np.ndarray, probs: np.ndarray, params: CrfConfig) -> np.ndarray:
     return crf_inference(image, probs, params).argmax(axis=0).astype(np.uint8)
 
 
@@ -394,7 +396,7 @@ def _score(mask_uri: str, masks: list[np.ndarray]) -> None:
 
 def bench_overhead_and_scaling(images: list[CrfImage], reps: int, work: str) -> tuple[Result, Result, Result]:
     generator = ImageCamGeneratorConfig(bg_score=BG_SCORE)
-    params = CrfParams(**generator.crf.model_dump())
+    params = generator.crf
     rows = [img.row for img in images]
     out_uri = os.path.join(work, "stage-out")
     warmup = rows[: min(2, len(rows))]  # one per CPU of the larger cluster
@@ -490,7 +492,7 @@ def bench_overhead_and_scaling(images: list[CrfImage], reps: int, work: str) -> 
 
 
 def bench_label_restricted(images: list[CrfImage]) -> tuple[Result, Result]:
-    params = CrfParams()
+    params = CrfConfig()
     restricted, full, ratios, cpu_ratios = [], [], [], []
     same = total = 0
     worst = 1.0
@@ -594,7 +596,7 @@ def bench_memory(sizes: tuple[int, int], work: str) -> Result:
     cls_config = ClassifierTrainConfig.model_validate({"backbone": {"name": "resnet_tiny", "output_stride": 16}})
     torch.manual_seed(0)
     model_uri = os.path.join(work, "model.pt")
-    torch.save(CamClassifier(cls_config, NUM_CLASSES - 1).state_dict(), model_uri)
+    torch.save(build_classifier(cls_config, NUM_CLASSES - 1).state_dict(), model_uri)
     config = PseudoLabelConfig.model_validate({"generator": {"scales": [1.0], "flip": False, "bg_score": 0.2},
                                                "use_gpu": False})
     marker = os.environ[MARKER_VAR]

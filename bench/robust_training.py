@@ -9,10 +9,10 @@ Run it inside a loopback-only network namespace (it starts Ray):
    (classes paired 1↔2, 3↔4, ...), objects missing (painted background) and spurious blobs. Every method trains
    DeepLab-v3 (resnet_tiny) on Ray Train with the same budget; the table is val mIoU against the clean ground
    truth. Method inputs are made from the same corrupted masks the way their generators make them:
-   - NAL: Y_crf = the corrupted mask; Y_ret = retrieval by class prototypes (``pseudo_labels.boxes.prototypes`` /
+   - NAL: Y_crf = the corrupted mask; Y_ret = retrieval by class prototypes (``methods.bana.boxes.prototypes`` /
      ``retrieve``) over the image's colour at stride 4 — a stand-in for the classifier features BANA uses;
-   - CDSP: the dataset's scribbles, distance maps from the corrupted mask (``pseudo_labels.scribbles``);
-   - MSPN: six "seeds", each an independent corruption at half the noise, voted with ``multi_seed.vote``.
+   - CDSP: the dataset's scribbles, distance maps from the corrupted mask (``methods.cdsp.distance``);
+   - MSPN: six "seeds", each an independent corruption at half the noise, voted with ``methods.mspn.seeds.vote``.
    The generator and the noise are fixed before any method ran; nothing is tuned until a method wins.
 2. OuT's ablation: replace / EMA update / NNSS × online / cumulative, inflection epoch at a third of training.
 3. Cost, side by side in this process: a training step with OuT's EMA teacher (teacher forward + EMA update)
@@ -42,18 +42,19 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from scipy import ndimage
 
-from wsss_ray.config import DatasetConfig, SegModelConfig, SegTrainConfig
+from wsss_ray.config import SegTrainConfig
+from wsss_ray.core.config import DatasetConfig, SegModelConfig
+from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
-from wsss_ray.data.manifest import build_manifest, load_manifest
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.data.weak_labels import weak_tags
+from wsss_ray.methods.bana.boxes import prototypes, retrieve
+from wsss_ray.methods.cdsp.distance import boundary_distance, scribble_distance, to_uint8
+from wsss_ray.methods.mspn.seeds import proposals, vote
+from wsss_ray.methods.out.corrector import build_teacher, teacher_probabilities
 from wsss_ray.models.deeplab import build_segmentation_model
-from wsss_ray.pseudo_labels.boxes import prototypes, retrieve
-from wsss_ray.pseudo_labels.multi_seed import proposals, vote
-from wsss_ray.pseudo_labels.scribbles import boundary_distance, scribble_distance, to_uint8
-from wsss_ray.stage_dir import StageDir
-from wsss_ray.training.online_correction import build_teacher, teacher_probabilities
-from wsss_ray.training.segmentation import train_segmentation
+from wsss_ray.stages.ingest import build_manifest, load_manifest
+from wsss_ray.stages.train_seg import train_segmentation
 
 NUM_CLASSES = 21
 
@@ -133,7 +134,7 @@ def make_inputs(train: list[dict[str, Any]], out: Path, num_classes: int, seed: 
 
 def mask_miou(records: list[dict[str, Any]], key: str, num_classes: int) -> float:
     """mIoU of a stored map against the clean masks (how noisy the training input is)."""
-    from wsss_ray.evaluation.metrics import ConfusionMatrix
+    from wsss_ray.core.metrics import ConfusionMatrix
 
     cm = ConfusionMatrix(NUM_CLASSES)
     for r in records:
@@ -221,7 +222,7 @@ def ema_cost(args: argparse.Namespace) -> dict[str, Any]:
     schedule = (inflection-1 epochs of EMA-only steps + the rest corrected) / all epochs of plain steps, as the
     data loading, validation and checkpoints the two runs share cost the same in both.
     """
-    from wsss_ray.training.correction import correct_pseudo_masks
+    from wsss_ray.methods.out.correction import correct_pseudo_masks
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

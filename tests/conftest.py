@@ -16,7 +16,7 @@ import moto.server as moto_server
 import pytest
 import ray
 
-from wsss_ray.ray_utils import pin_state_api
+from wsss_ray.core.ray_utils import pin_state_api
 
 _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -86,7 +86,7 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     # The state API pinned to this cluster's dashboard: other Ray clusters on the machine must not confuse
-    # Ray Train's placement-group cleaner (see wsss_ray.ray_utils.pin_state_api).
+    # Ray Train's placement-group cleaner (see wsss_ray.core.ray_utils.pin_state_api).
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=pin_state_api(), _temp_dir=temp_dir)
     ray.data.DataContext.get_current().enable_progress_bars = False

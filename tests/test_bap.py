@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from wsss_ray.config import BackboneConfig, BapHeadConfig, BapLossConfig, ClassifierTrainConfig
-from wsss_ray.models.bap import BapHead, cosine_logits
-from wsss_ray.models.classifier import CamClassifier
-from wsss_ray.pseudo_labels.boxes import background_attention, cell_centres_in_boxes
-from wsss_ray.training.bap import BapObjective
+from wsss_ray.config import ClassifierTrainConfig
+from wsss_ray.core.config import BackboneConfig
+from wsss_ray.methods.bana.boxes import background_attention, cell_centres_in_boxes
+from wsss_ray.methods.bana.config import BapHeadConfig, BapLossConfig
+from wsss_ray.methods.bana.head import BapHead, cosine_logits
+from wsss_ray.methods.bana.objective import BapObjective
+from wsss_ray.methods.registry import build_classifier
 
 R2 = math.sqrt(2.0)
 IMAGE = (8, 8)  # 8x8 image, 4x4 features: cell centres at pixels 1, 3, 5, 7
@@ -272,7 +274,7 @@ def test_gradcheck_through_bap_and_the_cosine_classifier() -> None:
 
 def test_objective_on_a_resnet_tiny_classifier() -> None:
     torch.manual_seed(0)
-    model = CamClassifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_classes=3)
+    model = build_classifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_foreground=3)
     model.head = BapHead(model.backbone.out_channels, 3, BapHeadConfig())
     objective = BapObjective(BapLossConfig(), BapHeadConfig())
     boxes = torch.tensor([[[1.0, 4.0, 4.0, 30.0, 40.0], [3.0, 32.0, 10.0, 60.0, 60.0]],

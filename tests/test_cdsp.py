@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from wsss_ray.training.cdsp import LoRM, distance_entropy_loss, partial_cross_entropy, smoothed_cross_entropy
+from wsss_ray.methods.cdsp.losses import LoRM, distance_entropy_loss, partial_cross_entropy, smoothed_cross_entropy
 
 IGN = 255
 

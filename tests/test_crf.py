@@ -7,8 +7,9 @@ import pytest
 from pydensecrf.densecrf import DenseCRF2D
 from pydensecrf.utils import unary_from_softmax
 
-from wsss_ray.evaluation.metrics import mask_miou
-from wsss_ray.pseudo_labels.crf import CrfParams, cams_to_probs, crf_inference, refine_cams, threshold_cams
+from wsss_ray.core.config import CrfConfig
+from wsss_ray.core.crf import cams_to_probs, crf_inference, refine_cams, threshold_cams
+from wsss_ray.core.metrics import mask_miou
 
 H, W = 72, 96
 CAT, DOG = 8, 12  # VOC class ids of the two synthetic objects
@@ -49,7 +50,7 @@ def test_crf_inference_matches_direct_pydensecrf() -> None:
     logits = rng.normal(size=(4, 30, 40))
     probs = (np.exp(logits) / np.exp(logits).sum(0)).astype(np.float32)
     probs[2, :5, :5] = 0.0  # exercises the clip to 1e-5
-    params = CrfParams(iterations=5, gaussian_sxy=2, gaussian_compat=4, bilateral_sxy=30, bilateral_srgb=10,
+    params = CrfConfig(iterations=5, gaussian_sxy=2, gaussian_compat=4, bilateral_sxy=30, bilateral_srgb=10,
                        bilateral_compat=7)
 
     crf = DenseCRF2D(40, 30, 4)
@@ -67,7 +68,7 @@ def test_crf_inference_matches_direct_pydensecrf() -> None:
 
 def test_restricted_labels_match_full_label_crf() -> None:
     image, _, cams = _scene()
-    params, bg = CrfParams(), 0.3
+    params, bg = CrfConfig(), 0.3
     restricted = refine_cams(image, cams, [CAT, DOG], params, bg)
 
     # the same CRF over all 21 VOC labels, absent classes given ~0 probability (clipped to 1e-5 like the rest)
@@ -87,15 +88,15 @@ def test_crf_improves_blurry_shifted_cams() -> None:
     image, gt, cams = _scene()
     bg = 0.3
     before = mask_miou([gt], [threshold_cams(cams, [CAT, DOG], bg)], 21)
-    after = mask_miou([gt], [refine_cams(image, cams, [CAT, DOG], CrfParams(), bg)], 21)
+    after = mask_miou([gt], [refine_cams(image, cams, [CAT, DOG], CrfConfig(), bg)], 21)
     assert after > before + 0.05, (before, after)
 
 
 def test_confidence_threshold_marks_unsure_pixels() -> None:
     image, _, cams = _scene()
-    plain = refine_cams(image, cams, [CAT, DOG], CrfParams(), 0.3)
+    plain = refine_cams(image, cams, [CAT, DOG], CrfConfig(), 0.3)
     assert not (plain == 255).any()
-    unsure = refine_cams(image, cams, [CAT, DOG], CrfParams(), 0.3, confidence=0.999)
+    unsure = refine_cams(image, cams, [CAT, DOG], CrfConfig(), 0.3, confidence=0.999)
     marked = unsure == 255
     assert 0 < marked.sum() < marked.size
     np.testing.assert_array_equal(unsure[~marked], plain[~marked])  # confident pixels keep their label
@@ -104,7 +105,7 @@ def test_confidence_threshold_marks_unsure_pixels() -> None:
 def test_no_tags_is_all_background() -> None:
     image, _, _ = _scene()
     empty = np.zeros((0, H, W), np.float32)
-    assert not refine_cams(image, empty, [], CrfParams(), 0.3).any()
+    assert not refine_cams(image, empty, [], CrfConfig(), 0.3).any()
     assert not threshold_cams(empty, [], 0.3).any()
     assert cams_to_probs(empty, 0.3).shape == (1, H, W)
 
@@ -122,19 +123,19 @@ def test_probs_and_threshold() -> None:
 def test_shape_errors() -> None:
     image, _, cams = _scene()
     with pytest.raises(ValueError, match="image"):
-        refine_cams(image[..., :2], cams, [CAT, DOG], CrfParams(), 0.3)
+        refine_cams(image[..., :2], cams, [CAT, DOG], CrfConfig(), 0.3)
     with pytest.raises(ValueError, match="uint8"):
-        crf_inference(image.astype(np.float32), cams_to_probs(cams, 0.3), CrfParams())
+        crf_inference(image.astype(np.float32), cams_to_probs(cams, 0.3), CrfConfig())
     with pytest.raises(ValueError, match="differ in size"):
-        refine_cams(image, cams[:, :10], [CAT, DOG], CrfParams(), 0.3)
+        refine_cams(image, cams[:, :10], [CAT, DOG], CrfConfig(), 0.3)
     with pytest.raises(ValueError, match="labels"):
-        refine_cams(image, cams, [CAT], CrfParams(), 0.3)
+        refine_cams(image, cams, [CAT], CrfConfig(), 0.3)
     with pytest.raises(ValueError, match="probs"):
-        crf_inference(image, np.ones((2, 5, 5), np.float32), CrfParams())
+        crf_inference(image, np.ones((2, 5, 5), np.float32), CrfConfig())
 
 
 def test_crf_postprocess_keeps_only_labels_with_mass_and_maps_them_back() -> None:
-    from wsss_ray.evaluation.segmentation import crf_postprocess
+    from wsss_ray.stages.evaluate import crf_postprocess
 
     image, truth, _ = _scene()
     h, w = truth.shape
@@ -143,10 +144,10 @@ def test_crf_postprocess_keeps_only_labels_with_mass_and_maps_them_back() -> Non
     probs[0] = np.where(truth == 0, 0.8, 0.2)
     probs[4] = 1.0 - probs[0]
     probs /= probs.sum(0, keepdims=True)
-    out = crf_postprocess(image, probs, CrfParams())
+    out = crf_postprocess(image, probs, CrfConfig())
     assert set(np.unique(out).tolist()) <= {0, 4}
     assert mask_miou(np.where(truth == 0, 0, 4), out, 5) > 0.9
     # One label everywhere needs no CRF.
     single = np.zeros((3, h, w), np.float32)
     single[2] = 1.0
-    assert (crf_postprocess(image, single, CrfParams()) == 2).all()
+    assert (crf_postprocess(image, single, CrfConfig()) == 2).all()

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from wsss_ray import storage
+from wsss_ray.core import storage
+from wsss_ray.core.labels import IGNORE_LABEL
 from wsss_ray.data.classes import (
     COCO_CATEGORY_IDS,
     COCO_CATEGORY_TO_LABEL,
     COCO_CLASSES,
-    IGNORE_LABEL,
     VOC_CLASSES,
     class_names,
     voc_palette,

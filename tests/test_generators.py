@@ -12,17 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_ray.config import (
-    BoxGeneratorConfig,
-    ClassifierTrainConfig,
-    ConfigError,
-    ImageCamGeneratorConfig,
-    MultiSeedGeneratorConfig,
-    ScribbleGeneratorConfig,
-    parse_config,
-)
-from wsss_ray.models.classifier import CamClassifier
-from wsss_ray.pseudo_labels.boxes import (
+from wsss_ray.config import ClassifierTrainConfig, ConfigError, parse_config
+from wsss_ray.methods.bana.boxes import (
     background_attention,
     box_fill,
     box_unaries,
@@ -31,15 +22,19 @@ from wsss_ray.pseudo_labels.boxes import (
     prototypes,
     retrieve,
 )
-from wsss_ray.pseudo_labels.generators import GENERATORS, build_generator
-from wsss_ray.pseudo_labels.multi_seed import clean_mask, dropout_cams, seed_value, vote
-from wsss_ray.pseudo_labels.scribbles import (
+from wsss_ray.methods.bana.config import BoxGeneratorConfig
+from wsss_ray.methods.cam.config import ImageCamGeneratorConfig
+from wsss_ray.methods.cdsp.config import ScribbleGeneratorConfig
+from wsss_ray.methods.cdsp.distance import (
     apply_scribbles,
     boundary_distance,
     boundary_mask,
     scribble_distance,
     to_uint8,
 )
+from wsss_ray.methods.mspn.config import MultiSeedGeneratorConfig
+from wsss_ray.methods.mspn.seeds import clean_mask, dropout_cams, seed_value, vote
+from wsss_ray.methods.registry import GENERATORS, build_classifier, build_generator
 
 # --------------------------------------------------------------------------------------------- MSPN
 
@@ -69,10 +64,10 @@ def test_seed_values_are_stable_and_distinct() -> None:
     assert len({seed_value("2007_000032", i) for i in range(6)}) == 6
 
 
-def _model(num_fg: int = 3) -> CamClassifier:
+def _model(num_fg: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
     config = ClassifierTrainConfig.model_validate({"backbone": {"name": "resnet_tiny", "output_stride": 16}})
-    return CamClassifier(config, num_fg).eval()
+    return build_classifier(config, num_fg).eval()
 
 
 def test_dropout_cams_are_deterministic_per_seed() -> None:

@@ -11,16 +11,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from wsss_ray import storage
-from wsss_ray.config import ClassifierTrainConfig, DatasetConfig, PseudoLabelConfig
+from wsss_ray.config import ClassifierTrainConfig, PseudoLabelConfig
+from wsss_ray.core import storage
+from wsss_ray.core.config import DatasetConfig
+from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
 from wsss_ray.data.image_io import read_label
-from wsss_ray.data.manifest import build_manifest, load_manifest
 from wsss_ray.data.toy import make_toy_dataset
-from wsss_ray.pseudo_labels.generators import GENERATORS
-from wsss_ray.pseudo_labels.stage import generate_pseudo_labels
-from wsss_ray.stage_dir import StageDir
-from wsss_ray.training.classifier import train_classifier
+from wsss_ray.methods.registry import GENERATORS
+from wsss_ray.stages.ingest import build_manifest, load_manifest
+from wsss_ray.stages.pseudo_labels import generate_pseudo_labels
+from wsss_ray.stages.train_cls import train_classifier
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +134,7 @@ def coco(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     space and layout; quality is not the point here."""
     import torch
 
-    from wsss_ray.models.classifier import CamClassifier
+    from wsss_ray.methods.registry import build_classifier
 
     root = tmp_path_factory.mktemp("coco")
     make_toy_dataset(str(root / "coco"), fmt="coco", num_train=6, num_val=2, image_size=48, num_classes=3, seed=9)
@@ -142,7 +143,7 @@ def coco(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[st
                                  val_split="val2014"), ingest)
     cls_config = ClassifierTrainConfig.model_validate({"backbone": {"name": "resnet_tiny"}})
     torch.manual_seed(0)
-    torch.save(CamClassifier(cls_config, 80).state_dict(), root / "model.pt")
+    torch.save(build_classifier(cls_config, 80).state_dict(), root / "model.pt")
     return {"records": load_manifest(ingest, "train2014"), "cls_config": cls_config,
             "model_uri": str(root / "model.pt"), "out": root / "out"}
 

@@ -35,8 +35,8 @@ import psutil
 import pytest
 import yaml
 
-from wsss_ray import storage
 from wsss_ray.config import load_config
+from wsss_ray.core import storage
 from wsss_ray.pipeline import STAGES, stage_dirs
 
 pytestmark = pytest.mark.integration

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.config import BackboneConfig, ClassifierTrainConfig, KtseHeadConfig, KtseLossConfig
-from wsss_ray.models.classifier import CamClassifier
-from wsss_ray.models.ktse import KtseHead, gated_fusion, gpp_pool
-from wsss_ray.training.ktse import (
+from wsss_ray.config import ClassifierTrainConfig
+from wsss_ray.core.config import BackboneConfig
+from wsss_ray.methods.ktse.config import KtseHeadConfig, KtseLossConfig
+from wsss_ray.methods.ktse.head import KtseHead, gated_fusion, gpp_pool
+from wsss_ray.methods.ktse.losses import (
     KtseObjective,
     erase_keep_mask,
     foreground_mask,
@@ -23,6 +24,7 @@ from wsss_ray.training.ktse import (
     ssr_cross_entropy,
     ssr_pseudo_label,
 )
+from wsss_ray.methods.registry import build_classifier
 
 
 def t(rows: list) -> torch.Tensor:
@@ -256,9 +258,9 @@ def test_gradcheck_custom_terms() -> None:
 # ------------------------------------------------------------------------------------------------ objective
 
 
-def _model(num_classes: int = 3) -> CamClassifier:
+def _model(num_classes: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = CamClassifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_classes)
+    model = build_classifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_classes)
     model.head = KtseHead(model.backbone.out_channels, num_classes, KtseHeadConfig())
     return model
 

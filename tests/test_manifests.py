@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from wsss_ray import manifests
-from wsss_ray.manifests import ManifestError, validate_document, validate_file
+from wsss_ray import kuberay
+from wsss_ray.kuberay import ManifestError, validate_document, validate_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -139,7 +139,7 @@ def test_runtime_env_excludes_drop_local_state_but_not_the_package() -> None:
         runtime_env = yaml.safe_load(handle)
     assert runtime_env["working_dir"] == "."
     assert "pip" not in runtime_env and "uv" not in runtime_env
-    assert list(manifests.runtime_env_problems(runtime_env)) == []
+    assert list(kuberay.runtime_env_problems(runtime_env)) == []
     assert _messages(validate_file(REPO / "jobs" / "runtime_env.yaml", crd_dir=CRD_DIR, repo_root=REPO)) == []
     # Ray matches excludes with its vendored pathspec; use the very same matcher.
     pathspec = pytest.importorskip("ray._private.thirdparty.pathspec")
@@ -302,10 +302,10 @@ def test_launcher_with_inline_credentials_or_unpinned_torch() -> None:
 
 def test_cli_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = [str(CLUSTER / "raycluster.yaml"), str(CLUSTER / "rayjob-pipeline.yaml")]
-    assert manifests.main([*good, "--crd-dir", str(CRD_DIR)]) == 0
+    assert kuberay.main([*good, "--crd-dir", str(CRD_DIR)]) == 0
     cluster = _load("raycluster.yaml")
     cluster["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump_all([_load("secret-example.yaml"), cluster]), encoding="utf-8")
-    assert manifests.main([str(bad), "--crd-dir", str(CRD_DIR)]) == 1
+    assert kuberay.main([str(bad), "--crd-dir", str(CRD_DIR)]) == 1
     assert f"{bad}[1]: spec.workerGroupSpecs[0].replicas: 'two' is not of type 'integer'" in capsys.readouterr().err

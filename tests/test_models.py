@@ -9,20 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_ray.config import (
-    BackboneConfig,
-    ClassifierTrainConfig,
-    CrossEntropyConfig,
-    MultiLabelSoftMarginConfig,
-    SegModelConfig,
-)
-from wsss_ray.data.transforms import normalize, random_scale_crop_flip
-from wsss_ray.models.classifier import CamClassifier
+from wsss_ray.config import ClassifierTrainConfig
+from wsss_ray.core.config import BackboneConfig, SegModelConfig
+from wsss_ray.core.inference import multiscale_cams, normalize
+from wsss_ray.data.transforms import random_scale_crop_flip
+from wsss_ray.methods.cam.config import MultiLabelSoftMarginConfig
+from wsss_ray.methods.cam.objective import multilabel_soft_margin
+from wsss_ray.methods.registry import build_classifier
+from wsss_ray.methods.robust.config import CrossEntropyConfig
+from wsss_ray.methods.robust.losses import cross_entropy
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.models.resnet import ResNet, build_backbone
-from wsss_ray.pseudo_labels.cam import multiscale_cams
-from wsss_ray.training.common import set_poly_lr, steps_per_epoch
-from wsss_ray.training.losses import cross_entropy, multilabel_soft_margin
+from wsss_ray.training.ingest import steps_per_epoch
+from wsss_ray.training.optim import set_poly_lr
 
 
 def count(module: torch.nn.Module) -> int:
@@ -56,7 +55,7 @@ def test_output_stride_by_dilation(stride: int, expected: int) -> None:
 
 
 def test_classifier_and_deeplab_shapes() -> None:
-    cls = CamClassifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_classes=20)
+    cls = build_classifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_foreground=20)
     x = torch.randn(2, 3, 64, 64)
     assert cls(x).shape == (2, 20)
     cams = cls.cams(x)
@@ -68,7 +67,7 @@ def test_classifier_and_deeplab_shapes() -> None:
 
 def test_gap_logits_equal_mean_of_linear_cams() -> None:
     # GAP then 1x1 conv == 1x1 conv then GAP: the image logit is the mean of the (pre-ReLU) CAM.
-    cls = CamClassifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_classes=3)
+    cls = build_classifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_foreground=3)
     features = torch.randn(1, cls.backbone.out_channels, 5, 5)
     linear_cam = cls.head.classifier(features)
     assert torch.allclose(cls.head(features), linear_cam.mean((2, 3)), atol=1e-5)
@@ -97,7 +96,7 @@ def test_cross_entropy_ignores_255_and_smooths() -> None:
 
 def test_multiscale_cams_are_normalised_and_flip_consistent() -> None:
     torch.manual_seed(0)
-    cls = CamClassifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_classes=4).eval()
+    cls = build_classifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_foreground=4).eval()
     image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     cams = multiscale_cams(cls, image, [2, 4], scales=(1.0, 0.5), flip=True)
     assert cams.shape == (2, 40, 56) and cams.dtype == np.float32

@@ -12,14 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from wsss_ray.training.noise_robust import (
-    EarlyLearning,
-    curriculum_cross_entropy,
-    decode_proposed,
-    mspn_hybrid_loss,
-    noise_aware_loss,
-    symmetric_cross_entropy,
-)
+from wsss_ray.methods.bana.nal import noise_aware_loss
+from wsss_ray.methods.mspn.losses import decode_proposed, mspn_hybrid_loss
+from wsss_ray.methods.robust.early_learning import EarlyLearning
+from wsss_ray.methods.robust.losses import curriculum_cross_entropy, symmetric_cross_entropy
 
 L2, L3 = math.log(2.0), math.log(3.0)
 

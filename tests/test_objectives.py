@@ -8,23 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.config import (
-    ClassifierTrainConfig,
-    ConfigError,
-    SegModelConfig,
-    SegTrainConfig,
-    parse_config,
-)
-from wsss_ray.models.classifier import CamClassifier
-from wsss_ray.models.deeplab import build_segmentation_model
-from wsss_ray.training.common import set_warmup_cosine_lr
-from wsss_ray.training.objectives import (
-    MspnObjective,
-    TrainStep,
+from wsss_ray.config import ClassifierTrainConfig, ConfigError, SegTrainConfig, parse_config
+from wsss_ray.core.config import SegModelConfig
+from wsss_ray.methods.mspn.objective import MspnObjective
+from wsss_ray.methods.registry import (
+    SEGMENTATION_OBJECTIVES,
+    build_classifier,
     build_classifier_objective,
-    build_segmentation_objective,
     segmentation_maps,
 )
+from wsss_ray.models.deeplab import build_segmentation_model
+from wsss_ray.training.optim import set_warmup_cosine_lr
+from wsss_ray.training.step import TrainStep
 
 NUM_CLASSES = 5
 
@@ -51,7 +46,7 @@ def seg_batch(n: int = 2, size: int = 32) -> dict[str, Any]:
 def test_every_segmentation_objective_runs_one_step(loss: dict[str, Any]) -> None:
     config = SegTrainConfig.model_validate({"loss": loss})
     model = tiny_segmenter()
-    objective = build_segmentation_objective(config.loss, NUM_CLASSES, model.classifier_weight().shape[1])
+    objective = SEGMENTATION_OBJECTIVES.build(config.loss, NUM_CLASSES, model.classifier_weight().shape[1])
     step = TrainStep(model, objective)
     value, terms = step(seg_batch())
     assert value.ndim == 0 and torch.isfinite(value)
@@ -64,14 +59,14 @@ def test_every_segmentation_objective_runs_one_step(loss: dict[str, Any]) -> Non
 def test_cross_entropy_objective_is_plain_cross_entropy() -> None:
     model = tiny_segmenter().eval()
     batch = seg_batch()
-    objective = build_segmentation_objective(SegTrainConfig().loss, NUM_CLASSES, 0)
+    objective = SEGMENTATION_OBJECTIVES.build(SegTrainConfig().loss, NUM_CLASSES, 0)
     value, _ = objective(model, batch)
     assert torch.allclose(value, F.cross_entropy(model(batch["image"]), batch["label"], ignore_index=255))
 
 
 def test_lorm_parameters_train_with_the_head() -> None:
     model = tiny_segmenter()
-    objective = build_segmentation_objective(SegTrainConfig.model_validate(
+    objective = SEGMENTATION_OBJECTIVES.build(SegTrainConfig.model_validate(
         {"loss": {"name": "cdsp", "lorm_channels": 4}}).loss, NUM_CLASSES, model.classifier_weight().shape[1])
     backbone, head = TrainStep(model, objective).parameter_groups()
     lorm = set(map(id, objective.parameters()))
@@ -87,7 +82,7 @@ def test_mspn_counts_labels_beyond_the_bitmask_as_proposed(monkeypatch: pytest.M
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             return torch.zeros(1, 4, 1, 1, requires_grad=True)
 
-    from wsss_ray.training import objectives
+    from wsss_ray.methods.mspn import objective as objectives
 
     original = objectives.mspn_hybrid_loss
 
@@ -110,7 +105,7 @@ def test_classifier_objectives_match_their_heads(head: str) -> None:
     config = ClassifierTrainConfig.model_validate({"backbone": {"name": "resnet_tiny"}, "head": {"name": head},
                                                    "loss": {"name": "multilabel_soft_margin" if head == "gap"
                                                             else head}})
-    model = CamClassifier(config, NUM_CLASSES - 1)
+    model = build_classifier(config, NUM_CLASSES - 1)
     batch = {"image": torch.randn(2, 3, 32, 32), "target": torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 1.0, 0]]),
              "boxes": torch.tensor([[[1, 0, 0, 16, 16]] + [[-1] * 5] * 2, [[2, 8, 8, 30, 30], [3, 0, 0, 8, 8],
                                                                              [-1] * 5]], dtype=torch.float32)}

@@ -18,16 +18,16 @@ from conftest import kill_worker_when
 from pydensecrf import densecrf
 from pydensecrf.utils import unary_from_softmax
 
-from wsss_ray import storage
 from wsss_ray.config import PipelineConfig, parse_config
+from wsss_ray.core import storage
+from wsss_ray.core.inference import multiscale_cams
+from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
 from wsss_ray.data.image_io import read_image, read_label
-from wsss_ray.data.manifest import load_manifest
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.pipeline import run_pipeline, stage_dirs
-from wsss_ray.pseudo_labels.cam import multiscale_cams
-from wsss_ray.pseudo_labels.stage import generate_pseudo_labels, load_classifier, read_stats
-from wsss_ray.stage_dir import StageDir
+from wsss_ray.stages.ingest import load_manifest
+from wsss_ray.stages.pseudo_labels import generate_pseudo_labels, load_classifier, read_stats
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from wsss_ray import ray_utils
-from wsss_ray.pseudo_labels.stage import images_per_task
+from wsss_ray.core import ray_utils
+from wsss_ray.stages.pseudo_labels import images_per_task
 
 
 def test_pin_state_api_points_clients_at_a_free_local_port(monkeypatch: pytest.MonkeyPatch) -> None:

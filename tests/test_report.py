@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsss_ray.evaluation.report import format_value, mean_iou, sample_panel, write_report
-from wsss_ray.evaluation.visualize import (
+from wsss_ray.report.figures import (
     colorize,
     encode_png,
     label_colormap,
@@ -20,6 +19,7 @@ from wsss_ray.evaluation.visualize import (
     plot_curves,
     plot_per_class_iou,
 )
+from wsss_ray.report.html import format_value, mean_iou, sample_panel, write_report
 
 CLASSES = ["background", "aeroplane", "bicycle"]
 

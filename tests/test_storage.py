@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from wsss_ray import storage
+from wsss_ray.core import storage
 
 
 @pytest.fixture(params=["local", "s3"])

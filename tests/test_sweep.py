@@ -20,8 +20,8 @@ import pytest
 import ray
 import yaml
 
-from wsss_ray import storage
 from wsss_ray.config import ConfigError
+from wsss_ray.core import storage
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.tuning.space import TRIAL_METRICS, load_space
 

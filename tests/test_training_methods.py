@@ -16,21 +16,23 @@ import ray
 import torch
 from conftest import kill_worker_when
 
-from wsss_ray import storage
-from wsss_ray.config import ClassifierTrainConfig, DatasetConfig, SegModelConfig, SegTrainConfig
+from wsss_ray.config import ClassifierTrainConfig, SegTrainConfig
+from wsss_ray.core import storage
+from wsss_ray.core.config import DatasetConfig, SegModelConfig
+from wsss_ray.core.inference import multiscale_cams
+from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
-from wsss_ray.data.manifest import build_manifest, load_manifest
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.data.weak_labels import weak_tags
-from wsss_ray.models.classifier import CamClassifier
+from wsss_ray.methods.cdsp.distance import boundary_distance, scribble_distance, to_uint8
+from wsss_ray.methods.mspn.seeds import proposals, vote
+from wsss_ray.methods.registry import build_classifier
 from wsss_ray.models.deeplab import build_segmentation_model
-from wsss_ray.pseudo_labels.cam import multiscale_cams
-from wsss_ray.pseudo_labels.multi_seed import proposals, vote
-from wsss_ray.pseudo_labels.scribbles import boundary_distance, scribble_distance, to_uint8
-from wsss_ray.stage_dir import StageDir
-from wsss_ray.training.classifier import train_classifier
-from wsss_ray.training.common import augment_rng, epoch_seeded_dataset, load_weights
-from wsss_ray.training.segmentation import train_segmentation
+from wsss_ray.models.weights import load_weights
+from wsss_ray.stages.ingest import build_manifest, load_manifest
+from wsss_ray.stages.train_cls import train_classifier
+from wsss_ray.stages.train_seg import train_segmentation
+from wsss_ray.training.ingest import augment_rng, epoch_seeded_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -165,7 +167,7 @@ def test_classifier_heads_train_and_give_cams(ray_cluster: None, toy: dict[str, 
     assert np.isfinite(epoch["loss"])
     expected = {"ktse": ["loss_cls", "loss_kt", "loss_ce", "loss_global"], "bap": ["loss_box_ce", "loss_bg_ce"]}
     assert set(expected[head]) <= set(epoch)
-    model = load_weights(CamClassifier(config, NUM_CLASSES - 1), summary["model_uri"]).eval()
+    model = load_weights(build_classifier(config, NUM_CLASSES - 1), summary["model_uri"]).eval()
     record = toy["train"][0]
     image = read_image(record["image_uri"])
     cams = multiscale_cams(model, image, weak_tags(record, "boxes"), [1.0], True)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-# Label written into masks where the ground truth is unknown (VOC's 'void' boundary band, COCO crowds).
-IGNORE_LABEL = 255
-
 VOC_CLASSES: list[str] = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",

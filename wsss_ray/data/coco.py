@@ -13,9 +13,11 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from wsss_ray import storage
-from wsss_ray.data.classes import COCO_CATEGORY_TO_LABEL, COCO_CLASSES, IGNORE_LABEL
-from wsss_ray.data.image_io import BadItemError, decode_image, decode_label_png, encode_label_png
+from wsss_ray.core import storage
+from wsss_ray.core.items import BadItemError
+from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.data.classes import COCO_CATEGORY_TO_LABEL, COCO_CLASSES
+from wsss_ray.data.image_io import decode_image, decode_label_png, encode_label_png
 from wsss_ray.data.voc import check_label_map
 
 

@@ -7,23 +7,12 @@ import io
 import numpy as np
 from PIL import Image
 
-from wsss_ray import storage
+from wsss_ray.core import storage
+from wsss_ray.core.items import BadItemError
 from wsss_ray.data.classes import voc_palette
 
 _PALETTE = voc_palette()
 
-
-class BadItemError(Exception):
-    """An unusable dataset item: which file is at fault and why."""
-
-    def __init__(self, file: str, reason: str) -> None:
-        super().__init__(f"{file}: {reason}")
-        self.file = file
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type[BadItemError], tuple[str, str]]:
-        # Default exception pickling replays args (the joined message) into __init__; Ray ships errors pickled.
-        return (BadItemError, (self.file, self.reason))
 
 
 def _open(data: bytes, name: str) -> Image.Image:

@@ -19,7 +19,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from wsss_ray.data.classes import COCO_CATEGORY_IDS, COCO_CLASSES, IGNORE_LABEL, VOC_CLASSES
+from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.data.classes import COCO_CATEGORY_IDS, COCO_CLASSES, VOC_CLASSES
 from wsss_ray.data.image_io import encode_jpeg, encode_label_png
 
 SHAPES = ("disc", "square", "triangle", "plus", "ring", "star", "crescent", "ell", "half_disc", "frame")

@@ -1,4 +1,4 @@
-"""Training-time augmentation and input normalisation, as pure numpy/torch functions.
+"""Training-time augmentation, as pure numpy/torch functions (input normalisation: ``core.inference``).
 
 Augmentation follows torchvision's segmentation reference and the papers: random scale, pad-and-crop to a
 fixed square, random horizontal flip. The image is padded with zeros (mean colour after normalisation would be
@@ -10,13 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
-from wsss_ray.data.classes import IGNORE_LABEL
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from wsss_ray.core.labels import IGNORE_LABEL
 
 
 def resize(image: np.ndarray, label: np.ndarray | None, scale: float) -> tuple[np.ndarray, np.ndarray | None]:
@@ -158,10 +154,3 @@ def random_scale_crop_flip(
     image = apply_geometry(image, geometry, 0, Image.BILINEAR)
     return image, None if label is None else apply_geometry(label, geometry)
 
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 N×H×W×3 (as stored by Ray Data) → float N×3×H×W with ImageNet mean/std."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std

@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from wsss_ray import storage
-from wsss_ray.data.classes import IGNORE_LABEL, VOC_CLASSES
-from wsss_ray.data.image_io import BadItemError, decode_image, decode_label_png
+from wsss_ray.core import storage
+from wsss_ray.core.items import BadItemError
+from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.data.classes import VOC_CLASSES
+from wsss_ray.data.image_io import decode_image, decode_label_png
 
 _LABEL_OF = {name: label for label, name in enumerate(VOC_CLASSES) if label > 0}
 

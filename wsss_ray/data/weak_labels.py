@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from wsss_ray.data.classes import IGNORE_LABEL
-from wsss_ray.data.image_io import BadItemError, read_label
+from wsss_ray.core.items import BadItemError
+from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.data.image_io import read_label
 
 
 def weak_tags(record: dict[str, Any], supervision: str) -> list[int]:

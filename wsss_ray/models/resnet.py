@@ -13,7 +13,7 @@ import io
 import torch
 from torch import nn
 
-from wsss_ray import storage
+from wsss_ray.core import storage
 
 
 def _conv3x3(inp: int, out: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:

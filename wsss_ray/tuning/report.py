@@ -2,7 +2,7 @@
 
 Plots: the metric against each hyperparameter (one point per trial, the best marked; log axis for values that
 span decades) and the metric per epoch of every trial (where ASHA stopped trials is visible). Written through
-:mod:`wsss_ray.storage` like the pipeline report, self-contained HTML with relative image links.
+:mod:`wsss_ray.core.storage` like the pipeline report, self-contained HTML with relative image links.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from wsss_ray import storage
-from wsss_ray.evaluation.report import _CSS, _esc, format_value
-from wsss_ray.evaluation.visualize import _figure_png
+from wsss_ray.core import storage
+from wsss_ray.report.figures import figure_png
+from wsss_ray.report.html import CSS, escape, format_value
 from wsss_ray.tuning.space import EPOCH_TRIALS, SearchSpace
 
 
@@ -61,7 +61,7 @@ def plot_metric_vs_param(results: dict[str, Any], param: str, log_x: bool) -> by
     ax.set_xlabel(param)
     ax.set_ylabel(f"{metric} (best per trial)")
     ax.grid(True, alpha=0.3)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def plot_trial_curves(results: dict[str, Any]) -> bytes:
@@ -80,13 +80,22 @@ def plot_trial_curves(results: dict[str, Any]) -> bytes:
     ax.xaxis.get_major_locator().set_params(integer=True)
     if len(results["trials"]) <= 12:
         ax.legend(fontsize="x-small")
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def write_sweep_report(out_uri: str, results: dict[str, Any], space: SearchSpace) -> str:
     """Write ``out_uri/report.html`` and its PNGs; returns the HTML's URI."""
-    metric = results["metric"]
     params = list(space.params)
+    parts = [*_summary_parts(results), *_plot_parts(out_uri, results, space), *_trial_parts(results, params)]
+    parts.append("</body></html>")
+    report_uri = storage.join(out_uri, "report.html")
+    storage.write_text(report_uri, "\n".join(parts) + "\n")
+    return report_uri
+
+
+def _summary_parts(results: dict[str, Any]) -> list[str]:
+    """The page's head, the summary table and the best config as ``overrides``."""
+    metric = results["metric"]
     best = results.get("best")
     summary = {
         "trial": results["trial"], "metric": f"{metric} ({results['mode']})", "scheduler": results["scheduler"],
@@ -99,13 +108,13 @@ def write_sweep_report(out_uri: str, results: dict[str, Any], space: SearchSpace
     }
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>sweep {_esc(results['name'])}</title><style>{_CSS}</style></head><body>",
-        f"<h1>sweep: {_esc(results['name'])}</h1>",
-        (f'<p class="meta">generated {_esc(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))} · '
-         f"experiment <code>{_esc(results['experiment_uri'])}</code> · "
-         f"<code>tensorboard --logdir {_esc(results['experiment_uri'])}</code></p>"),
+        f"<title>sweep {escape(results['name'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>sweep: {escape(results['name'])}</h1>",
+        (f'<p class="meta">generated {escape(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))} · '
+         f"experiment <code>{escape(results['experiment_uri'])}</code> · "
+         f"<code>tensorboard --logdir {escape(results['experiment_uri'])}</code></p>"),
         ("<h2>Summary</h2><table>"
-         + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(format_value(v))}</td></tr>" for k, v in summary.items())
+         + "".join(f"<tr><th>{escape(k)}</th><td>{escape(format_value(v))}</td></tr>" for k, v in summary.items())
          + "</table>"),
         "<h2>Best config</h2>",
     ]
@@ -113,37 +122,45 @@ def write_sweep_report(out_uri: str, results: dict[str, Any], space: SearchSpace
         parts.append('<p class="none">no trial reported the metric</p>')
     else:
         lines = "\n".join(f"  - {o}" for o in best["overrides"])
-        parts.append(f"<p>trial {_esc(best['id'])}, {_esc(metric)} {_esc(format_value(best['metric']))}; as "
+        parts.append(f"<p>trial {escape(best['id'])}, {escape(metric)} {escape(format_value(best['metric']))}; as "
                      f"<code>overrides</code> of a pipeline config (or <code>--set</code> flags):</p>"
-                     f"<pre>overrides:\n{_esc(lines)}</pre>")
+                     f"<pre>overrides:\n{escape(lines)}</pre>")
+    return parts
 
+
+def _plot_parts(out_uri: str, results: dict[str, Any], space: SearchSpace) -> list[str]:
+    """Write the PNGs below ``out_uri``; the HTML that shows them."""
+    metric = results["metric"]
     # Images are written before the HTML so that a report.html that exists never links a missing PNG.
-    parts.append("<h2>Metric against each hyperparameter</h2>")
-    for param in params:
+    parts = ["<h2>Metric against each hyperparameter</h2>"]
+    for param in space.params:
         name = f"metric_vs_{_slug(param)}.png"
         log_x = space.params[param].kind == "loguniform"
         storage.write_bytes(storage.join(out_uri, name), plot_metric_vs_param(results, param, log_x))
-        parts.append(f'<figure><img src="{name}" alt="{_esc(metric)} vs {_esc(param)}"></figure>')
+        parts.append(f'<figure><img src="{name}" alt="{escape(metric)} vs {escape(param)}"></figure>')
     if results["trial"] in EPOCH_TRIALS:
         storage.write_bytes(storage.join(out_uri, "trial_curves.png"), plot_trial_curves(results))
-        parts.append(f'<h2>{_esc(metric)} per epoch</h2><figure><img src="trial_curves.png" '
-                     f'alt="{_esc(metric)} per epoch"></figure>')
+        parts.append(f'<h2>{escape(metric)} per epoch</h2><figure><img src="trial_curves.png" '
+                     f'alt="{escape(metric)} per epoch"></figure>')
+    return parts
 
-    head = "".join(f"<th>{_esc(h)}</th>" for h in ["trial", "status", "epochs", metric, f"last {metric}", *params])
+
+def _trial_parts(results: dict[str, Any], params: list[str]) -> list[str]:
+    """The trial table, best metric first (the best trial highlighted), and the errored trials' messages."""
+    metric = results["metric"]
+    best = results.get("best")
+    head = "".join(f"<th>{escape(h)}</th>" for h in ["trial", "status", "epochs", metric, f"last {metric}", *params])
     rows = []
     for t in sorted(results["trials"], key=lambda t: (t["metric"] is None, -(t["metric"] or 0)
                                                       if results["mode"] == "max" else (t["metric"] or 0))):
         status = t["status"] + (" (stopped early)" if t["stopped_early"] else "")
         cells = [t["id"], status, t["epochs"], t["metric"], t["last_metric"], *[t["params"].get(p) for p in params]]
         style = ' style="background:#eef4fb"' if best and t["id"] == best["id"] else ""
-        rows.append(f"<tr{style}>" + "".join(f"<td>{_esc(format_value(c))}</td>" for c in cells) + "</tr>")
-    parts.append(f"<h2>Trials</h2><div class=\"scroll\"><table><thead><tr>{head}</tr></thead>"
-                 f"<tbody>{''.join(rows)}</tbody></table></div>")
+        rows.append(f"<tr{style}>" + "".join(f"<td>{escape(format_value(c))}</td>" for c in cells) + "</tr>")
+    parts = [(f"<h2>Trials</h2><div class=\"scroll\"><table><thead><tr>{head}</tr></thead>"
+              f"<tbody>{''.join(rows)}</tbody></table></div>")]
     errors = [t for t in results["trials"] if t["error"]]
     if errors:
-        parts.append("<h2>Errors</h2><ul>" + "".join(f"<li>{_esc(t['id'])}: {_esc(t['error'])}</li>"
+        parts.append("<h2>Errors</h2><ul>" + "".join(f"<li>{escape(t['id'])}: {escape(t['error'])}</li>"
                                                      for t in errors) + "</ul>")
-    parts.append("</body></html>")
-    report_uri = storage.join(out_uri, "report.html")
-    storage.write_text(report_uri, "\n".join(parts) + "\n")
-    return report_uri
+    return parts

@@ -18,15 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from wsss_ray.config import (
-    ConfigError,
-    PipelineConfig,
-    PositiveInt,
-    StrictModel,
-    _format_errors,
-    load_config,
-    parse_config,
-)
+from wsss_ray.config import PipelineConfig, load_config, parse_config
+from wsss_ray.core.config import ConfigError, PositiveInt, StrictModel, format_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -183,7 +176,7 @@ def load_space(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
     try:
         space = SearchSpace.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_errors(source, error)) from None
+        raise ConfigError(format_errors(source, error)) from None
 
     base_overrides = [*space.overrides, *overrides]
     try:

@@ -31,11 +31,11 @@ from ray.train import Checkpoint
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from wsss_ray import storage
 from wsss_ray.config import ConfigError, PipelineConfig, config_hash
-from wsss_ray.progress import log
-from wsss_ray.ray_utils import cluster_address, cluster_cpus, cluster_gpus, want_gpu
-from wsss_ray.stage_dir import StageDir
+from wsss_ray.core import storage
+from wsss_ray.core.progress import log
+from wsss_ray.core.ray_utils import cluster_address, cluster_cpus, cluster_gpus, want_gpu
+from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.tuning.space import (
     EPOCH_TRIALS,
     TRIAL_METRICS,
@@ -80,7 +80,7 @@ def train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], seg_records
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from wsss_ray.training.segmentation import train_segmentation
+    from wsss_ray.stages.train_seg import train_segmentation
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = trial_config(base, params, source=f"trial {tune.get_context().get_trial_id()}")
@@ -91,7 +91,7 @@ def train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], seg_records
 
 
 def _generate_outside_trial(records: list[dict[str, Any]], stage: StageDir, **kwargs: Any) -> dict[str, Any]:
-    from wsss_ray.pseudo_labels.stage import generate_pseudo_labels
+    from wsss_ray.stages.pseudo_labels import generate_pseudo_labels
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     return generate_pseudo_labels(records, stage, **kwargs)
@@ -142,8 +142,8 @@ def relabel_train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], rec
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from wsss_ray.pipeline import segmentation_records
-    from wsss_ray.training.segmentation import train_segmentation
+    from wsss_ray.stages.pseudo_labels import segmentation_records
+    from wsss_ray.stages.train_seg import train_segmentation
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = trial_config(base, params, source=f"trial {tune.get_context().get_trial_id()}")
@@ -216,29 +216,44 @@ def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (
     ``overrides`` (``key.path=value``) apply to the base pipeline config. ``resume=False`` deletes an earlier
     sweep of the same name first (its Tune state, trials, results and report) and starts over.
     """
-    from wsss_ray.data.classes import class_names as dataset_class_names
-    from wsss_ray.data.manifest import load_manifest
-    from wsss_ray.pipeline import run_pipeline, segmentation_records, stage_dirs
+    from wsss_ray.pipeline import run_pipeline
 
     space, config = load_space(space_path, tuple(overrides))
+    _check_dashboard(space_path, config)
+    started = time.monotonic()
+    summaries = run_pipeline(config, until="pseudo_labels")  # shared inputs; skipped once done
+    sweep_uri = storage.join(config.output, "sweeps", space.name)
+    base = config.model_dump(mode="json")
+    fingerprint = {"space": space.model_dump(mode="json"), "base_config": base,
+                   "hash": config_hash(space.model_dump(mode="json", exclude={"max_concurrent_trials"}), base)}
+    _check_fingerprint(sweep_uri, fingerprint, resume)
+    trainable = _trainable(space, config, base, summaries, sweep_uri)
+    grid = _tuner(space, config, trainable, sweep_uri, resume).fit()
+    return _finish_sweep(grid, space, config, sweep_uri, started)
+
+
+def _check_dashboard(space_path: str | Path, config: PipelineConfig) -> None:
+    """A sweep on a local cluster needs Ray's dashboard; one joining a running cluster uses that cluster's."""
     if not (cluster_address(config.ray) or config.ray.include_dashboard):
         # Measured: without the state API, Ray Train's PlacementGroupCleaner never learns that an early-stopped
         # trial's controller died, so each stopped trial keeps its workers' CPUs and the sweep stalls.
         raise ConfigError(f"{space_path}: base config ray.include_dashboard: a sweep on a local cluster needs "
                           "Ray's dashboard (its state API lets Ray Train free the CPUs of early-stopped trials); "
                           "set it to true")
-    started = time.monotonic()
-    summaries = run_pipeline(config, until="pseudo_labels")  # shared inputs; skipped once done
+
+
+def _trainable(space: SearchSpace, config: PipelineConfig, base: dict[str, Any], summaries: dict[str, Any],
+               sweep_uri: str) -> Any:
+    """The trial function of ``space.trial`` with its shared inputs bound, holding ``TRIAL_RESOURCES``."""
+    from wsss_ray.data.classes import class_names as dataset_class_names
+    from wsss_ray.pipeline import stage_dirs
+    from wsss_ray.stages.ingest import load_manifest
+    from wsss_ray.stages.pseudo_labels import segmentation_records
+
     dirs = stage_dirs(config)
     names = dataset_class_names(config.dataset.format)
     ds = config.dataset
     train_records = load_manifest(dirs["ingest"], ds.train_split)
-    sweep_uri = storage.join(config.output, "sweeps", space.name)
-    base = config.model_dump(mode="json")
-    fingerprint = {"space": space.model_dump(mode="json"), "base_config": base,
-                   "hash": config_hash(space.model_dump(mode="json", exclude={"max_concurrent_trials"}), base)}
-    _check_fingerprint(sweep_uri, fingerprint, resume)
-
     records = train_records[: space.max_images] if space.max_images else train_records
     if space.trial == "train_seg":
         seg_records = segmentation_records(train_records, dirs["pseudo_labels"], config)
@@ -254,35 +269,41 @@ def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (
         trainable = tune.with_parameters(
             pseudo_labels_trial, base=base, records=records, model_uri=summaries["train_cls"]["model_uri"],
             num_classes=len(names), class_names=names, sweep_uri=sweep_uri)
-    trainable = tune.with_resources(trainable, TRIAL_RESOURCES)
+    return tune.with_resources(trainable, TRIAL_RESOURCES)
 
+
+def _tuner(space: SearchSpace, config: PipelineConfig, trainable: Any, sweep_uri: str, resume: bool) -> tune.Tuner:
+    """``Tuner.restore`` of an earlier run of the sweep when there is one to resume, else a new ``Tuner``."""
     # The Tune experiment is <output>/sweeps/<name> itself, next to trials/, results.json and report/.
     storage_path, filesystem = storage.train_storage(storage.join(config.output, "sweeps"))
     experiment_path, _ = storage.train_storage(sweep_uri)
     concurrent = max_concurrent_trials(space, config)
     if resume and tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
         log("sweep", f"resuming {space.name} from {sweep_uri}")
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True,
-                                   storage_filesystem=filesystem)
-    else:
-        log("sweep", f"{space.name}: {space.trial} trials, {space.scheduler}, ≤{concurrent} at once → {sweep_uri}")
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space.tune_space(),
-            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=_scheduler(space, config),
-                                        num_samples=space.num_samples, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(
-                name=space.name, storage_path=storage_path, storage_filesystem=filesystem,
-                # Listed explicitly so that event files are written even where auto loggers are switched off
-                # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS); Tune adds no second one when one is given.
-                callbacks=[TBXLoggerCallback()],
-                sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
-                # Trials are resumed by the sweep (resume_errored), not retried in place.
-                failure_config=tune.FailureConfig(max_failures=0),
-                verbose=1,
-            ),
-        )
-    grid = tuner.fit()
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True,
+                                  storage_filesystem=filesystem)
+    log("sweep", f"{space.name}: {space.trial} trials, {space.scheduler}, ≤{concurrent} at once → {sweep_uri}")
+    return tune.Tuner(
+        trainable,
+        param_space=space.tune_space(),
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=_scheduler(space, config),
+                                    num_samples=space.num_samples, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(
+            name=space.name, storage_path=storage_path, storage_filesystem=filesystem,
+            # Listed explicitly so that event files are written even where auto loggers are switched off
+            # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS); Tune adds no second one when one is given.
+            callbacks=[TBXLoggerCallback()],
+            sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
+            # Trials are resumed by the sweep (resume_errored), not retried in place.
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+
+
+def _finish_sweep(grid: Any, space: SearchSpace, config: PipelineConfig, sweep_uri: str,
+                  started: float) -> dict[str, Any]:
+    """Results of a finished ``Tuner.fit``: stopped trials' models exported, ``results.json``, the report."""
     results = collect_results(grid, space, config, sweep_uri)
     if space.trial in EPOCH_TRIALS:
         for trial in results["trials"]:
@@ -307,7 +328,7 @@ def finish_stopped_trial(trial: dict[str, Any]) -> str | None:
     before its metrics are reported). A trial that finished on its own is left as it is. Returns the model's
     URI, or None when there was no checkpoint to export.
     """
-    from wsss_ray.training.common import MODEL_FILE, export_checkpoint
+    from wsss_ray.training.checkpoint import MODEL_FILE, export_checkpoint
 
     summary_uri = storage.join(trial["uri"], "summary.json")
     if storage.exists(summary_uri):

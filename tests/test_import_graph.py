@@ -1,0 +1,153 @@
+"""The package's imports only point down its layers, form no cycle, and never reach into another package's
+private names (read from the source with ``ast``, like Ray Train's ``test_circular_imports``, without importing).
+
+The layers, bottom first (a unit may import its own layer and the ones below):
+
+- ``core``: the leaf layer (storage, stage dirs, progress, Ray helpers, metrics, CRF, inference, registries)
+- ``data``, then ``models`` and ``report``; ``kuberay`` (the manifest checks) stands alone
+- ``training``: the method-neutral trainer
+- ``methods.base``, then one unit per method family (``methods.cam``, ``methods.bana``, ...), then
+  ``methods.registry`` (the tables that name them all)
+- ``config`` (the stage sections), ``stages``, ``pipeline``, ``tuning``, ``cli``
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "wsss_ray"
+
+LAYERS: dict[str, float] = {
+    "core": 0, "data": 1, "kuberay": 1, "models": 1.5, "report": 1.5, "training": 2,
+    "methods": 3.0, "methods.base": 3.0, "methods.family": 3.1, "methods.registry": 3.2,
+    "config": 4, "stages": 5, "export": 5.5, "pipeline": 6, "tuning": 6.5, "cli": 7,
+}
+
+
+def unit_of(module: str, root: str = "wsss_ray") -> str:
+    """``wsss_ray.methods.bana.nal`` → ``methods.bana``; ``wsss_ray.core.crf`` → ``core``; top modules by name."""
+    parts = module.split(".")[1:] if module.startswith(root + ".") else []
+    if not parts:
+        return ""
+    if parts[0] == "methods" and len(parts) > 1:
+        return f"methods.{parts[1]}"
+    return parts[0]
+
+
+def layer_of(unit: str) -> float:
+    if unit.startswith("methods.") and unit not in LAYERS:
+        return LAYERS["methods.family"]
+    if unit not in LAYERS:
+        raise KeyError(f"{unit!r} has no layer: add it to LAYERS in tests/test_import_graph.py")
+    return LAYERS[unit]
+
+
+def module_name(path: Path, package: Path, root: str) -> str:
+    rel = path.relative_to(package).with_suffix("")
+    parts = [root, *rel.parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(package: Path, root: str = "wsss_ray") -> Iterator[tuple[str, str, list[str], int]]:
+    """(importing module, imported module, names imported from it, line) for every import of ``root``."""
+    for path in sorted(package.rglob("*.py")):
+        module = module_name(path, package, root)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == root or alias.name.startswith(root + "."):
+                        yield module, alias.name, [], node.lineno
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and (
+                    node.module == root or node.module.startswith(root + ".")):
+                names = [a.name for a in node.names]
+                if node.module == root:  # ``from wsss_ray import storage``: each name is a module
+                    for name in names:
+                        yield module, f"{root}.{name}", [], node.lineno
+                else:
+                    yield module, node.module, names, node.lineno
+
+
+def problems(package: Path, root: str = "wsss_ray") -> list[str]:
+    """Every upward import, cycle between units and private-name import in ``package``."""
+    found: list[str] = []
+    edges: dict[str, set[str]] = {}
+    for source, target, names, line in imports(package, root):
+        a, b = unit_of(source, root), unit_of(target, root)
+        where = f"{source}:{line}"
+        for name in names:
+            if name.startswith("_") and a != b:
+                found.append(f"{where} imports the private name {name} of {target}")
+        if not a or not b or a == b:
+            continue
+        edges.setdefault(a, set()).add(b)
+        if layer_of(b) > layer_of(a):
+            found.append(f"{where} imports {target}: upward from {a} to {b}")
+    found += [f"cycle between units: {' -> '.join(cycle)}" for cycle in cycles(edges)]
+    return found
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected group of units (depth-first search)."""
+    found, done, stack = [], set(), []
+
+    def visit(node: str) -> None:
+        if node in stack:
+            found.append([*stack[stack.index(node):], node])
+            return
+        if node in done:
+            return
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            visit(nxt)
+        stack.pop()
+        done.add(node)
+
+    for node in sorted(edges):
+        visit(node)
+    return found
+
+
+def test_imports_point_down_and_form_no_cycle() -> None:
+    assert problems(PACKAGE) == []
+
+
+def test_every_unit_has_a_layer() -> None:
+    units = {unit_of(module_name(p, PACKAGE, "wsss_ray")) for p in PACKAGE.rglob("*.py")} - {""}
+    for unit in units:
+        layer_of(unit)
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    package = root / "wsss_ray"
+    for name, text in files.items():
+        path = package / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return package
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    # the leaf layer importing a stage
+    ({"core/a.py": "from wsss_ray.stages.x import run\n", "stages/x.py": "def run(): ...\n"},
+     "upward from core to stages"),
+    # two method families importing each other (inside a function counts too)
+    ({"methods/cam/a.py": "def f():\n    from wsss_ray.methods.bana import b\n",
+      "methods/bana/b.py": "import wsss_ray.methods.cam.a\n"},
+     "cycle between units: methods.bana -> methods.cam -> methods.bana"),
+    # another package's private name
+    ({"stages/x.py": "from wsss_ray.core.config import _secret\n", "core/config.py": "_secret = 1\n"},
+     "imports the private name _secret of wsss_ray.core.config"),
+])
+def test_the_checker_catches_what_it_claims(tmp_path: Path, files: dict[str, str], expected: str) -> None:
+    found = problems(_write(tmp_path, files))
+    assert any(expected in problem for problem in found), found
+
+
+def test_the_checker_accepts_downward_imports(tmp_path: Path) -> None:
+    package = _write(tmp_path, {"stages/x.py": "from wsss_ray.core.config import Public\nfrom wsss_ray import core\n",
+                                "core/config.py": "Public = 1\n", "core/__init__.py": ""})
+    assert problems(package) == []

@@ -1,0 +1,67 @@
+"""The per-item skeleton of the long stages: a bad item is reported and skipped, never fatal.
+
+Every per-image stage (ingest, pseudo_labels, evaluate, predict) runs the same way: a Ray Data map does one
+item's work inside :func:`guarded`, which turns any failure into a reason naming the file; the driver walks the
+finished rows with :class:`ItemLoop`, which shows a progress line with throughput and keeps the failure rows.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from wsss_ray.core.progress import Progress
+from wsss_ray.core.records import FailureRow
+
+T = TypeVar("T")
+
+
+class BadItemError(Exception):
+    """An unusable dataset item: which file is at fault and why."""
+
+    def __init__(self, file: str, reason: str) -> None:
+        super().__init__(f"{file}: {reason}")
+        self.file = file
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[BadItemError], tuple[str, str]]:
+        # Default exception pickling replays args (the joined message) into __init__; Ray ships errors pickled.
+        return (BadItemError, (self.file, self.reason))
+
+
+def describe_failure(error: Exception) -> str:
+    """A one-line reason: a :class:`BadItemError` as ``file: reason``, anything else with its type and the
+    function it came from (enough to find the bug without a traceback in the table)."""
+    if isinstance(error, BadItemError):
+        return str(error)
+    return f"{type(error).__name__}: {error} ({traceback.extract_tb(error.__traceback__)[-1].name})"
+
+
+def guarded(work: Callable[[], T]) -> tuple[T | None, str | None]:
+    """``(work(), None)``, or ``(None, reason)`` when the item is bad (see :func:`describe_failure`)."""
+    try:
+        return work(), None
+    except Exception as error:  # noqa: BLE001 - a bad item is reported and skipped, never fatal
+        return None, describe_failure(error)
+
+
+class ItemLoop:
+    """The driver's walk over a stage's finished rows: progress line, failure rows ``{image_id, reason}``."""
+
+    def __init__(self, stage: str, total: int, unit: str = "images") -> None:
+        self.progress = Progress(stage, total, unit)
+        self.failures: list[FailureRow] = []
+
+    def rows(self, rows: Iterable[dict[str, Any]], error_key: str = "error") -> Iterator[dict[str, Any]]:
+        """Yield every row; a row whose ``error_key`` is set is counted (and kept) as a failure."""
+        for row in rows:
+            error = row.get(error_key)
+            if error:
+                self.failures.append({"image_id": row.get("image_id"), "reason": error})
+            self.progress.update(failed=int(bool(error)))
+            yield row
+
+    @property
+    def rate(self) -> float:
+        return self.progress.rate

@@ -1,0 +1,56 @@
+"""Building blocks of the per-pixel losses every method family uses.
+
+Conventions shared by every loss here:
+
+* ``logits`` (N, C, H, W), label maps (N, H, W) int64 with 255 (``IGNORE_LABEL``) = ignore.
+* The maths runs in float32 (``logits.float()``; float64 is kept, for gradcheck), so the losses are safe under
+  bf16 autocast.
+* No data-dependent Python branches and no ``.item()``: selections are boolean masks and every mean is
+  ``masked sum / max(count, 1)``. An empty selection therefore gives an exact 0 that is still a function of
+  ``logits`` (a zero gradient, not a missing one), which keeps DDP's gradient all-reduce in step, and nothing
+  forces a host-device sync on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from wsss_ray.core.labels import IGNORE_LABEL
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half/bf16/float32 inputs (loss maths in float32 under autocast); float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def check_label_map(logits: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    """Raise a ValueError naming ``name`` unless logits is (N, C, H, W) and ``labels`` is (N, H, W)."""
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be (N, C, H, W), got shape {tuple(logits.shape)}")
+    n, _, h, w = logits.shape
+    if tuple(labels.shape) != (n, h, w):
+        raise ValueError(f"{name} must be (N, H, W) = {(n, h, w)} to match logits, got {tuple(labels.shape)}")
+
+
+def pixel_log_probs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log-softmax of float32 logits, log p_target per pixel (N, H, W), and the labelled-pixel mask.
+
+    Ignored pixels gather class 0 (any valid index would do); callers mask them out, so their value never counts.
+    """
+    log_p = F.log_softmax(upcast(logits), dim=1)
+    target = target.long()
+    labelled = target != IGNORE_LABEL
+    safe_target = torch.where(labelled, target, torch.zeros_like(target))
+    log_p_target = log_p.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    return log_p, log_p_target, labelled
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask``; 0 when the mask is empty, still differentiable w.r.t. ``values``.
+
+    ``torch.where`` rather than ``values * mask``: an unselected entry that happens to be inf (e.g. the logits of
+    a padded pixel) must not turn the sum into NaN.
+    """
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp_min(1)

@@ -1,0 +1,88 @@
+"""The thin layer between wsss-ray and Ray: connecting, and sizing actor pools to the cluster."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+from ray.data import ActorPoolStrategy
+
+from wsss_ray.core.config import RayConfig
+from wsss_ray.core.progress import log
+
+API_SERVER_ADDRESS_VAR = "RAY_API_SERVER_ADDRESS"
+_PINNED_ADDRESS: str | None = None  # the value pin_state_api set (replaced when it starts another cluster)
+# Passed to every Ray worker so that storage (pyarrow S3) finds the same endpoint and credentials as the
+# driver on a local cluster. On a real cluster the pods get them from a Kubernetes Secret instead.
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def cluster_address(config: RayConfig) -> str | None:
+    """The cluster ``init_ray`` joins (the config's address, else RAY_ADDRESS); None: it starts a local one."""
+    return config.address or os.environ.get("RAY_ADDRESS")
+
+
+def init_ray(config: RayConfig) -> None:
+    """Join the cluster named by the config or RAY_ADDRESS, or start a local one."""
+    if ray.is_initialized():
+        return
+    address = cluster_address(config)
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    # Workers of a local cluster inherit the driver's environment; the runtime env covers a remote one.
+    runtime_env = {"env_vars": env} if env and address else None
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        port = pin_state_api() if config.include_dashboard else None
+        context = ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=config.include_dashboard,
+                           dashboard_host="127.0.0.1", dashboard_port=port)
+        if context.dashboard_url:
+            log("ray", f"dashboard: http://{context.dashboard_url}")
+    # Ray Data's per-operator progress bars are noisy in logs; our stages print their own progress lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def pin_state_api() -> int:
+    """Choose the next local cluster's dashboard port and point Ray's state API clients at it; returns the port.
+
+    Ray processes find the state API from RAY_API_SERVER_ADDRESS / RAY_ADDRESS, or else by scanning the machine
+    for GCS processes. With two Ray clusters on one machine (a test suite beside a benchmark, two users of a
+    workstation) the scan is ambiguous, and Ray Train's placement-group cleaner thread dies on the error: an
+    early-stopped trial then never gives its CPUs back and the sweep stalls (measured). Workers inherit the
+    driver's environment through the raylet, so this must run before ``ray.init`` starts the cluster. An address
+    the user exported is kept.
+    """
+    global _PINNED_ADDRESS
+    current = os.environ.get(API_SERVER_ADDRESS_VAR)
+    if current is not None and current != _PINNED_ADDRESS:
+        return int(current.rsplit(":", 1)[1].rstrip("/"))
+    with socket.socket() as probe:  # a free port; the dashboard binds it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _PINNED_ADDRESS = os.environ[API_SERVER_ADDRESS_VAR] = f"http://127.0.0.1:{port}"
+    return port
+
+
+def cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def want_gpu(flag: bool | str) -> bool:
+    """``"auto"`` means: use GPUs when the cluster has any."""
+    return cluster_gpus() > 0 if flag == "auto" else bool(flag)
+
+
+def model_actor_pool(max_actors: int, use_gpu: bool) -> ActorPoolStrategy:
+    """An actor pool for a model stage that never holds every CPU.
+
+    On a 2-CPU cluster a pool of two 1-CPU actors starves the read tasks and the stage hangs (ray-notes), so
+    CPU pools leave one CPU free; GPU pools are bounded by the GPUs.
+    """
+    limit = cluster_gpus() if use_gpu else cluster_cpus() - 1
+    return ActorPoolStrategy(min_size=1, max_size=max(1, min(max_actors, limit)))

@@ -1,0 +1,46 @@
+"""CDSP's pseudo-label generator: a CRF-refined CAM mask with the scribbles on top, and the distance maps."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from wsss_ray.core.crf import refine_cams
+from wsss_ray.core.inference import multiscale_cams
+from wsss_ray.core.items import BadItemError
+from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.data.image_io import read_label
+from wsss_ray.methods.base import Generator
+from wsss_ray.methods.cdsp.config import ScribbleGeneratorConfig
+from wsss_ray.methods.cdsp.distance import apply_scribbles, boundary_distance, scribble_distance, to_uint8
+
+
+class ScribbleGenerator(Generator[ScribbleGeneratorConfig]):
+    """CDSP: CRF-refined CAM mask of the scribbles' classes with the scribbles on top (``pseudo``), and the
+    distance maps of the distance entropy loss (``dist_scribble`` = d_s, ``dist_boundary`` = d_c, uint8 255·d).
+
+    The boundary distance is taken on the final pseudo-label (scribbles applied): the mask training reads.
+    """
+
+    outputs: ClassVar[dict[str, int]] = {"pseudo": IGNORE_LABEL, "dist_scribble": 0, "dist_boundary": 0}
+    titles: ClassVar[dict[str, str]] = {"pseudo": "pseudo-mask"}
+
+    def model_step(self, model: torch.nn.Module, image: np.ndarray, record: dict[str, Any], labels: list[int],
+                   device: str) -> dict[str, np.ndarray]:
+        return {"cams": multiscale_cams(model, image, labels, self.config.scales, self.config.flip, device)}
+
+    def refine_step(self, image: np.ndarray, arrays: dict[str, np.ndarray], record: dict[str, Any],
+                    labels: list[int]) -> dict[str, np.ndarray]:
+        if not record.get("scribble_uri"):
+            raise BadItemError(str(record.get("image_uri")), "scribble generator but the image has no scribble file")
+        scribble = read_label(record["scribble_uri"])
+        if scribble.shape != image.shape[:2]:
+            raise BadItemError(record["scribble_uri"], f"scribble {scribble.shape} differs from image {image.shape[:2]}")
+        cams = arrays["cams"].astype(np.float32)
+        mask = refine_cams(image, cams, labels, self.config.crf, self.config.bg_score, self.config.confidence)
+        pseudo = apply_scribbles(mask, scribble)
+        return {"pseudo": pseudo,
+                "dist_scribble": to_uint8(scribble_distance(scribble, self.config.lambda_s)),
+                "dist_boundary": to_uint8(boundary_distance(pseudo, self.config.lambda_c))}

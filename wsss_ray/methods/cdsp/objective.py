@@ -1,0 +1,50 @@
+"""CDSP's segmentation objective: partial CE on scribbles + label-smoothed CE on the pseudo-mask, LoRM, and the
+distance entropy loss."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.methods.cdsp.config import CdspConfig
+from wsss_ray.methods.cdsp.losses import LoRM, distance_entropy_loss, partial_cross_entropy, smoothed_cross_entropy
+
+Terms = dict[str, torch.Tensor]
+
+
+class CdspObjective(nn.Module):
+    """CDSP: partial CE on scribbles + label-smoothed CE on the pseudo-mask, + LoRM, + distance entropy."""
+
+    maps: ClassVar[tuple[str, ...]] = ("label", "scribble", "dist_scribble", "dist_boundary")
+
+    def __init__(self, config: CdspConfig, num_classes: int, feature_channels: int) -> None:
+        super().__init__()
+        self.config = config
+        self.lorm = LoRM(feature_channels, config.lorm_channels) if config.lorm else None
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, Terms]:
+        cfg = self.config
+        out = model(batch["image"], with_features=True)
+        logits, label = out["logits"].float(), batch["label"].long()
+        partial = partial_cross_entropy(logits, batch["scribble"].long())
+        smoothed = smoothed_cross_entropy(logits, label, cfg.label_smoothing)
+        loss = partial + smoothed
+        terms: Terms = {"partial_ce": partial.detach(), "smoothed_ce": smoothed.detach()}
+        if self.lorm is not None:
+            features = out["features"].float()
+            # The pseudo-label's foreground at the feature map's stride (nearest: a label map is not averaged).
+            small = F.interpolate(label[:, None].float(), size=features.shape[-2:], mode="nearest")[:, 0]
+            foreground = ((small != 0) & (small != IGNORE_LABEL)).float()
+            lorm = self.lorm(features, foreground)
+            loss = loss + cfg.lorm_weight * lorm
+            terms["lorm"] = lorm.detach()
+        if cfg.distance:
+            de, de_terms = distance_entropy_loss(logits, batch["dist_scribble"].float() / 255.0,
+                                                 batch["dist_boundary"].float() / 255.0)
+            loss = loss + cfg.distance_weight * de
+            terms.update({f"de_{k}": v for k, v in de_terms.items()})
+        return loss, terms

@@ -1,0 +1,126 @@
+"""MSPN's positive-negative hybrid learning on multi-seed votes (Sang et al., JEIT 2025), and the decoding of the
+per-pixel bitmask of proposed labels the pseudo-label stage stores. Conventions: ``wsss_ray.core.pixel_losses``."""
+
+from __future__ import annotations
+
+import torch
+
+from wsss_ray.core.pixel_losses import check_label_map, masked_mean, pixel_log_probs
+
+# Floor of 1 − p_c inside log(1 − p_c): p_c → 1 would otherwise give log 0 = −inf (MSPN negative learning).
+_ONE_MINUS_P_MIN = 1e-6
+
+
+def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: torch.Tensor, proposed: torch.Tensor,
+                     present: torch.Tensor, agreement_threshold: int = 4, negative_weight: float = 1.0,
+                     indirect_weight: float = 1.0,
+                     constraint_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MSPN positive-negative hybrid learning on multi-seed votes: ``L = L_pos + w_neg·L_neg + w_ind·L_ind +
+    w_pc·L_pc``.
+
+    Our reading — the MSPN paper body is an illegible OCR; only its English abstract survives ("negative learning
+    for error suppression", "indirect negative learning ... the input image does not belong to its complementary
+    labels", "a prediction constraint loss" against over-confidence on noisy labels). We implement exactly this:
+
+    * Pixel sets, from the seeds' votes. clean = agreement ≥ t and majority ≠ 255; unknown = majority = 255,
+      agreement = 0 and no label proposed (crop padding, or every seed abstained), excluded from every term;
+      noisy = neither clean nor unknown.
+    * ``L_pos`` = CE on the majority label, mean over clean pixels (positive learning).
+    * ``L_neg`` = mean over (noisy pixel, class c ∉ present) pairs of ``−log(1 − p_c)``: negative learning
+      (NLNL, Kim et al. ICCV 2019) on labels judged wrong because the image tags rule them out.
+    * ``L_ind`` = mean over (noisy pixel, class c ∈ present, c not proposed by any seed at the pixel) pairs of
+      ``−log(1 − p_c)``: indirect negative learning on complementary labels (NLNL / JNPL).
+    * ``L_pc`` = mean over noisy pixels of ``Σ_c p_c log p_c`` (negative entropy): a confidence penalty
+      (Pereyra et al. 2017) as the prediction constraint; minimising it keeps noisy pixels from becoming
+      over-confident.
+    * ``1 − p_c`` is floored at 1e-6 inside the log; an empty set contributes exactly 0 with a gradient path.
+
+    Args:
+        logits: (N, C, H, W) segmentation scores.
+        majority: (N, H, W) int64 majority label of the seeds, 255 where every seed abstained.
+        agreement: (N, H, W) int64 number of seeds that voted for ``majority``.
+        proposed: (N, C, H, W) bool, label c was proposed by at least one seed at the pixel.
+        present: (N, C) bool, the image's label set (background + image tags).
+        agreement_threshold: t, the votes needed for a clean label (MSPN: t ∈ {3, 4, 5, 6} of 6 seeds).
+        negative_weight: w_neg.
+        indirect_weight: w_ind.
+        constraint_weight: w_pc.
+
+    Returns:
+        (L, terms) with terms "pos", "neg", "indirect", "constraint" and "clean_fraction" (clean pixels / pixels
+        that are not unknown, 0 if none), all detached.
+    """
+    check_label_map(logits, majority, "majority")
+    check_label_map(logits, agreement, "agreement")
+    if tuple(proposed.shape) != tuple(logits.shape):
+        raise ValueError(f"proposed must be (N, C, H, W) = {tuple(logits.shape)}, got {tuple(proposed.shape)}")
+    if tuple(present.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"present must be (N, C) = {tuple(logits.shape[:2])}, got {tuple(present.shape)}")
+    if agreement_threshold < 1:
+        raise ValueError(f"agreement_threshold must be >= 1, got {agreement_threshold}")
+
+    log_p, log_p_major, has_major = pixel_log_probs(logits, majority)
+    p = log_p.exp()
+    proposed = proposed.bool()
+    present = present.bool()
+
+    clean = has_major & (agreement >= agreement_threshold)
+    unknown = ~has_major & (agreement == 0) & ~proposed.any(dim=1)
+    noisy = ~clean & ~unknown
+
+    loss_pos = masked_mean(-log_p_major, clean)
+
+    neg_log = -torch.log((1.0 - p).clamp_min(_ONE_MINUS_P_MIN))  # −log(1 − p_c), (N, C, H, W)
+    noisy_c = noisy.unsqueeze(1)
+    present_c = present[:, :, None, None]
+    loss_neg = masked_mean(neg_log, noisy_c & ~present_c)
+    loss_ind = masked_mean(neg_log, noisy_c & present_c & ~proposed)
+
+    # p·log p with log-softmax (finite even where p underflows to 0, where the product is then 0).
+    neg_entropy = (p * log_p).sum(dim=1)
+    loss_pc = masked_mean(neg_entropy, noisy)
+
+    loss = loss_pos + negative_weight * loss_neg + indirect_weight * loss_ind + constraint_weight * loss_pc
+    clean_fraction = clean.sum().float() / (~unknown).sum().clamp_min(1).float()
+    terms = {"pos": loss_pos.detach(), "neg": loss_neg.detach(), "indirect": loss_ind.detach(),
+             "constraint": loss_pc.detach(), "clean_fraction": clean_fraction.detach()}
+    return loss, terms
+
+
+def decode_proposed(bits: torch.Tensor, label_lists: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Unpack MSPN's per-pixel proposal bitmask into ``proposed`` (N, C, H, W) bool.
+
+    Bit k of ``bits[n, h, w]`` set means the k-th label of image n's label list, ``label_lists[n, k]``, was
+    proposed by at least one seed at that pixel; 0 = nothing proposed. A uint8 mask holds 8 labels per image
+    (background + 7 tags); the caller pads ``label_lists`` with -1, and a set bit on a -1 slot is ignored.
+
+    Args:
+        bits: (N, H, W) uint8 or int64 bitmask.
+        label_lists: (N, K) int64 class ids, K ≤ 8 for uint8 bits (≤ 63 for int64), padded with -1.
+        num_classes: C.
+
+    Returns:
+        (N, C, H, W) bool on ``bits``' device.
+    """
+    if bits.dim() != 3:
+        raise ValueError(f"bits must be (N, H, W), got shape {tuple(bits.shape)}")
+    if label_lists.dim() != 2 or label_lists.shape[0] != bits.shape[0]:
+        raise ValueError(f"label_lists must be (N, K) with N = {bits.shape[0]}, got {tuple(label_lists.shape)}")
+    num_slots = label_lists.shape[1]
+    capacity = 8 if bits.dtype == torch.uint8 else 63
+    if num_slots > capacity:
+        raise ValueError(f"label_lists has {num_slots} slots but {bits.dtype} bits hold at most {capacity}")
+    label_lists = label_lists.to(device=bits.device, dtype=torch.int64)
+    if ((label_lists < -1) | (label_lists >= num_classes)).any():
+        raise ValueError(f"label_lists must hold class ids in [0, {num_classes}) or -1 padding")
+
+    n, h, w = bits.shape
+    bits = bits.to(torch.int64)
+    proposed = torch.zeros((n, num_classes, h, w), dtype=torch.bool, device=bits.device)
+    classes = torch.arange(num_classes, device=bits.device)
+    for slot in range(num_slots):
+        is_set = ((bits >> slot) & 1).bool()  # (N, H, W)
+        # (N, C) one-hot of this slot's class id; all False for -1 padding.
+        slot_class = label_lists[:, slot, None] == classes
+        proposed |= is_set[:, None] & slot_class[:, :, None, None]
+    return proposed

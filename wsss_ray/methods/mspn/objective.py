@@ -1,0 +1,40 @@
+"""MSPN's segmentation objective: positive-negative hybrid learning over the seeds' vote."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from wsss_ray.methods.mspn.config import MspnLossConfig
+from wsss_ray.methods.mspn.losses import decode_proposed, mspn_hybrid_loss
+
+Terms = dict[str, torch.Tensor]
+
+
+class MspnObjective(nn.Module):
+    """MSPN positive–negative hybrid learning over the seeds' vote (majority, agreement, proposals)."""
+
+    maps: ClassVar[tuple[str, ...]] = ("majority", "agreement", "proposed")
+
+    def __init__(self, config: MspnLossConfig, num_classes: int, feature_channels: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, Terms]:
+        cfg = self.config
+        label_lists = batch["label_list"].long()
+        present = batch["present"].bool()
+        proposed = decode_proposed(batch["proposed"].long(), label_lists, self.num_classes)
+        # Labels of the image beyond the bitmask's 8 have no proposal bit: count them as proposed, so indirect
+        # negative learning never pushes down a label the seeds may well have voted for.
+        listed = torch.zeros_like(present)
+        listed.scatter_(1, label_lists.clamp_min(0), label_lists >= 0)
+        proposed = proposed | (present & ~listed)[:, :, None, None]
+        # Crop padding has no vote: majority 255, agreement 0 and no proposal (excluded from every term).
+        return mspn_hybrid_loss(model(batch["image"]).float(), batch["majority"].long(), batch["agreement"].long(),
+                                proposed, present, agreement_threshold=cfg.agreement,
+                                negative_weight=cfg.negative_weight, indirect_weight=cfg.indirect_weight,
+                                constraint_weight=cfg.constraint_weight)

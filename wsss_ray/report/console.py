@@ -1,0 +1,48 @@
+"""What the pipeline prints at the end of a run: the per-class IoU table and the headline numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from wsss_ray.core import storage
+
+
+def format_iou_table(per_class: dict[str, dict[str, float | None] | None], names: list[str]) -> str:
+    """Plain-text table: one row per class that is scored anywhere, one column per scored mask set."""
+    columns = {k: v for k, v in per_class.items() if v}  # in the order metrics.json lists them
+    classes = [c for c in names if any(col.get(c) is not None for col in columns.values())]
+    width = max([len(c) for c in classes] + [5])
+    header = f"{'class':<{width}}  " + "  ".join(f"{name:>24}" for name in columns)
+    lines = [header, "-" * len(header)]
+    for cls in classes:
+        cells = [col.get(cls) for col in columns.values()]
+        lines.append(f"{cls:<{width}}  " + "  ".join(f"{'–' if v is None else f'{100 * v:.1f}':>24}" for v in cells))
+    means = [np.mean([v for v in col.values() if v is not None]) for col in columns.values()]
+    lines.append(f"{'mIoU':<{width}}  " + "  ".join(f"{100 * m:>24.1f}" for m in means))
+    return "\n".join(lines)
+
+
+def print_stage_summary(summaries: dict[str, Any]) -> dict[str, Any]:
+    """What a run stopped with ``--until`` prints: the last stage's numbers (not its per-epoch history)."""
+    name, summary = list(summaries.items())[-1]
+    print(f"\n{name}: " + ", ".join(f"{k} {v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
+    for output, scores in summary.get("scores", {}).items():
+        extra = "".join(f", {k} {100 * scores[k]:.1f}" for k in ("precision", "coverage") if k in scores)
+        print(f"  {output}: mIoU {100 * scores['miou']:.1f}{extra}")
+    return summaries
+
+
+def print_results(summaries: dict[str, Any], names: list[str], output: str, seconds: float) -> None:
+    """What a finished run prints: the IoU table, the headline numbers and where the results are."""
+    evaluate = summaries["evaluate"]
+    metrics = evaluate["metrics"]
+    print("\n" + format_iou_table(metrics["per_class_iou"], names))
+    print(f"\nsegmentation val mIoU {100 * metrics['val_miou']:.1f} "
+          f"(background only: {100 * metrics['background_only_miou']:.1f}); pseudo-masks: "
+          + ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics["pseudo_mask_miou"].items()))
+    print(f"failed images: {metrics['failed_images']} (list: {metrics['failures_uri']})")
+    print(f"pipeline finished in {seconds:.0f}s")
+    print(f"metrics: {storage.join(output, 'metrics.json')}")
+    print(f"report:  {evaluate['report_uri']}")

@@ -1,0 +1,120 @@
+"""Stage ``train_seg``: DeepLab trained on the pseudo-masks with DDP on Ray Train and Ray Data ingest.
+
+Each training row names the image and the per-pixel maps its objective reads (``<map>_uri``: the pseudo-mask
+``label``, BANA's ``retrieved``, CDSP's ``scribble`` and distance maps, MSPN's vote). The Ray Data map crops them
+all with one random :class:`~wsss_ray.data.transforms.CropGeometry`, which travels with the batch so OuT's
+cumulative corrector can carry corrected masks at full resolution.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import numpy as np
+import ray
+from PIL import Image
+from torch import nn
+
+from wsss_ray.config import SegTrainConfig
+from wsss_ray.core.config import AugmentConfig
+from wsss_ray.core.items import BadItemError
+from wsss_ray.core.progress import log
+from wsss_ray.core.stage_dir import StageDir
+from wsss_ray.data.image_io import read_image, read_label
+from wsss_ray.data.transforms import apply_geometry, random_geometry
+from wsss_ray.methods.mspn.seeds import MAX_PROPOSAL_LABELS
+from wsss_ray.methods.registry import CORRECTORS, SEGMENTATION_OBJECTIVES, map_padding, segmentation_maps
+from wsss_ray.methods.robust.early_learning import EarlyLearning
+from wsss_ray.models.deeplab import build_segmentation_model
+from wsss_ray.training.checkpoint import export_model
+from wsss_ray.training.hooks import TrainHook
+from wsss_ray.training.ingest import augment_rng, epoch_seeded_dataset, steps_per_epoch
+from wsss_ray.training.loop import TrainSpec, fit
+
+
+def segmentation_sample(row: dict[str, Any], augment: AugmentConfig, maps: tuple[str, ...],
+                        num_classes: int, padding: dict[str, int]) -> dict[str, Any]:
+    """Ray Data map: the image and its ``maps``, scaled, cropped and flipped together (one draw per row and
+    epoch, from the row's ``augment_seed``). ``padding`` is what a crop's padding holds in each map
+    (:func:`~wsss_ray.methods.registry.map_padding`: label maps ignore it, weights and counts are zero there)."""
+    image = read_image(row["image_uri"])
+    geometry = random_geometry(image.shape[:2], augment.crop_size, (augment.scale_min, augment.scale_max),
+                               augment.flip, augment_rng(row))
+    sample: dict[str, Any] = {"image": apply_geometry(image, geometry, 0, Image.BILINEAR),
+                              "geometry": geometry.as_array(), "image_id": str(row["image_id"]),
+                              "label_uri": row["label_uri"]}
+    for name in maps:
+        uri = row[f"{name}_uri"]
+        array = read_label(uri)
+        if array.shape != image.shape[:2]:
+            raise BadItemError(uri, f"{name} map {array.shape} differs from image {image.shape[:2]}")
+        sample[name] = apply_geometry(array, geometry, padding[name])
+    if "label_list" in row:
+        # The image's label set (background first), for MSPN: bit k of ``proposed`` stands for label_list[k].
+        labels = [int(v) for v in row["label_list"]]
+        padded = np.full(MAX_PROPOSAL_LABELS, -1, np.int64)
+        padded[:min(len(labels), MAX_PROPOSAL_LABELS)] = labels[:MAX_PROPOSAL_LABELS]
+        present = np.zeros(num_classes, np.bool_)
+        present[labels] = True
+        sample.update(label_list=padded, present=present)
+    return sample
+
+
+def val_sample(row: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data map: a val image and its ground truth, unaugmented."""
+    return {"image": read_image(row["image_uri"]), "label": read_label(row["mask_uri"])}
+
+
+def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: SegTrainConfig,
+                       num_classes: int, val_records: list[dict[str, Any]] | None = None,
+                       callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train on rows carrying ``image_uri`` and the ``<map>_uri`` of every map the loss reads; export ``model.pt``.
+
+    With ``val_records`` (manifest rows with ground truth) and ``config.val_every`` > 0, val mIoU is measured
+    during training and reported with the epoch's metrics (curves in the report; what Tune's schedulers read).
+    """
+    maps = segmentation_maps(config.loss)
+    # (``PipelineConfig`` has checked that a corrector's loss reads the pseudo-mask; the records are data.)
+    missing = sorted({f"{m}_uri" for m in maps} - set(records[0])) if records else []
+    if missing:
+        raise ValueError(f"train_seg.loss {config.loss.name!r} needs {missing} in every record; the pseudo-label "
+                         "generator that produces them is not the one this pipeline ran")
+    workers = config.workers.num_workers
+    batch_size, steps = steps_per_epoch(len(records), config.batch_size, workers)
+    methods = " + ".join(filter(None, [config.loss.name, config.corrector and "OuT", config.early_learning and "RE"]))
+    log("train_seg", f"{len(records)} images, {config.model.name} with {methods}, {workers} workers × batch "
+                     f"{batch_size}, {steps} steps/epoch, {config.epochs} epochs → {stage.uri}")
+    datasets = {"train": epoch_seeded_dataset(
+        records, config.seed, segmentation_sample,
+        {"augment": config.augment, "maps": maps, "num_classes": num_classes, "padding": map_padding()})}
+    val = [r for r in val_records or [] if r["mask_uri"]]
+    if val and config.val_every:
+        datasets["val"] = ray.data.from_items(val).map(val_sample)
+    spec = TrainSpec(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+                     optimizer=config.optimizer, head_lr_multiplier=config.head_lr_multiplier,
+                     build_model=partial(build_segmentation_model, config.model, num_classes),
+                     build_objective=partial(_objective, config, num_classes), num_rows=len(records),
+                     build_hooks=partial(_hooks, config), sync_bn=config.model.sync_bn, num_classes=num_classes,
+                     val_every=config.val_every if "val" in datasets else 0)
+    result = fit(spec, config.workers, datasets, stage, callbacks)
+    return {**export_model(result, stage), "images": len(records)}
+
+
+def _objective(config: SegTrainConfig, num_classes: int) -> nn.Module:
+    # φ's width is the model's, so build a throwaway model to read it only when the objective needs it (LoRM).
+    width = 0
+    if config.loss.name == "cdsp" and config.loss.lorm:
+        width = build_segmentation_model(config.model, num_classes).classifier_weight().shape[1]
+    return SEGMENTATION_OBJECTIVES.build(config.loss, num_classes, width)
+
+
+def _hooks(config: SegTrainConfig, model: nn.Module, stage_uri: str) -> list[TrainHook]:
+    """The training hooks of ``config``, in the order the loop calls them: OuT's corrector (edits the batch,
+    updates its teacher), then robust early-learning (edits the gradients)."""
+    hooks: list[TrainHook] = []
+    if config.corrector is not None:
+        hooks.append(CORRECTORS.build(config.corrector, model, stage_uri))
+    if config.early_learning is not None:
+        hooks.append(EarlyLearning(config.early_learning.key_fraction))
+    return hooks

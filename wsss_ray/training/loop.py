@@ -1,0 +1,247 @@
+"""The Ray Train run shared by the classifier and segmentation trainers.
+
+Inside a worker, the loop reads like torchvision's reference ``train.py``: ``train_loop`` sets up, then per epoch
+``train_one_epoch``, ``validate`` and ``report_epoch`` (metrics + checkpoint, a barrier across workers). What
+differs between stages and methods comes in a typed :class:`TrainSpec`: how to build the model, its objective
+and the method's :class:`~wsss_ray.training.hooks.TrainHook` s. ``fit`` is the TorchTrainer around it; the
+Ray-specific parts are ``restore`` (resume from the run's latest checkpoint, also after a worker was killed and
+the group restarted) and the ordered ingest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from wsss_ray.core import storage
+from wsss_ray.core.config import OptimizerConfig, WorkersConfig
+from wsss_ray.core.inference import normalize
+from wsss_ray.core.metrics import TorchConfusionMatrix
+from wsss_ray.core.ray_utils import cluster_cpus, want_gpu
+from wsss_ray.core.stage_dir import StageDir
+from wsss_ray.core.torch_helpers import autocast
+from wsss_ray.training.checkpoint import report_epoch, restore
+from wsss_ray.training.hooks import TrainHook
+from wsss_ray.training.ingest import ordered_ingest, steps_per_epoch, to_device
+from wsss_ray.training.optim import build_optimizer, set_lr
+from wsss_ray.training.step import TrainStep
+from wsss_ray.training.tensorboard import TensorBoardLog
+
+
+def no_hooks(model: nn.Module, stage_uri: str) -> list[TrainHook]:
+    return []
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What one training run needs inside its workers (sent to each as ``train_loop_config["spec"]``).
+
+    The builders run in every worker after ``torch.manual_seed(seed)``, in this order: ``build_model()``,
+    ``build_objective()`` (a component from the method registry), ``build_hooks(model, stage_uri)`` (OuT's
+    corrector, robust early-learning). ``num_classes`` and ``val_every`` > 0 turn on val mIoU (segmentation, with a
+    ``val`` dataset); ``threads`` and ``stage_uri`` are filled in by :func:`fit`.
+    """
+
+    epochs: int
+    batch_size: int
+    seed: int
+    optimizer: OptimizerConfig
+    head_lr_multiplier: float
+    build_model: Callable[[], nn.Module]
+    build_objective: Callable[[], nn.Module]
+    num_rows: int
+    build_hooks: Callable[[nn.Module, str], list[TrainHook]] = no_hooks
+    sync_bn: bool = False
+    num_classes: int = 0
+    val_every: int = 0
+    threads: int = 1
+    stage_uri: str = ""
+
+    def validates(self, epoch: int) -> bool:
+        """Whether val mIoU is measured after ``epoch`` (0-based): every ``val_every`` epochs and after the last."""
+        every = self.val_every
+        return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.epochs)
+
+
+@dataclass
+class WorkerRun:
+    """One worker's live training objects, built by ``train_loop``."""
+
+    spec: TrainSpec
+    step: TrainStep  # unwrapped: what hooks and checkpoints see
+    ddp_step: nn.Module  # what the forward runs through
+    optimizer: torch.optim.Optimizer
+    hooks: list[TrainHook]
+    shard: ray.data.DataIterator  # this worker's split of ``train``
+    device: torch.device
+    world: int
+    batch_size: int
+    steps: int
+
+
+def mean_across_workers(value: float, device: torch.device) -> float:
+    if dist.is_available() and dist.is_initialized():
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return float(tensor.item()) / dist.get_world_size()
+    return value
+
+
+class EpochTimer:
+    def __init__(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+
+    def throughput(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def _maybe_sync_bn(model: nn.Module, wanted: bool, device: torch.device) -> nn.Module:
+    """SyncBatchNorm when asked for and it can work: several workers on CUDA (torch's SyncBN is GPU-only)."""
+    if not wanted or ray.train.get_context().get_world_size() == 1:
+        return model
+    if device.type != "cuda":
+        if ray.train.get_context().get_world_rank() == 0:
+            print("sync_bn: SyncBatchNorm needs CUDA; training on CPU keeps per-worker BatchNorm", flush=True)
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: build, restore, then train / validate / checkpoint each epoch.
+
+    Steps per epoch follow the live worker count, so an elastic group that grew or shrank keeps covering the
+    data once per epoch.
+    """
+    spec: TrainSpec = loop_config["spec"]
+    # DeepLab's image-pooling branch runs a 1x1 conv on a 1x1 map, whose gradient strides DDP reports as a
+    # layout mismatch on every step; it is harmless (a copy into the bucket), so keep the log readable.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    model = _maybe_sync_bn(spec.build_model(), spec.sync_bn, device)
+    step = TrainStep(model, spec.build_objective()).to(device)
+    optimizer = build_optimizer(step.parameter_groups(), spec.optimizer, spec.head_lr_multiplier)
+    hooks = spec.build_hooks(model, spec.stage_uri)
+    extras = {name: state for hook in hooks for name, state in hook.checkpoint_state().items()}
+    start_epoch, history = restore(step, optimizer, extras)
+    for hook in hooks:
+        hook.on_start(start_epoch, rank)
+    batch_size, steps = steps_per_epoch(spec.num_rows, spec.batch_size, world)
+    run = WorkerRun(spec, step, ray.train.torch.prepare_model(step), optimizer, hooks,
+                    ray.train.get_dataset_shard("train"), device, world, batch_size, steps)
+    tensorboard = TensorBoardLog(storage.join(spec.stage_uri, "tensorboard")) if rank == 0 else None
+    for epoch in range(start_epoch, spec.epochs):
+        metrics = train_one_epoch(run, epoch)
+        if spec.validates(epoch):
+            metrics["val_miou"] = validate(step.model, spec.num_classes, device)
+        report_epoch(run.ddp_step, optimizer, epoch, history, metrics, extras, tensorboard)
+
+
+def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
+    """One pass over this worker's shard; returns the epoch's metrics, averaged over the workers.
+
+    Each step: the lr for the global step, the hooks' ``before_step`` (may edit the batch), forward, backward,
+    ``after_backward`` (may edit the gradients), ``optimizer.step()``, ``after_step``.
+    """
+    run.ddp_step.train()
+    total_steps = run.steps * run.spec.epochs
+    timer, sums, count, lr = EpochTimer(), dict[str, float](), 0, 0.0
+    for i, raw in enumerate(run.shard.iter_batches(batch_size=run.batch_size, drop_last=True,
+                                                       batch_format="numpy")):
+        if i >= run.steps:  # an uneven split must not give one worker an extra (unsynchronised) step
+            break
+        lr = set_lr(run.optimizer, run.spec.optimizer, epoch * run.steps + i, total_steps, run.steps)
+        batch = to_device(raw, run.device)
+        terms: dict[str, Any] = {}
+        for hook in run.hooks:
+            terms.update(hook.before_step(batch, epoch))
+        with autocast(run.device):
+            loss, loss_terms = run.ddp_step(batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for hook in run.hooks:
+            terms.update(hook.after_backward(run.step))
+        run.optimizer.step()
+        for hook in run.hooks:
+            hook.after_step(run.step.model)
+        logged = {"loss": loss.detach(), **{f"loss_{k}": v for k, v in loss_terms.items()}, **terms}
+        for key, value in logged.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        count += 1
+        timer.images += len(batch["image"])
+    metrics = {key: mean_across_workers(total / max(count, 1), run.device) for key, total in sums.items()}
+    metrics.update(lr=lr, images_per_s=mean_across_workers(timer.throughput(), run.device) * run.world)
+    return metrics
+
+
+@torch.no_grad()
+def validate(model: nn.Module, num_classes: int, device: torch.device) -> float:
+    """Val mIoU of a segmentation model from one confusion matrix summed over all workers.
+
+    Every worker reads the (unsplit) ``val`` dataset and predicts its own share of images (row i on rank
+    i mod world size), so each image counts exactly once whatever the worker count, then the matrices are
+    all-reduced: the dataset-level mIoU, not a mean of per-worker scores.
+    """
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    model.eval()
+    confusion = TorchConfusionMatrix(num_classes, device)
+    # batch_size 1: val images keep their own sizes (no crop), as in the papers' evaluation.
+    for i, batch in enumerate(ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=1)):
+        if i % world != rank:
+            continue
+        image, target = normalize(batch["image"].to(device)), batch["label"].to(device).long()
+        with autocast(device):
+            pred = model(image).argmax(1)
+        confusion.update(target, pred)
+    return confusion.all_reduce().miou()
+
+
+def fit(spec: TrainSpec, workers: WorkersConfig, datasets: dict[str, ray.data.Dataset],
+        stage: StageDir, callbacks: list[Any] | None = None) -> ray.train.Result:
+    """Run ``train_loop`` with DDP on Ray Train, checkpointing to the stage's storage.
+
+    Re-running with the same stage directory resumes from the latest checkpoint: Ray Train V2 restores the run
+    state from ``storage_path/name`` and ``ray.train.get_checkpoint()`` returns it inside the loop.
+    """
+    use_gpu = want_gpu(workers.use_gpu)
+    storage_path, filesystem = storage.train_storage(stage.path("ray_train"))
+    cpus = workers.cpus_per_worker if use_gpu else min(workers.cpus_per_worker, cluster_cpus() / workers.num_workers)
+    spec = dataclasses.replace(spec, threads=max(1, math.floor(cpus)), stage_uri=stage.uri)
+    # (min, max) makes the group elastic (Ray Train V2): it starts with what fits and resizes as nodes come and go.
+    num_workers = workers.num_workers if workers.min_workers is None else (workers.min_workers, workers.num_workers)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=stage.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=workers.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        # Only the training data is split across workers; ``validate`` shares out the val rows itself.
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ordered_ingest()}),
+    )
+    return trainer.fit()
