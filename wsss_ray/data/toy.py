@@ -161,18 +161,25 @@ def render_image(rng: np.random.Generator, size: int, num_classes: int, max_obje
     """One sample: RGB image, semantic labels (0 = background, c+1 = class c), instance ids, scribbles, objects.
 
     Objects are dicts with ``cls`` (0-based foreground class) and ``box`` ([x1, y1, x2, y2], exclusive end)
-    of the visible region.
+    of the visible region. The steps draw from ``rng`` in a fixed order: the seed defines the whole sample.
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    image = _background(rng, size, xx, yy)
+    labels, instances, objects = _place_objects(rng, image, size, num_classes, max_objects, xx, yy)
+    scribbles = _scribbles(rng, size, labels, instances, objects)
+    # Mild sensor noise so flat regions are not perfectly flat (the CRF must cope with it).
+    image = image + rng.normal(0.0, 0.012, image.shape)
+    rgb = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+    return rgb, labels, instances, scribbles, objects
 
-    # Background: smooth, fairly desaturated colour noise.
+
+def _background(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """Smooth, fairly desaturated colour noise, with distractors that belong to no class: irregular blobs and
+    thick polylines in arbitrary, even saturated, colours, so "a colourful thing" is not evidence for a class."""
     hue = smooth_field(rng, size, 3, 1)[..., 0] + rng.uniform()
     sat = 0.05 + 0.3 * smooth_field(rng, size, 4, 1)[..., 0]
     val = 0.2 + 0.65 * smooth_field(rng, size, 5, 1)[..., 0]
     image = _hsv_to_rgb(hue % 1.0, sat, val)
-
-    # Distractors (belong to no class): irregular blobs and thick polylines in arbitrary, even saturated,
-    # colours, so "a colourful thing" is not evidence for a class.
     for _ in range(int(rng.integers(1, 4))):
         field = smooth_field(rng, size, int(rng.integers(3, 6)), 1)[..., 0]
         blob = field > np.quantile(field, 1.0 - rng.uniform(0.03, 0.1))
@@ -185,7 +192,12 @@ def render_image(rng: np.random.Generator, size: int, num_classes: int, max_obje
         dist = np.hypot(xx - (p0[0] + t * direction[0]), yy - (p0[1] + t * direction[1]))
         image[dist <= rng.uniform(0.8, 2.0) * size / 128] = hsv(rng.uniform(), rng.uniform(0.2, 0.9),
                                                                 rng.uniform(0.25, 0.95))
+    return image
 
+
+def _place_objects(rng: np.random.Generator, image: np.ndarray, size: int, num_classes: int, max_objects: int,
+                   xx: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Paint 1..max_objects textured shapes into ``image``; returns (labels, instance ids, objects)."""
     labels = np.zeros((size, size), np.uint8)
     instances = np.zeros((size, size), np.int32)
     areas: list[int] = []
@@ -217,8 +229,12 @@ def render_image(rng: np.random.Generator, size: int, num_classes: int, max_obje
         instances[region] = instance_id
         areas.append(int(region.sum()))
         objects.append({"cls": cls})
+    return labels, instances, objects
 
-    # Scribbles: a stroke inside each object's visible part, plus one or two background strokes.
+
+def _scribbles(rng: np.random.Generator, size: int, labels: np.ndarray, instances: np.ndarray,
+               objects: list[dict[str, Any]]) -> np.ndarray:
+    """A stroke inside each object's visible part (whose box it records), plus one or two background strokes."""
     scribbles = np.full((size, size), IGNORE_LABEL, np.uint8)
     for index, obj in enumerate(objects, start=1):
         visible = instances == index
@@ -236,11 +252,7 @@ def render_image(rng: np.random.Generator, size: int, num_classes: int, max_obje
         start = deep[int(rng.integers(len(deep)))]
         points = _stroke(rng, background_depth, (int(start[0]), int(start[1])), rng.uniform(0.15, 0.3) * size, 3.0)
         _paint_stroke(scribbles, points, background_depth >= 2.0, 0)
-
-    # Mild sensor noise so flat regions are not perfectly flat (the CRF must cope with it).
-    image = image + rng.normal(0.0, 0.012, image.shape)
-    rgb = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
-    return rgb, labels, instances, scribbles, objects
+    return scribbles
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -308,6 +320,51 @@ def voc_xml(image_id: str, size: int, objects: list[dict[str, Any]]) -> bytes:
     return ET.tostring(root, encoding="utf-8") + b"\n"
 
 
+def _write_voc_sample(out_dir: str, index: int, size: int, rgb: np.ndarray, labels: np.ndarray,
+                      scribbles: np.ndarray, objects: list[dict[str, Any]]) -> str:
+    """One VOC sample's files (official masks with the void band, Aug masks without); returns its id."""
+    image_id = f"2007_{index + 1:06d}"
+    _write(os.path.join(out_dir, "JPEGImages", f"{image_id}.jpg"), encode_jpeg(rgb, quality=95))
+    _write(os.path.join(out_dir, "SegmentationClass", f"{image_id}.png"), encode_label_png(void_band(labels)))
+    _write(os.path.join(out_dir, "SegmentationClassAug", f"{image_id}.png"), encode_label_png(labels))
+    _write(os.path.join(out_dir, "Annotations", f"{image_id}.xml"), voc_xml(image_id, size, objects))
+    _write(os.path.join(out_dir, "Scribbles", f"{image_id}.png"), encode_label_png(scribbles))
+    return image_id
+
+
+class _CocoAnnotations:
+    """The ``instances_<split>.json`` being built: images and their instance annotations (ids run on across
+    splits, as in COCO)."""
+
+    def __init__(self) -> None:
+        self.ann_id = 0
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+
+    def add(self, index: int, image_id: str, size: int, instances: np.ndarray, objects: list[dict[str, Any]]) -> None:
+        self.images.append({"id": index + 1, "file_name": f"{image_id}.jpg", "height": size, "width": size,
+                            "license": 1})
+        for instance_id, obj in enumerate(objects, start=1):
+            # Real COCO masks are the visible part of each instance; so are these (no overlaps).
+            rle = mask_utils.encode(np.asfortranarray((instances == instance_id).astype(np.uint8)))
+            self.ann_id += 1
+            self.annotations.append({
+                "id": self.ann_id, "image_id": index + 1, "category_id": COCO_CATEGORY_IDS[obj["cls"]],
+                "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
+                "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "iscrowd": 0})
+
+    def finish_split(self) -> dict[str, Any]:
+        data = {
+            "info": {"description": "wsss-ray toy dataset", "version": "1.0", "year": 2014},
+            "licenses": [{"id": 1, "name": "CC0", "url": ""}],
+            "images": self.images, "annotations": self.annotations,
+            "categories": [{"id": cat_id, "name": name, "supercategory": COCO_SUPERCATEGORIES[name]}
+                           for cat_id, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES[1:])]}
+        self.images, self.annotations = [], []
+        return data
+
+
 def make_toy_dataset(out_dir: str, fmt: str = "voc", num_train: int = 64, num_val: int = 16, image_size: int = 128,
                      num_classes: int = 4, max_objects: int = 3, seed: int = 0) -> dict[str, Any]:
     """Write the synthetic dataset under the local directory ``out_dir``; returns a summary."""
@@ -325,47 +382,23 @@ def make_toy_dataset(out_dir: str, fmt: str = "voc", num_train: int = 64, num_va
     ids: dict[str, list[str]] = {}
     coco_json: dict[str, dict[str, Any]] = {}
     num_objects = 0
-    ann_id = 0
+    annotations = _CocoAnnotations()
     for split, indices in splits.items():
         ids[split] = []
-        images_json: list[dict[str, Any]] = []
-        anns_json: list[dict[str, Any]] = []
         for index in indices:
             rng = np.random.default_rng([seed, index])
             rgb, labels, instances, scribbles, objects = render_image(rng, image_size, num_classes, max_objects)
             num_objects += len(objects)
             if fmt == "voc":
-                image_id = f"2007_{index + 1:06d}"
-                _write(os.path.join(out_dir, "JPEGImages", f"{image_id}.jpg"), encode_jpeg(rgb, quality=95))
-                _write(os.path.join(out_dir, "SegmentationClass", f"{image_id}.png"),
-                       encode_label_png(void_band(labels)))
-                _write(os.path.join(out_dir, "SegmentationClassAug", f"{image_id}.png"), encode_label_png(labels))
-                _write(os.path.join(out_dir, "Annotations", f"{image_id}.xml"),
-                       voc_xml(image_id, image_size, objects))
-                _write(os.path.join(out_dir, "Scribbles", f"{image_id}.png"), encode_label_png(scribbles))
+                image_id = _write_voc_sample(out_dir, index, image_size, rgb, labels, scribbles, objects)
             else:
                 image_id = f"COCO_{split}_{index + 1:012d}"
                 _write(os.path.join(out_dir, split, f"{image_id}.jpg"), encode_jpeg(rgb, quality=95))
                 _write(os.path.join(out_dir, "scribbles", split, f"{image_id}.png"), encode_label_png(scribbles))
-                images_json.append({"id": index + 1, "file_name": f"{image_id}.jpg", "height": image_size,
-                                    "width": image_size, "license": 1})
-                for instance_id, obj in enumerate(objects, start=1):
-                    # Real COCO masks are the visible part of each instance; so are these (no overlaps).
-                    rle = mask_utils.encode(np.asfortranarray((instances == instance_id).astype(np.uint8)))
-                    ann_id += 1
-                    anns_json.append({
-                        "id": ann_id, "image_id": index + 1, "category_id": COCO_CATEGORY_IDS[obj["cls"]],
-                        "segmentation": {"size": [image_size, image_size], "counts": rle["counts"].decode("ascii")},
-                        "area": float(mask_utils.area(rle)),
-                        "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0})
+                annotations.add(index, image_id, image_size, instances, objects)
             ids[split].append(image_id)
         if fmt == "coco":
-            coco_json[split] = {
-                "info": {"description": "wsss-ray toy dataset", "version": "1.0", "year": 2014},
-                "licenses": [{"id": 1, "name": "CC0", "url": ""}],
-                "images": images_json, "annotations": anns_json,
-                "categories": [{"id": cat_id, "name": name, "supercategory": COCO_SUPERCATEGORIES[name]}
-                               for cat_id, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES[1:])]}
+            coco_json[split] = annotations.finish_split()
 
     paths: dict[str, str] = {}
     if fmt == "voc":
