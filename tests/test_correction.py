@@ -209,7 +209,7 @@ def _set_student(student: _OneWeight, w: float, mean: float, var: float, tracked
 
 def test_ema_teacher_two_updates_by_hand() -> None:
     student = _OneWeight(2.0)
-    teacher = EmaTeacher(student, decay=0.5)
+    teacher = EmaTeacher(student, decay=0.5, buffers="copy")  # the copy reading (option); default: next test
     assert not teacher.model.training and not teacher.model.w.requires_grad
     assert teacher.model.w is not student.w
 
@@ -233,6 +233,34 @@ def test_ema_teacher_two_updates_by_hand() -> None:
     # Eval mode uses the copied running stats: (x·w − mean)/sqrt(var + eps) = (4·2 − 5)/sqrt(2 + 1e-5).
     out = teacher.model(torch.tensor([[4.0]]))
     assert out.item() == pytest.approx(3.0 / math.sqrt(2.0 + 1e-5), rel=1e-6)
+
+
+@pytest.mark.parametrize(("buffers", "mean", "var"), [
+    # ema (default): b ← v·b_teacher + (1 − v)·b_student with v = 0.999: mean 0.999·0 + 0.001·1 = 0.001,
+    # var 0.999·1 + 0.001·3 = 1.002. copy: the student's 1 and 3.
+    ("ema", 0.001, 1.002),
+    ("copy", 1.0, 3.0),
+])
+def test_ema_teacher_batchnorm_buffers(buffers: str, mean: float, var: float) -> None:
+    student = nn.Sequential(nn.BatchNorm2d(1))
+    teacher = EmaTeacher(student, buffers=buffers) if buffers != "ema" else EmaTeacher(student)
+    with torch.no_grad():
+        student[0].running_mean.fill_(1.0)
+        student[0].running_var.fill_(3.0)
+        student[0].num_batches_tracked.fill_(5)
+        student[0].weight.fill_(2.0)
+    teacher.update(student)
+    bn = teacher.model[0]
+    assert bn.running_mean.item() == pytest.approx(mean, abs=1e-7)
+    assert bn.running_var.item() == pytest.approx(var, abs=1e-7)
+    assert bn.num_batches_tracked.item() == 5  # an integer buffer is copied in both readings
+    assert bn.weight.item() == pytest.approx(0.999 * 1.0 + 0.001 * 2.0, abs=1e-7)  # parameters: Eq. 1 either way
+    assert student[0].running_mean.item() == 1.0  # the student is untouched
+
+
+def test_ema_teacher_rejects_an_unknown_buffer_mode() -> None:
+    with pytest.raises(ValueError, match="buffers"):
+        EmaTeacher(nn.ReLU(), buffers="average")
 
 
 def test_ema_teacher_default_decay_is_the_papers() -> None:
@@ -278,7 +306,7 @@ def test_ema_teacher_of_a_parameter_free_network_still_counts_steps() -> None:
 
 def test_ema_teacher_state_dict_round_trip() -> None:
     student = _OneWeight(2.0)
-    teacher = EmaTeacher(student, decay=0.5)
+    teacher = EmaTeacher(student, decay=0.5, buffers="copy")
     _set_student(student, w=4.0, mean=1.5, var=2.5, tracked=9)
     teacher.update(student)
 
@@ -371,3 +399,27 @@ def test_online_corrector_resolves_teacher_precision() -> None:
     assert corrector.teacher.model.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="teacher_precision"):
         OutCorrectorConfig(teacher_precision="fp8")
+
+
+def test_inflection_epoch_counts_completed_epochs() -> None:
+    from wsss_ray.methods.out.config import OutCorrectorConfig
+    from wsss_ray.methods.out.corrector import OnlineCorrector
+
+    corrector = OnlineCorrector(OutCorrectorConfig(), nn.Conv2d(3, 4, 1), "/unused")
+    # 0-based epochs: 4 epochs (0..3) on the raw pseudo-masks, corrections from epoch 4 (the 5th counted from 1).
+    assert [corrector.active(epoch) for epoch in range(6)] == [False, False, False, False, True, True]
+    # VOC train_aug (10,582 images) at batch 10: floor(10582/10) = 1058 steps per epoch, so the first corrected
+    # step is 4·1058 = 4232, by which the teacher keeps 0.999^4232 ≈ 1.45% of its initial weights.
+    steps = 10582 // 10
+    first = next(i for i in range(10 * steps) if corrector.active(i // steps))
+    assert first == 4232
+    assert 0.999 ** first == pytest.approx(0.01449, abs=1e-4)
+
+
+def test_online_corrector_passes_the_buffer_mode() -> None:
+    from wsss_ray.methods.out.config import OutCorrectorConfig
+    from wsss_ray.methods.out.corrector import OnlineCorrector
+
+    net = nn.BatchNorm2d(1)
+    assert OnlineCorrector(OutCorrectorConfig(), net, "/unused").teacher.buffers == "ema"
+    assert OnlineCorrector(OutCorrectorConfig(teacher_buffers="copy"), net, "/unused").teacher.buffers == "copy"

@@ -408,3 +408,72 @@ def test_coco_broken_items(coco_root: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as error:
         reader.items("test2014")
     assert missing in str(error.value)
+
+
+# ------------------------------------------------------------------------------- val ground truth (VOC)
+
+
+def test_val_ground_truth_official_reads_segmentation_class_for_val_only(broken_voc: Path) -> None:
+    from wsss_ray.core.config import DatasetConfig
+    from wsss_ray.stages.ingest import ground_truth_sources, make_reader
+
+    def records(**fields: str) -> list[dict]:
+        reader = make_reader(DatasetConfig(root=str(broken_voc), train_split="train", val_split="val", **fields))
+        return [reader.parse(item) for item in reader.items("train") + reader.items("val")]
+
+    official = records()
+    for record in official:
+        folder = "SegmentationClass" if record["split"] == "val" else "SegmentationClassAug"
+        assert record["mask_uri"] == storage.join(str(broken_voc), folder, f"{record['image_id']}.png")
+    # The toy set's official masks carry VOC's void band (255 on class boundaries); its Aug masks do not, so the
+    # choice is visible: every val image differs between the two folders only on void pixels.
+    for record in (r for r in official if r["split"] == "val"):
+        truth = read_label(record["mask_uri"])
+        aug = read_label(storage.join(str(broken_voc), "SegmentationClassAug", f"{record['image_id']}.png"))
+        void = truth == IGNORE_LABEL
+        assert void.any() and np.array_equal(truth[~void], aug[~void]) and not (aug == IGNORE_LABEL).any()
+    assert ground_truth_sources(official, ["train", "val"], "voc") == {
+        "train": "SegmentationClassAug", "val": "SegmentationClass"}
+
+    aug = records(val_ground_truth="aug")  # BANA / CDSP: Aug for every split
+    assert all("/SegmentationClassAug/" in r["mask_uri"] for r in aug)
+    assert ground_truth_sources(aug, ["train", "val"], "voc")["val"] == "SegmentationClassAug"
+
+    # A val image without an official mask falls back to Aug, and the sources say so with counts.
+    missing = official[-1]["image_id"]
+    (broken_voc / "SegmentationClass" / f"{missing}.png").unlink()
+    assert ground_truth_sources(records(), ["val"], "voc") == {
+        "val": "SegmentationClass (3) + SegmentationClassAug (1)"}
+
+
+def test_val_ground_truth_default_leaves_the_ingest_key_alone() -> None:
+    from wsss_ray.core.config import DatasetConfig, config_hash
+
+    default = DatasetConfig(root="r")
+    assert "val_ground_truth" not in default.model_dump(mode="json")
+    # The key of a config written before the field existed (the same dump, by hand).
+    old = {"format": "voc", "root": "r", "train_split": "train_aug", "val_split": "val", "supervision": "tags",
+           "max_images": None}
+    assert config_hash(default.model_dump(mode="json", exclude={"generate"})) == config_hash(old)
+    chosen = DatasetConfig(root="r", val_ground_truth="aug")
+    assert config_hash(chosen.model_dump(mode="json", exclude={"generate"})) != config_hash(old)
+    assert DatasetConfig.model_validate(chosen.model_dump()).val_ground_truth == "aug"  # round trip
+    with pytest.raises(ValueError, match="val_ground_truth"):
+        DatasetConfig(root="r", format="coco", val_ground_truth="aug")
+
+
+def test_metrics_ground_truth_is_read_from_the_manifest(voc_root: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from wsss_ray.config import parse_config
+    from wsss_ray.core.stage_dir import StageDir
+    from wsss_ray.stages.evaluate import _ground_truth
+    from wsss_ray.stages.ingest import MANIFEST_SCHEMA, make_reader
+
+    config = parse_config({"output": str(tmp_path), "dataset": {"root": str(voc_root), "train_split": "train",
+                                                                "val_split": "val"}}, source="test")
+    reader = make_reader(config.dataset)
+    rows = [reader.parse(item) for item in reader.items("train") + reader.items("val")]
+    stage = StageDir.create(str(tmp_path), "ingest", "k")
+    storage.write_parquet(stage.path("manifest.parquet"), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    assert _ground_truth(config, stage) == {"train": "SegmentationClassAug", "val": "SegmentationClass"}

@@ -121,6 +121,77 @@ def test_curriculum_empty_selections_are_zero_with_a_gradient_path() -> None:
         curriculum_cross_entropy(logits, torch.zeros(1, 2, 2, dtype=torch.int64), epsilon=1.5)
 
 
+def _losses_batch(labels: list[int], losses: list[float], num_classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image of 1×P pixels whose CE losses are exactly ``losses``: logit 0 on the label and
+    a = log((e^ℓ − 1)/(C − 1)) on the others, so p_label = 1/(1 + (C − 1)e^a) = e^−ℓ."""
+    rows = []
+    for label, loss in zip(labels, losses, strict=True):
+        a = math.log((math.exp(loss) - 1.0) / (num_classes - 1))
+        rows.append([0.0 if c == label else a for c in range(num_classes)])
+    logits = torch.tensor(rows, dtype=torch.float64).T.reshape(1, num_classes, 1, len(rows))
+    return logits.requires_grad_(True), _labels(labels)
+
+
+# The spec's example: labels [0,0,0,0,0,1,1,2], losses [0.1 … 0.5, 2.0, 1.5, 3.0], ϵ = 0.25.
+SPEC_LABELS = [0, 0, 0, 0, 0, 1, 1, 2, 255]
+SPEC_LOSSES = [0.1, 0.2, 0.3, 0.4, 0.5, 2.0, 1.5, 3.0, 9.0]  # the last pixel is ignored
+
+
+def test_curriculum_batch_rank_drops_the_foreground() -> None:
+    logits, target = _losses_batch(SPEC_LABELS, SPEC_LOSSES)
+    # n = 8 → floor(2) = 2 dropped batch-wide: 3.0 (class 2) and 2.0 (class 1); mean (0.1+…+0.5+1.5)/6 = 0.5.
+    assert curriculum_cross_entropy(logits, target, 0.25, "batch").item() == pytest.approx(0.5, rel=1e-9)
+
+
+def test_curriculum_class_rank_drops_within_each_class() -> None:
+    logits, target = _losses_batch(SPEC_LABELS, SPEC_LOSSES)
+    # Class 0: floor(0.25·5) = 1 → drops 0.5; classes 1 (n = 2) and 2 (n = 1): floor < 1, nothing dropped.
+    loss = curriculum_cross_entropy(logits, target, 0.25, "class")
+    assert loss.item() == pytest.approx((0.1 + 0.2 + 0.3 + 0.4 + 2.0 + 1.5 + 3.0) / 7, rel=1e-9)  # 1.0714286
+    loss.backward()
+    got = logits.grad.abs().sum(dim=1).flatten().tolist()
+    assert got[4] == 0.0 and got[8] == 0.0  # the dropped 0.5 and the ignored pixel
+    assert all(g > 0 for i, g in enumerate(got) if i not in (4, 8))
+    # ϵ = 0.5: class 0 drops floor(2.5) = 2 (0.5, 0.4), class 1 drops 1 (2.0), class 2 floor(0.5) = 0.
+    loss = curriculum_cross_entropy(logits, target, 0.5, "class")
+    assert loss.item() == pytest.approx((0.1 + 0.2 + 0.3 + 1.5 + 3.0) / 5, rel=1e-9)
+    with pytest.raises(ValueError, match="rank"):
+        curriculum_cross_entropy(logits, target, 0.25, "image")
+
+
+def test_curriculum_objective_starts_at_its_epoch() -> None:
+    from wsss_ray.methods.robust.config import CurriculumConfig
+    from wsss_ray.methods.robust.objectives import CurriculumObjective
+
+    logits, target = _losses_batch(SPEC_LABELS, SPEC_LOSSES)
+    batch = {"image": logits.detach(), "label": target}  # the objective runs the maths in float32
+    objective = CurriculumObjective(CurriculumConfig(start_epoch=4))
+    identity = nn.Identity()
+    with pytest.raises(RuntimeError, match="set_epoch"):
+        objective(identity, batch)
+    objective.set_epoch(3)  # before the start: the plain CE mean over the 8 labelled pixels = 8.0/8
+    assert objective(identity, batch)[0].item() == pytest.approx(1.0, rel=1e-6)
+    objective.set_epoch(4)
+    assert objective(identity, batch)[0].item() == pytest.approx(0.5, rel=1e-6)
+    # The paper's default: pruning from the first step, no set_epoch needed.
+    assert CurriculumObjective(CurriculumConfig())(identity, batch)[0].item() == pytest.approx(0.5, rel=1e-6)
+    per_class = CurriculumObjective(CurriculumConfig(rank="class"))
+    assert per_class(identity, batch)[0].item() == pytest.approx(7.5 / 7, rel=1e-6)
+    with pytest.raises(ValueError, match="inflection"):
+        CurriculumObjective(CurriculumConfig(start_epoch="inflection"))
+
+
+def test_curriculum_inflection_start_follows_the_corrector() -> None:
+    from wsss_ray.config import SegTrainConfig
+    from wsss_ray.stages.train_seg import resolved_loss
+
+    loss = {"name": "curriculum", "start_epoch": "inflection"}
+    assert resolved_loss(SegTrainConfig(loss=loss)).start_epoch == 4  # OuT's inflection epoch
+    with_corrector = SegTrainConfig(loss=loss, corrector={"name": "out", "inflection_epoch": 2})
+    assert resolved_loss(with_corrector).start_epoch == 2
+    assert resolved_loss(SegTrainConfig(loss={"name": "curriculum", "start_epoch": 7})).start_epoch == 7
+
+
 # --- robust early-learning ---------------------------------------------------------------------------------------
 
 def _toy_model() -> tuple[nn.Linear, nn.Parameter]:

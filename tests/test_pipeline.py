@@ -74,6 +74,7 @@ def test_every_stage_completes_on_s3(pipeline_run: dict[str, Any]) -> None:
     metrics = storage.read_json(storage.join(config.output, "metrics.json"))
     assert 0.0 <= metrics["val_miou"] <= 1.0
     assert set(metrics["pseudo_mask_miou"]) == {"cam", "pseudo"}
+    assert metrics["ground_truth"] == {"train": "SegmentationClassAug", "val": "SegmentationClass"}
     # background-only: IoU(bg) = bg pixels / all labelled pixels, divided by the number of classes present.
     assert 0.0 < metrics["background_only_miou"] < 0.5
     report = storage.read_text(pipeline_run["summaries"]["evaluate"]["report_uri"])

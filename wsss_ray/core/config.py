@@ -16,7 +16,17 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Tag,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -95,6 +105,27 @@ class DatasetConfig(StrictModel):
     max_images: PositiveInt | None = None
     # When set and ``root`` holds no dataset yet, the toy dataset is generated there first.
     generate: ToyDatasetConfig | None = None
+    # VOC: what the val split is scored against. ``official``: ``SegmentationClass`` (VOC's own masks, 255 void
+    # band ignored; IRN's convention, and the devkit's) where present, else ``SegmentationClassAug``; ``aug``:
+    # ``SegmentationClassAug`` first (BANA's and CDSP's convention). The train split (pseudo-mask scores) always
+    # prefers ``SegmentationClassAug``, which covers all 10,582 train_aug images. COCO: ``official`` only.
+    val_ground_truth: Literal["official", "aug"] = "official"
+
+    @model_validator(mode="after")
+    def _ground_truth_fits_format(self) -> DatasetConfig:
+        if self.format == "coco" and self.val_ground_truth != "official":
+            raise ValueError("dataset.val_ground_truth: 'aug' names VOC's SegmentationClassAug; COCO's ground "
+                             "truth is rendered from its instance annotations (use 'official')")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_without_default_ground_truth(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The section's dump is the ingest stage key: leaving the field out at its default keeps every existing
+        # config's key (and so every stage after it) as it was before the field existed.
+        data = handler(self)
+        if data.get("val_ground_truth") == "official":
+            del data["val_ground_truth"]
+        return data
 
 
 # --------------------------------------------------------------------------------------------- runtime

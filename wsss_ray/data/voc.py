@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -27,11 +28,20 @@ def check_label_map(labels: np.ndarray, uri: str, num_classes: int, image_hw: tu
         raise BadItemError(uri, f"{what} label values out of range 0..{num_classes - 1} or {IGNORE_LABEL}: {bad}")
 
 
-class VocReader:
-    """Lists a VOC split on the driver (``items``) and parses/validates one image in a worker (``parse``)."""
+GROUND_TRUTH_FOLDERS = ("SegmentationClassAug", "SegmentationClass")
 
-    def __init__(self, root: str) -> None:
+
+class VocReader:
+    """Lists a VOC split on the driver (``items``) and parses/validates one image in a worker (``parse``).
+
+    A record's ``mask_uri`` is the first of ``SegmentationClassAug``, ``SegmentationClass`` that holds the image,
+    except for the ``official_splits`` (the val split under ``dataset.val_ground_truth: official``), which look in
+    ``SegmentationClass`` (VOC's own masks, with the void band) first.
+    """
+
+    def __init__(self, root: str, official_splits: Collection[str] = ()) -> None:
         self.root = root.rstrip("/")
+        self.official_splits = frozenset(official_splits)
 
     def _uri(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
@@ -65,7 +75,8 @@ class VocReader:
         height, width = decode_image(storage.read_bytes(image_uri), image_uri).shape[:2]
 
         mask_uri: str | None = None
-        for folder in ("SegmentationClassAug", "SegmentationClass"):
+        folders = GROUND_TRUTH_FOLDERS[::-1] if split in self.official_splits else GROUND_TRUTH_FOLDERS
+        for folder in folders:
             candidate = self._uri(folder, f"{image_id}.png")
             if storage.exists(candidate):
                 mask_uri = candidate

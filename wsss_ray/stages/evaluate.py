@@ -29,7 +29,7 @@ from wsss_ray.methods.registry import GENERATORS
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.models.weights import load_weights
 from wsss_ray.report.html import write_report
-from wsss_ray.stages.ingest import load_failures
+from wsss_ray.stages.ingest import ground_truth_sources, load_failures, load_manifest
 
 
 def crf_postprocess(image: np.ndarray, probs: np.ndarray, params: CrfConfig, min_prob: float = 0.01) -> np.ndarray:
@@ -131,9 +131,21 @@ def evaluate_and_report(config: PipelineConfig, dirs: dict[str, StageDir], summa
         score_split=config.dataset.val_split, use_gpu=config.evaluate.use_gpu)
     titles = _scored_titles(config, summaries)
     metrics = run_metrics(config, dirs, summaries, result, names, titles)
+    metrics["ground_truth"] = _ground_truth(config, dirs["ingest"])
     storage.write_json(stage.path("metrics.json"), metrics)
     report_uri = _write_report(config, dirs, summaries, result, metrics, samples, titles)
     return {"metrics": metrics, "report_uri": report_uri, "evaluated": result["images"]}
+
+
+def _ground_truth(config: PipelineConfig, ingest: StageDir) -> dict[str, str | None]:
+    """Which ground truth each split was scored against (train: the pseudo-masks; val: the segmentation)."""
+    ds = config.dataset
+    sources = ground_truth_sources(load_manifest(ingest), [ds.train_split, ds.val_split], ds.format)
+    val = sources.get(ds.val_split)
+    if ds.format == "voc" and ds.val_ground_truth == "official" and val not in (None, "SegmentationClass"):
+        # SegmentationClass missing for some val images, or a manifest built before the option existed.
+        log("evaluate", f"val scored against {val}, not SegmentationClass (dataset.val_ground_truth: official)")
+    return sources
 
 
 def _scored_titles(config: PipelineConfig, summaries: dict[str, Any]) -> dict[str, str]:
@@ -198,6 +210,8 @@ def _write_report(config: PipelineConfig, dirs: dict[str, StageDir], summaries: 
         tables={"IoU per class": {k: v for k, v in metrics["per_class_iou"].items() if v}},
         samples=report_samples, curves=curves, failures=_failures(dirs, summaries, result),
         notes=["Pseudo-mask scores are on the training images (the WSSS convention); segmentation on val.",
+               "Ground truth: " + ", ".join(f"{split} → {source}" for split, source in
+                                            metrics["ground_truth"].items() if source) + " (255 = void, ignored).",
                "Pixels a pseudo-mask marks uncertain (255) count as background in its score."])
 
 

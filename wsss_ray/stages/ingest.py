@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from typing import Any
 
 import pyarrow as pa
@@ -36,7 +37,32 @@ FAILURES_SCHEMA = pa.schema([("image_id", pa.string()), ("split", pa.string()), 
 
 
 def make_reader(config: DatasetConfig) -> VocReader | CocoReader:
-    return VocReader(config.root) if config.format == "voc" else CocoReader(config.root)
+    if config.format == "coco":
+        return CocoReader(config.root)
+    # A split that is both train and val keeps the train rule: its pseudo-masks are scored on the same records.
+    official = config.val_ground_truth == "official" and config.val_split != config.train_split
+    return VocReader(config.root, official_splits=[config.val_split] if official else [])
+
+
+def ground_truth_sources(records: list[ManifestRecord], splits: list[str], fmt: str) -> dict[str, str | None]:
+    """Per split, what its records' ``mask_uri`` point at (metrics.json's ``ground_truth``), read from the
+    records themselves so that it is true of the manifest the scores used, whatever the config says now.
+
+    VOC: the folder (``SegmentationClass`` / ``SegmentationClassAug``; a mix is listed with counts); COCO: the
+    instance annotations the masks were rendered from; None when no record of the split has ground truth.
+    """
+    out: dict[str, str | None] = {}
+    for split in dict.fromkeys(splits):
+        uris = [r["mask_uri"] for r in records if r["split"] == split and r["mask_uri"]]
+        if not uris:
+            out[split] = None
+        elif fmt == "coco":
+            out[split] = f"annotations/instances_{split}.json (rendered at ingest)"
+        else:
+            folders = Counter(uri.rstrip("/").split("/")[-2] for uri in uris)
+            out[split] = " + ".join(f"{name} ({n})" for name, n in sorted(folders.items())) \
+                if len(folders) > 1 else next(iter(folders))
+    return out
 
 
 def _parse(item: dict[str, Any], reader: VocReader | CocoReader, masks_out_uri: str) -> dict[str, Any]:

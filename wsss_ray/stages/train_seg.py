@@ -24,6 +24,7 @@ from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import read_image, read_label
 from wsss_ray.data.transforms import apply_geometry, random_geometry
 from wsss_ray.methods.mspn.seeds import MAX_PROPOSAL_LABELS
+from wsss_ray.methods.out.config import OutCorrectorConfig
 from wsss_ray.methods.registry import CORRECTORS, SEGMENTATION_OBJECTIVES, map_padding, segmentation_maps
 from wsss_ray.methods.robust.early_learning import EarlyLearning
 from wsss_ray.models.deeplab import build_segmentation_model
@@ -101,12 +102,22 @@ def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: S
     return {**export_model(result, stage), "images": len(records)}
 
 
+def resolved_loss(config: SegTrainConfig) -> Any:
+    """``train_seg.loss`` with ``start_epoch: inflection`` (curriculum) replaced by the corrector's inflection
+    epoch, or OuT's default one when there is no corrector."""
+    loss = config.loss
+    if getattr(loss, "start_epoch", None) == "inflection":
+        corrector = config.corrector or OutCorrectorConfig()
+        loss = loss.model_copy(update={"start_epoch": corrector.inflection_epoch})
+    return loss
+
+
 def _objective(config: SegTrainConfig, num_classes: int) -> nn.Module:
     # φ's width is the model's, so build a throwaway model to read it only when the objective needs it (LoRM).
     width = 0
     if config.loss.name == "cdsp" and config.loss.lorm:
         width = build_segmentation_model(config.model, num_classes).classifier_weight().shape[1]
-    return SEGMENTATION_OBJECTIVES.build(config.loss, num_classes, width)
+    return SEGMENTATION_OBJECTIVES.build(resolved_loss(config), num_classes, width)
 
 
 def _hooks(config: SegTrainConfig, model: nn.Module, stage_uri: str) -> list[TrainHook]:

@@ -148,6 +148,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     ray.train.get_dataset_shard("train"), device, world, batch_size, steps)
     tensorboard = TensorBoardLog(storage.join(spec.stage_uri, "tensorboard")) if rank == 0 else None
     for epoch in range(start_epoch, spec.epochs):
+        # An objective with an epoch schedule (like DistributedSampler.set_epoch) learns which epoch this is.
+        if hasattr(step.objective, "set_epoch"): step.objective.set_epoch(epoch)
         metrics = train_one_epoch(run, epoch)
         if spec.validates(epoch):
             metrics["val_miou"] = validate(step.model, spec.num_classes, device)

@@ -13,7 +13,10 @@ class OutCorrectorConfig(StrictModel):
     """OuT: an EMA teacher (v = 0.999) corrects the pseudo-masks from the inflection epoch on."""
 
     name: Literal["out"] = "out"
-    # Epoch (1-based) from which masks are corrected; OuT sees the inflection at 3-5 and uses 4.
+    # Number of epochs trained on the raw pseudo-masks before correction starts: corrections run from 0-based
+    # epoch ``inflection_epoch`` on (the 5th epoch when counting from 1). OuT: "the correct timing selects the 4
+    # epoch" (the inflection it sees at 3-5), i.e. after 4 completed epochs (the paper's teacher share
+    # 0.999^(4·1058) = 1.4% of its initial weights is this reading).
     inflection_epoch: PositiveInt = 4
     strategy: Literal["replace", "ema", "nnss"] = "nnss"
     # online: correct the original pseudo-mask each time; cumulative: the corrected mask is carried forward.
@@ -32,3 +35,8 @@ class OutCorrectorConfig(StrictModel):
     # half the cost where the hardware runs bf16 natively. ``auto``: bfloat16 on such hardware (CUDA with bf16,
     # CPUs with AVX-512 BF16 / AMX), float32 elsewhere (emulated bf16 would be slower).
     teacher_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # The teacher's BatchNorm statistics. The paper is silent (Eq. 1 averages "the parameters"). ``ema``: float
+    # buffers (running mean/var) follow the same lerp as the weights, integer ones (num_batches_tracked) are
+    # copied (timm's ModelEma): the eval-mode teacher's statistics then describe the averaged weights, not the
+    # current student. ``copy``: every buffer copied from the student (torch AveragedModel / mmengine default).
+    teacher_buffers: Literal["ema", "copy"] = "ema"

@@ -23,6 +23,7 @@ from wsss_ray.core.labels import IGNORE_LABEL
 from wsss_ray.core.torch_helpers import unwrap
 
 STRATEGIES = ("replace", "ema", "nnss")
+BUFFER_MODES = ("ema", "copy")
 
 
 class EmaTeacher:
@@ -32,6 +33,10 @@ class EmaTeacher:
     correction. The teacher is a deep copy of the student (same device and dtypes) held in eval mode with
     ``requires_grad`` False, so it never enters the student's autograd graph or optimiser.
 
+    ``buffers`` (keyword-only): ``"ema"`` (default) averages the floating-point buffers (BatchNorm running
+    mean/var) with the same v and copies the others (``num_batches_tracked``); ``"copy"`` copies every buffer
+    from the student. The paper is silent on buffers; see ``OutCorrectorConfig.teacher_buffers``.
+
     ``step`` counts the updates applied. ``warmup`` (keyword-only, off by default = the paper) uses the
     effective decay ``min(v, (1 + step)/(10 + step))`` (TensorFlow's ``ExponentialMovingAverage`` with
     ``num_updates``), so that early on the teacher follows the student instead of its initialisation; OuT needs
@@ -39,10 +44,14 @@ class EmaTeacher:
     over thousands of steps has long forgotten the initial weights.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: bool = False) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: bool = False,
+                 buffers: str = "ema") -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if buffers not in BUFFER_MODES:
+            raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
         self.decay = decay
+        self.buffers = buffers
         self.warmup = warmup
         self.step = 0
         self.model = copy.deepcopy(unwrap(model))
@@ -62,9 +71,9 @@ class EmaTeacher:
     def update(self, model: nn.Module) -> None:
         """One EMA step from the (possibly DDP-wrapped) student: θ_ema ← v·θ_ema + (1 − v)·θ, in place.
 
-        Buffers are copied from the student rather than averaged (the mean-teacher convention, Tarvainen &
-        Valpola 2017 / MixTraining): BatchNorm running statistics are already running averages of the student's
-        activations, and integer buffers such as ``num_batches_tracked`` cannot be averaged.
+        Buffers: with ``buffers="ema"`` every floating-point buffer b follows the same b_ema ← v·b_ema + (1 − v)·b
+        (the statistics then belong to the averaged weights the eval-mode teacher runs); integer buffers such as
+        ``num_batches_tracked`` cannot be averaged and are copied. ``buffers="copy"`` copies them all.
         """
         student = unwrap(model)
         teacher_params = dict(self.model.named_parameters())
@@ -76,16 +85,21 @@ class EmaTeacher:
                                                                          | student_buffers.keys())
             raise ValueError(f"student and teacher differ in parameters/buffers: {sorted(missing)[:5]}")
         v = self.current_decay()
-        names = list(teacher_params)
-        ema = [teacher_params[name] for name in names]
+        averaged = list(teacher_params)
+        copied = []
+        for name, buffer in teacher_buffers.items():
+            (averaged if self.buffers == "ema" and buffer.is_floating_point() else copied).append(name)
+        teacher_tensors = {**teacher_params, **teacher_buffers}
+        student_tensors = {**student_params, **student_buffers}
+        ema = [teacher_tensors[name] for name in averaged]
         # .to(dtype) so a student converted to another precision still averages into the teacher's dtype.
-        online = [student_params[name].detach().to(ema_p.dtype) for name, ema_p in zip(names, ema)]
+        online = [student_tensors[name].detach().to(ema_t.dtype) for name, ema_t in zip(averaged, ema)]
         # One foreach lerp: θ_ema + (1 − v)(θ − θ_ema) = v·θ_ema + (1 − v)·θ in a single pass over the weights,
         # fused per dtype/device instead of launches for each of the hundreds of tensors of a DeepLab.
         if ema:  # foreach ops reject empty lists (a parameter-free network)
             torch._foreach_lerp_(ema, online, 1.0 - v)
-        for name, buffer in teacher_buffers.items():
-            buffer.copy_(student_buffers[name])
+        for name in copied:
+            teacher_buffers[name].copy_(student_buffers[name])
         self.step += 1
 
     @torch.no_grad()

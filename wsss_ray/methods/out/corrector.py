@@ -54,14 +54,15 @@ def _channels_last(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype != torch.float32 and device.type == "cpu"
 
 
-def build_teacher(model: nn.Module, decay: float, precision: str) -> tuple[EmaTeacher, torch.dtype]:
+def build_teacher(model: nn.Module, decay: float, precision: str,
+                  buffers: str = "ema") -> tuple[EmaTeacher, torch.dtype]:
     """OuT's EMA teacher of ``model`` and the dtype its forward runs in (``teacher_precision`` resolved).
 
     A bf16 teacher on CPU keeps its weights channels-last to match the inputs ``teacher_probabilities`` gives it.
     """
     device = next(iter(model.parameters()), torch.empty(0)).device
     dtype = teacher_dtype(precision, device)
-    teacher = EmaTeacher(model, decay)
+    teacher = EmaTeacher(model, decay, buffers=buffers)
     if _channels_last(dtype, device):
         teacher.model.to(memory_format=torch.channels_last)
     return teacher, dtype
@@ -96,11 +97,13 @@ class OnlineCorrector(TrainHook):
 
     def __init__(self, config: OutCorrectorConfig, model: nn.Module, stage_uri: str) -> None:
         self.config = config
-        self.teacher, self.dtype = build_teacher(model, config.ema_decay, config.teacher_precision)
+        self.teacher, self.dtype = build_teacher(model, config.ema_decay, config.teacher_precision,
+                                                 config.teacher_buffers)
         self.store = storage.join(stage_uri, STORE)
 
     def active(self, epoch: int) -> bool:
-        """Correction starts once ``inflection_epoch`` epochs have been trained on the pseudo-masks."""
+        """Whether 0-based ``epoch`` corrects: from epoch ``inflection_epoch`` on, i.e. once that many epochs have
+        been trained on the raw pseudo-masks (OuT's "4 epoch": corrections from the 5th epoch counted from 1)."""
         return epoch >= self.config.inflection_epoch
 
     def reset_store(self) -> None:

@@ -27,10 +27,20 @@ class SymmetricCrossEntropyConfig(StrictModel):
 
 
 class CurriculumConfig(StrictModel):
-    """Noise-pruned curriculum loss: the fraction ϵ of labelled pixels with the largest loss is dropped."""
+    """Noise-pruned curriculum loss: the fraction ϵ of labelled pixels with the largest loss is dropped.
+
+    OuT says nothing on over which set or from when; the defaults (the whole batch, from the first step) are our
+    reading of "discards the samples with large loss values at a certain rate ϵ".
+    """
 
     name: Literal["curriculum"] = "curriculum"
     epsilon: Fraction = 0.25
+    # 0-based epoch from which pixels are dropped; before it the loss is the plain CE mean. ``inflection``: the
+    # corrector's ``inflection_epoch`` (OuT's 4 without a corrector), when the net starts to memorise noise.
+    start_epoch: Annotated[int, Field(ge=0)] | Literal["inflection"] = 0
+    # ``batch``: floor(ϵ·n) of all n labelled pixels of the batch; ``class``: floor(ϵ·n_c) of each class's n_c,
+    # so rarer, harder classes (foreground) are not the ones pruned wholesale.
+    rank: Literal["batch", "class"] = "batch"
 
 
 class EarlyLearningConfig(StrictModel):

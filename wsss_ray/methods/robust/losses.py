@@ -6,7 +6,6 @@ Pure functions over tensors (conventions: ``wsss_ray.core.pixel_losses``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -58,7 +57,8 @@ def symmetric_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: f
     return alpha * masked_mean(ce, labelled) + beta * masked_mean(rce, labelled)
 
 
-def curriculum_cross_entropy(logits: torch.Tensor, target: torch.Tensor, epsilon: float = 0.25) -> torch.Tensor:
+def curriculum_cross_entropy(logits: torch.Tensor, target: torch.Tensor, epsilon: float = 0.25,
+                             rank: str = "batch") -> torch.Tensor:
     """Noise-pruned curriculum loss (Lyu & Tsang 2019, as used by OuT): CE with the largest-loss pixels pruned.
 
     Per-pixel ``ℓ_i = −log p_{y_i}`` over the n labelled pixels of the batch; the ``floor(ϵ·n)`` pixels with the
@@ -66,29 +66,42 @@ def curriculum_cross_entropy(logits: torch.Tensor, target: torch.Tensor, epsilon
     detached losses (it is a hard choice of pixels, not differentiated through), so dropped pixels get no gradient.
 
     Our reading: OuT says "discards the samples with large loss values at a certain rate ϵ" without saying over
-    which set; we rank all labelled pixels of the batch together (one pixel = one sample), not per image. Ties at
-    the cut are broken arbitrarily (they do not change the value). 255 pixels are neither ranked nor counted.
+    which set. ``rank="batch"`` (default) ranks all labelled pixels of the batch together (one pixel = one
+    sample), not per image; ``rank="class"`` drops ``floor(ϵ·n_c)`` of the ``n_c`` pixels labelled c, for each
+    class c. Either way the mean is over every kept pixel. Ties at the cut are broken arbitrarily (they do not
+    change the value). 255 pixels are neither ranked nor counted.
 
     Args:
         logits: (N, C, H, W) segmentation scores.
         target: (N, H, W) int64 labels, 255 = ignore.
         epsilon: ϵ ∈ [0, 1], the fraction of labelled pixels dropped (OuT: 0.25).
+        rank: ``"batch"`` or ``"class"``: the set each fraction is taken of.
 
     Returns:
         Scalar float32 loss; 0 (with a gradient path) when no pixel is labelled or every pixel is dropped.
     """
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    if rank not in ("batch", "class"):
+        raise ValueError(f"rank must be 'batch' or 'class', got {rank!r}")
     check_label_map(logits, target, "target")
     _, log_p_target, labelled = pixel_log_probs(logits, target)
     ce = (-log_p_target).flatten()
     labelled = labelled.flatten()
-    # Rank on device without reading n back to the host: ignored pixels sort last (−inf), and the rank of each
-    # pixel in descending-loss order is compared with k = floor(ϵ·n) as a tensor.
-    score = torch.where(labelled, ce.detach(), torch.full_like(ce, -math.inf))
-    order = torch.argsort(score, descending=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    num_dropped = torch.floor(epsilon * labelled.sum().to(torch.float64)).to(torch.int64)
-    kept = labelled & (rank >= num_dropped)
+    # Groups: one per class ("class") or one for the batch; ignored pixels form a group of their own (never kept).
+    num_classes = logits.shape[1]
+    group = target.flatten().long() if rank == "class" else torch.zeros_like(labelled, dtype=torch.int64)
+    group = torch.where(labelled, group, torch.full_like(group, num_classes))
+    # Rank on device without reading counts back to the host: sort by descending loss, then (stably) by group,
+    # so each group's pixels are contiguous in descending-loss order; a pixel's rank in its group is its position
+    # minus the group's start, compared with k_g = floor(ϵ·n_g) as a tensor.
+    by_loss = torch.argsort(ce.detach(), descending=True, stable=True)
+    order = by_loss[torch.argsort(group[by_loss], stable=True)]
+    counts = torch.bincount(group, minlength=num_classes + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    rank_in_group = position - starts[group]
+    num_dropped = torch.floor(epsilon * counts.to(torch.float64)).to(torch.int64)
+    kept = labelled & (rank_in_group >= num_dropped[group])
     return masked_mean(ce, kept)

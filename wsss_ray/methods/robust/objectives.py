@@ -39,5 +39,26 @@ class SceObjective(PixelLossObjective):
 
 
 class CurriculumObjective(PixelLossObjective):
+    """The curriculum loss from ``start_epoch`` on, the plain CE mean before it. The trainer tells it the epoch
+    through :meth:`set_epoch` (like ``DistributedSampler.set_epoch``)."""
+
     def __init__(self, config: CurriculumConfig, num_classes: int = 0, feature_channels: int = 0) -> None:
-        super().__init__(lambda logits, target: curriculum_cross_entropy(logits, target, config.epsilon))
+        if config.start_epoch == "inflection":
+            raise ValueError("train_seg.loss.start_epoch: 'inflection' must be resolved to an epoch by the "
+                             "train_seg stage before the objective is built")
+        super().__init__(self._loss)
+        self.config = config
+        self.start_epoch = int(config.start_epoch)
+        self.epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The 0-based epoch the coming steps belong to."""
+        self.epoch = epoch
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.start_epoch and self.epoch is None:
+            raise RuntimeError(f"train_seg.loss.start_epoch is {self.start_epoch}, but the trainer never called "
+                               "set_epoch on the curriculum objective")
+        # ϵ = 0 drops nothing: the plain CE mean over labelled pixels.
+        epsilon = self.config.epsilon if (self.epoch or 0) >= self.start_epoch else 0.0
+        return curriculum_cross_entropy(logits, target, epsilon, self.config.rank)
