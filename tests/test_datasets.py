@@ -446,18 +446,21 @@ def test_val_ground_truth_official_reads_segmentation_class_for_val_only(broken_
         "val": "SegmentationClass (3) + SegmentationClassAug (1)"}
 
 
-def test_val_ground_truth_default_leaves_the_ingest_key_alone() -> None:
+def test_val_ground_truth_is_in_the_ingest_key_where_it_changes_the_manifest() -> None:
     from wsss_ray.core.config import DatasetConfig, config_hash
+    from wsss_ray.pipeline import ingest_key
 
-    default = DatasetConfig(root="r")
-    assert "val_ground_truth" not in default.model_dump(mode="json")
-    # The key of a config written before the field existed (the same dump, by hand).
-    old = {"format": "voc", "root": "r", "train_split": "train_aug", "val_split": "val", "supervision": "tags",
-           "max_images": None}
-    assert config_hash(default.model_dump(mode="json", exclude={"generate"})) == config_hash(old)
-    chosen = DatasetConfig(root="r", val_ground_truth="aug")
-    assert config_hash(chosen.model_dump(mode="json", exclude={"generate"})) != config_hash(old)
-    assert DatasetConfig.model_validate(chosen.model_dump()).val_ground_truth == "aug"  # round trip
+    # The key of a config written before the field existed (the same dump, by hand): its manifests scored val
+    # against SegmentationClassAug, which is what ``aug`` does, so ``aug`` keeps that key and ``official`` does not.
+    old = config_hash({"format": "voc", "root": "r", "train_split": "train_aug", "val_split": "val",
+                       "supervision": "tags", "max_images": None})
+    assert ingest_key(DatasetConfig(root="r", val_ground_truth="aug")) == old
+    assert ingest_key(DatasetConfig(root="r")) != old
+    # COCO has one ground truth: the field changes nothing there, nor its key.
+    coco = {"format": "coco", "root": "r", "train_split": "train_aug", "val_split": "val", "supervision": "tags",
+            "max_images": None}
+    assert ingest_key(DatasetConfig(root="r", format="coco")) == config_hash(coco)
+    assert DatasetConfig.model_validate(DatasetConfig(root="r").model_dump()).val_ground_truth == "official"
     with pytest.raises(ValueError, match="val_ground_truth"):
         DatasetConfig(root="r", format="coco", val_ground_truth="aug")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from wsss_ray.config import PipelineConfig, config_hash
 from wsss_ray.core import storage
+from wsss_ray.core.config import DatasetConfig
 from wsss_ray.core.progress import log
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import class_names as dataset_class_names
@@ -43,6 +44,16 @@ def _model_sha(stage: StageDir) -> str | None:
     return stage.summary().get("model_sha256") if stage.is_complete() else None
 
 
+def ingest_key(dataset: DatasetConfig) -> str:
+    """The ingest stage's key: the dataset section without the toy generator's settings (they made the data, the
+    data is what counts). ``val_ground_truth`` counts where it changes the manifest: on VOC with ``official``;
+    ``aug`` reproduces the manifests made before the field existed, so it keeps their keys."""
+    exclude = {"generate"}
+    if dataset.format == "coco" or dataset.val_ground_truth == "aug":
+        exclude.add("val_ground_truth")
+    return config_hash(dataset.model_dump(mode="json", exclude=exclude))
+
+
 def stage_dirs(config: PipelineConfig) -> dict[str, StageDir]:
     """Stage directories keyed by their config, everything upstream, and the checkpoints they consume.
 
@@ -50,8 +61,7 @@ def stage_dirs(config: PipelineConfig) -> dict[str, StageDir]:
     retrained weights never meet outputs made with other ones. Call again after a training stage finishes.
     """
     out = config.output
-    dirs = {"ingest": StageDir.create(out, "ingest", config_hash(config.dataset.model_dump(
-        mode="json", exclude={"generate"})))}
+    dirs = {"ingest": StageDir.create(out, "ingest", ingest_key(config.dataset))}
     dirs["train_cls"] = StageDir.create(out, "train_cls", config_hash(
         dirs["ingest"].key, _without_workers(config.train_cls), config.dataset.supervision))
     dirs["pseudo_labels"] = StageDir.create(out, "pseudo_labels", config_hash(

@@ -21,10 +21,8 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    SerializerFunctionWrapHandler,
     Tag,
     ValidationError,
-    model_serializer,
     model_validator,
 )
 
@@ -117,15 +115,6 @@ class DatasetConfig(StrictModel):
             raise ValueError("dataset.val_ground_truth: 'aug' names VOC's SegmentationClassAug; COCO's ground "
                              "truth is rendered from its instance annotations (use 'official')")
         return self
-
-    @model_serializer(mode="wrap")
-    def _dump_without_default_ground_truth(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # The section's dump is the ingest stage key: leaving the field out at its default keeps every existing
-        # config's key (and so every stage after it) as it was before the field existed.
-        data = handler(self)
-        if data.get("val_ground_truth") == "official":
-            del data["val_ground_truth"]
-        return data
 
 
 # --------------------------------------------------------------------------------------------- runtime
