@@ -131,3 +131,54 @@ def test_shipped_method_configs_validate() -> None:
     assert names["demo_mspn.yaml"].pseudo_labels.generator.name == "multi_seed"
     assert names["demo_out.yaml"].train_seg.corrector is not None
     assert names["demo_ktse.yaml"].train_cls.loss.name == "ktse"
+
+
+_MINIMAL = "output: out\ndataset: {root: data}\n"
+
+
+def test_segmenter_classifier_follows_the_loss(tmp_path: Path) -> None:
+    boxes = ("output: out\ndataset: {root: data, supervision: boxes}\npseudo_labels: {generator: {name: box}}\n"
+             "train_seg:\n  loss: {name: nal}\n")
+    nal = load_config(write(tmp_path, boxes))
+    assert nal.train_seg.model.classifier == "cosine" and nal.train_seg.model.cosine_scale == 20.0
+    assert nal.train_seg.loss.detach_sigma is False  # type: ignore[union-attr]
+    explicit = load_config(write(tmp_path, boxes), ["train_seg.model.classifier=conv"])
+    assert explicit.train_seg.model.classifier == "conv"
+    # A dump reads back to the same config (the conv choice of a NAL run is written out).
+    again = PipelineConfig.model_validate(explicit.model_dump(mode="json"))
+    assert again.train_seg.model.classifier == "conv"
+    assert load_config(write(tmp_path, _MINIMAL)).train_seg.model.classifier == "conv"
+    assert load_config(write(tmp_path, _MINIMAL), ["train_seg.model.classifier=auto"]).train_seg.model.classifier \
+        == "conv"
+
+
+def test_new_model_fields_keep_old_stage_keys(tmp_path: Path) -> None:
+    # The classifier fields are left out of the dump at conv/20.0, so a config from before them keeps its key.
+    config = load_config(write(tmp_path, _MINIMAL))
+    dumped = config.train_seg.model_dump(mode="json")
+    assert "classifier" not in dumped["model"] and "cosine_scale" not in dumped["model"]
+    cosine = load_config(write(tmp_path, _MINIMAL), ["train_seg.model.classifier=cosine"])
+    assert cosine.train_seg.model_dump(mode="json")["model"]["classifier"] == "cosine"
+    assert config_hash(cosine.train_seg) != config_hash(config.train_seg)
+
+
+def test_crf_defaults_and_presets(tmp_path: Path) -> None:
+    def crf_tuple(crf: object) -> tuple[float, ...]:
+        return tuple(getattr(crf, k) for k in ("iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy",
+                                                "bilateral_srgb", "bilateral_compat"))
+
+    config = load_config(write(tmp_path, _MINIMAL))
+    # CAM generators: PSA (tool/imutils.py crf_inference: Gaussian 3/3, bilateral 80/13/10, 10 iterations).
+    assert crf_tuple(config.pseudo_labels.generator.crf) == (10, 3, 3, 80, 13, 10)
+    assert config.evaluate.crf is None  # no post-processing unless asked for
+    # evaluate.crf: {} → DeepLab-v2 ResNet (voc12.yaml / BANA stage3_res.yml: bilateral 4/67/3, Gaussian 3/1).
+    enabled = load_config(write(tmp_path, _MINIMAL + "evaluate: {crf: {}}\n"))
+    assert crf_tuple(enabled.evaluate.crf) == (10, 1, 3, 67, 3, 4)
+    irn = load_config(write(tmp_path, _MINIMAL + "evaluate: {crf: {preset: irn, iterations: 5}}\n"))
+    assert crf_tuple(irn.evaluate.crf) == (5, 3, 3, 50, 5, 10)
+    vgg = load_config(write(tmp_path, _MINIMAL + "pseudo_labels: {generator: {crf: {preset: deeplab_v1_vgg}}}\n"))
+    assert crf_tuple(vgg.pseudo_labels.generator.crf) == (10, 3, 3, 121, 5, 4)
+    partial = load_config(write(tmp_path, _MINIMAL + "pseudo_labels: {generator: {crf: {bilateral_sxy: 30}}}\n"))
+    assert crf_tuple(partial.pseudo_labels.generator.crf) == (10, 3, 3, 30, 13, 10)
+    with pytest.raises(ConfigError, match=r"cfg.yaml: evaluate.crf: .*unknown CRF preset 'nope'"):
+        load_config(write(tmp_path, _MINIMAL + "evaluate: {crf: {preset: nope}}\n"))

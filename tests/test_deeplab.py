@@ -273,3 +273,30 @@ def test_bf16_autocast_forward(name: str) -> None:
         out = model(images(1, 33, 31), with_features=True)
     assert out["logits"].shape == (1, CLASSES, 33, 31)
     assert torch.isfinite(out["logits"].float()).all() and torch.isfinite(out["features"].float()).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cosine_head_is_scaled_cosine_of_phi_and_w(name: str) -> None:
+    # BANA footnote 4 / stage3_vgg.py: logits_c(p) = τ·⟨φ(p)/‖φ(p)‖, W_c/‖W_c‖⟩, no bias, τ = 20.
+    torch.manual_seed(0)
+    config = SegModelConfig(name=name, backbone=BackboneConfig(name="resnet_tiny", output_stride=16),
+                            aspp_channels=CHANNELS, classifier="cosine")
+    model = build_segmentation_model(config, CLASSES).eval()
+    assert model.final_conv.bias is None and model.cosine_scale == 20.0
+    assert float(model.final_conv.weight.detach().std()) == pytest.approx(0.01, rel=0.5)  # N(0, 0.01²) init
+    phi = model(images(1, 64, 64), with_features=True)["features"][0].detach().numpy()
+    weight = model.classifier_weight().detach().numpy()
+    assert weight.shape == (CLASSES, CHANNELS)  # the W the cosine uses, for NAL's σ
+    low_res = model.classify(torch.from_numpy(phi)[None])[0].detach().numpy()
+    for i, j in [(0, 0), (1, 2), (3, 3)]:
+        f = phi[:, i, j]
+        for c in range(CLASSES):
+            w = weight[c]
+            expected = 20.0 * float((f * w).sum()) / (max(float((f * f).sum()) ** 0.5, 1e-12)
+                                                      * max(float((w * w).sum()) ** 0.5, 1e-12))
+            assert low_res[c, i, j] == pytest.approx(expected, abs=1e-4)
+    # A conv model built from the same seed is unchanged by the option's existence (same initial weights).
+    torch.manual_seed(0)
+    plain = build_segmentation_model(config.model_copy(update={"classifier": "conv"}), CLASSES)
+    assert plain.cosine_scale is None and plain.final_conv.bias is not None
+    assert torch.equal(make(name, stride=16).backbone.conv1.weight, plain.backbone.conv1.weight)

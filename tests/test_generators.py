@@ -15,6 +15,7 @@ import torch
 from wsss_ray.config import ClassifierTrainConfig, ConfigError, parse_config
 from wsss_ray.methods.bana.boxes import (
     background_attention,
+    box_constrained_argmax,
     box_fill,
     box_unaries,
     boxes_array,
@@ -124,21 +125,85 @@ def test_box_fill_puts_smaller_boxes_on_top() -> None:
     assert np.array_equal(mask, expected)
 
 
-def test_box_unaries_follow_eq5_and_eq7() -> None:
+def _box_case() -> tuple[np.ndarray, np.ndarray]:
+    """4×6 image, one class-3 box over rows 1-2, cols 1-2; raw attention at every pixel (spec issue 14, 3.4)."""
     cams = np.zeros((1, 4, 6), np.float32)
     cams[0, 1:3, 1:3] = [[0.2, 0.4], [0.1, 0.0]]
     cams[0, 0, 5] = 1.0  # outside the box: must not count in the max, nor appear in u_c
     attention = np.full((4, 6), 0.5, np.float32)
-    attention[2, 1] = 0.995  # confident background inside the box
+    attention[0, 0] = 0.8  # outside the box: sets max A, so τ = 0.99 · 0.8 = 0.792
+    attention[2, 1] = 0.795  # inside: kept (≥ τ), though an absolute 0.99 would have dropped it
+    return cams, attention
+
+
+def _softmax(*scores: float) -> list[float]:
+    exps = [math.exp(v) for v in scores]
+    return [e / sum(exps) for e in exps]
+
+
+def test_box_unaries_follow_bana_stage2() -> None:
+    # BANA stage2.py: A < 0.99·max A → 0 inside the boxes, u_c = CAM / max over the box, softmax inside boxes.
+    cams, attention = _box_case()
     probs = box_unaries(cams, [3], boxes_array([[3, 1, 1, 3, 3]]), attention, 0.99)
     assert probs.shape == (2, 4, 6) and np.allclose(probs.sum(0), 1.0)
-    assert np.allclose(probs[1][cams[0] == 1.0], 0.0) and probs[0, 0, 5] == 1.0  # outside: background
-    # (1,2): u_c = 0.4/0.4 = 1, u_0 = 0.5 → 1/1.5
-    assert probs[1, 1, 2] == pytest.approx(1 / 1.5)
-    # (2,1): u_0 = 1 (thresholded), u_c = 0.1/0.4 → 0.25/1.25
-    assert probs[1, 2, 1] == pytest.approx(0.25 / 1.25)
-    # (2,2): u_c = 0, u_0 = 0.5 → background certain
-    assert probs[0, 2, 2] == pytest.approx(1.0)
+    outside = np.ones((4, 6), bool)
+    outside[1:3, 1:3] = False
+    assert (probs[0][outside] == 1.0).all() and (probs[1][outside] == 0.0).all()  # (0,5) included
+    # (1,1): u_0 = 0 (0.5 < 0.792), u_c = 0.2/0.4 → softmax(0, 0.5) = (0.377541, 0.622459)
+    assert probs[:, 1, 1] == pytest.approx(_softmax(0.0, 0.5), abs=1e-6)
+    assert probs[0, 1, 1] == pytest.approx(0.377541, abs=1e-6)
+    # (1,2): softmax(0, 1) = (0.268941, 0.731059)
+    assert probs[0, 1, 2] == pytest.approx(0.268941, abs=1e-6)
+    # (2,1): u_0 = 0.795 kept, u_c = 0.25 → (0.632975, 0.367025)
+    assert probs[0, 2, 1] == pytest.approx(0.632975, abs=1e-6)
+    # (2,2): u_0 = 0, u_c = 0 → (0.5, 0.5); the earlier L1 reading made it certain background
+    assert probs[:, 2, 2] == pytest.approx([0.5, 0.5], abs=1e-6)
+
+
+def test_box_unaries_earlier_reading_is_an_option() -> None:
+    # absolute_pin + l1 + per_class: A ≥ 0.99 → 1, scores over their sum (the reading before issue 14).
+    cams, attention = _box_case()
+    attention[2, 1] = 0.995
+    probs = box_unaries(cams, [3], boxes_array([[3, 1, 1, 3, 3]]), attention, 0.99, "absolute_pin", "l1",
+                        "per_class")
+    assert probs[1, 1, 2] == pytest.approx(1 / 1.5)  # u_c 1, u_0 0.5
+    assert probs[1, 2, 1] == pytest.approx(0.25 / 1.25)  # u_0 pinned to 1
+    assert probs[0, 2, 2] == pytest.approx(1.0)  # u_c 0 → background certain
+
+
+def test_box_unaries_softmax_over_all_classes_and_box_mask() -> None:
+    # A class-5 box elsewhere: at (1,1) class 5 still takes part in the softmax with 0.
+    cams, attention = _box_case()
+    cams = np.concatenate([cams, np.zeros((1, 4, 6), np.float32)])
+    cams[1, 3, 4] = 0.7
+    boxes = boxes_array([[3, 1, 1, 3, 3], [5, 4, 3, 6, 4]])
+    probs = box_unaries(cams, [3, 5], boxes, attention, 0.99)
+    assert probs[:, 1, 1] == pytest.approx([0.274069, 0.451863, 0.274069], abs=1e-6)
+    # (3,4) and (3,5) in the class-5 box: u_5 = 0.7/0.7 = 1 and 0/0.7 = 0, u_0 = 0 (0.5 < τ), u_3 = 0.
+    assert probs[:, 3, 4] == pytest.approx(_softmax(0.0, 0.0, 1.0), abs=1e-6)
+    # A posterior with class 5 largest at (1,1), outside its box: the box mask (stage2.py) rules it out.
+    posterior = np.zeros((3, 4, 6), np.float32)
+    posterior[:, 1, 1] = [0.2, 0.3, 0.5]
+    posterior[:, 3, 4] = [0.3, 0.6, 0.1]
+    inside = np.zeros((2, 4, 6), bool)
+    inside[0, 1:3, 1:3] = True
+    inside[1, 3, 4:6] = True
+    y_crf = box_constrained_argmax(posterior, [3, 5], inside)
+    assert y_crf[1, 1] == 3 and y_crf[3, 4] == 0  # class 3 outside its box at (3,4): background wins
+
+
+def test_box_generator_defaults_are_bana_stage2() -> None:
+    config = BoxGeneratorConfig()
+    crf = config.crf
+    # configs/stage2.yml DCRF [4, 55, 3, 3, 3] = (bi_w, bi_xy_std, bi_rgb_std, pos_w, pos_xy_std), 10 iterations
+    assert (crf.bilateral_compat, crf.bilateral_sxy, crf.bilateral_srgb) == (4.0, 55.0, 3.0)
+    assert (crf.gaussian_compat, crf.gaussian_sxy, crf.iterations) == (3.0, 3.0, 10)
+    assert (config.bg_threshold, config.bg_threshold_mode, config.unary, config.cam_norm) == (
+        0.99, "relative_zero", "softmax", "per_box")
+    assert config.scales == [1.0] and config.flip is False
+    # A partial crf section keeps the rest of BANA's set, not the CAM generators' PSA set.
+    partial = BoxGeneratorConfig.model_validate({"crf": {"bilateral_sxy": 30}}).crf
+    assert (partial.bilateral_sxy, partial.bilateral_srgb, partial.bilateral_compat) == (30.0, 3.0, 4.0)
 
 
 def test_prototypes_and_retrieval_on_separable_features() -> None:

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from wsss_ray.methods.bana.nal import noise_aware_loss
@@ -278,7 +279,8 @@ def test_nal_upsamples_the_cosine_map_not_the_features() -> None:
     assert loss.item() == pytest.approx(0.1 * wce, rel=1e-6)
 
 
-def test_nal_sigma_is_detached_and_gradcheck() -> None:
+def test_nal_detach_sigma_option_and_gradcheck() -> None:
+    # detach_sigma=True: our earlier reading (the authors' code does not detach σ; see test_nal_cosine_head).
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     features = torch.randn(1, 5, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -286,11 +288,65 @@ def test_nal_sigma_is_detached_and_gradcheck() -> None:
     y_crf = torch.randint(0, 3, (1, 4, 4))
     y_crf[0, 0, :2] = 255
     y_ret = torch.where(torch.rand(1, 4, 4) < 0.5, y_crf, (y_crf + 1) % 3)
-    loss, _ = noise_aware_loss(logits, features, weight, y_crf, y_ret)
+    loss, _ = noise_aware_loss(logits, features, weight, y_crf, y_ret, detach_sigma=True)
     loss.backward()
     assert features.grad is None and weight.grad is None  # σ is a weight: no gradient reaches φ or W through it
     assert torch.autograd.gradcheck(
-        lambda x: noise_aware_loss(x, features.detach(), weight.detach(), y_crf, y_ret)[0], (logits,))
+        lambda x: noise_aware_loss(x, features.detach(), weight.detach(), y_crf, y_ret, detach_sigma=True)[0],
+        (logits,))
+
+
+def _nal_reference(phi: list[torch.Tensor], weight: list[list[float]], y_crf: list[int], y_ret: list[int],
+                   tau: float = 20.0, gamma: float = 7.0, lam: float = 0.1) -> torch.Tensor:
+    """BANA Eqs. 10-14 with a cosine classifier, pixel by pixel (plain loops; σ keeps its gradient)."""
+    rows = [torch.tensor(w, dtype=torch.float64) for w in weight]
+    ce_terms, weighted, sigmas = [], [], []
+    for p, crf, ret in zip(phi, y_crf, y_ret, strict=True):
+        cos = [torch.dot(p, w) / (torch.sqrt(torch.dot(p, p)) * math.sqrt(float(torch.dot(w, w)))) for w in rows]
+        logits = [tau * c for c in cos]
+        log_z = torch.log(sum(torch.exp(v) for v in logits))
+        ce = log_z - logits[crf]
+        if crf == ret:
+            ce_terms.append(ce)
+        else:
+            d = [1 + c for c in cos]
+            sigma = (d[crf] / max(d, key=lambda t: t.detach().item())) ** gamma
+            weighted.append(sigma * ce)
+            sigmas.append(sigma)
+    return sum(ce_terms) / len(ce_terms) + lam * sum(weighted) / sum(sigmas)
+
+
+def test_nal_cosine_head() -> None:
+    # Spec issue 14, 4.4: D = 2, C = 3, τ = 20, W0 = (1, 0), W1 = (0, 2), W2 = (−1, 1).
+    weight = [[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0]]
+    points = [[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]
+    y_crf, y_ret = [0, 0, 1], [0, 1, 2]  # p1 ∈ S, p2 and p3 ∈ ~S
+
+    def loss_of(detach: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        phi = torch.tensor(points, dtype=torch.float64).T.reshape(1, 2, 1, 3).requires_grad_(True)
+        w = torch.tensor(weight, dtype=torch.float64)
+        logits = 20.0 * torch.einsum("ndhw,cd->nchw", F.normalize(phi, dim=1), F.normalize(w, dim=1))
+        loss, terms = noise_aware_loss(logits, phi, w, torch.tensor([[y_crf]]), torch.tensor([[y_ret]]),
+                                       detach_sigma=detach)
+        loss.backward()
+        assert phi.grad is not None
+        return loss, phi.grad, terms
+
+    loss, grad, terms = loss_of(False)
+    # σ(p2) = (1.6/1.8)^7 = 0.4384624, σ(p3) = 1; CE(p2) = 4.0181518, CE(p3) = 0.0028533
+    assert terms["ce"].item() == pytest.approx(2.0612e-9, rel=1e-3)
+    wce = (0.4384624 * 4.0181518 + 0.0028533) / 1.4384624
+    assert terms["wce"].item() == pytest.approx(wce, rel=1e-6) and wce == pytest.approx(1.2267694, rel=1e-6)
+    assert loss.item() == pytest.approx(0.1226769, rel=1e-6)
+    phis = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in points]
+    reference = _nal_reference(phis, weight, y_crf, y_ret)
+    reference.backward()
+    expected = torch.stack([p.grad for p in phis], dim=1).reshape(1, 2, 1, 3)
+    assert reference.item() == pytest.approx(loss.item(), rel=1e-9)
+    assert torch.allclose(grad, expected, atol=1e-10)  # the σ path is in the gradient
+    detached_loss, detached_grad, _ = loss_of(True)
+    assert detached_loss.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert not torch.allclose(detached_grad, grad, atol=1e-6)
 
 
 def test_nal_pixel_without_retrieval_label_is_in_the_weighted_set() -> None:

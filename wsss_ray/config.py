@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_serializer, model_validator
 
 from wsss_ray.core.config import (
     AugmentConfig,
@@ -32,6 +32,7 @@ from wsss_ray.core.config import (
     StrictModel,
     WorkersConfig,
     config_hash,
+    crf_field,
     format_errors,
 )
 from wsss_ray.methods.cam.config import GapHeadConfig, ImageCamGeneratorConfig, MultiLabelSoftMarginConfig
@@ -115,14 +116,49 @@ class SegTrainConfig(StrictModel):
     # Seeds the initial weights, each epoch's shuffle and every crop: the same config trains the same way twice.
     seed: Annotated[int, Field(ge=0)] = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_classifier(cls, data: Any) -> Any:
+        """``model.classifier`` left unset (or ``auto``): cosine for the NAL loss (BANA's segmenter is a cosine
+        classifier, footnote 4), the plain 1x1 conv otherwise. The model and the loss are both in this section,
+        so this is where the loss's default for the model is decided."""
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model")
+        if isinstance(model, SegModelConfig):
+            if "classifier" in model.model_fields_set:
+                return data
+            model = model.model_dump()
+        model = dict(model) if isinstance(model, dict) else {}
+        if model.get("classifier", "auto") != "auto":
+            return data
+        loss = data.get("loss")
+        name = loss.get("name") if isinstance(loss, dict) else getattr(loss, "name", None)
+        return {**data, "model": {**model, "classifier": _AUTO_CLASSIFIER.get(str(name), "conv")}}
+
+    @model_serializer(mode="wrap")
+    def _dump_resolved_classifier(self, handler: Any) -> Any:
+        # SegModelConfig leaves a default conv classifier out of its dump (stage keys); for a loss whose own
+        # default differs, write it, so that the dump reads back to the same config.
+        data = handler(self)
+        if isinstance(data, dict) and self.loss.name in _AUTO_CLASSIFIER and isinstance(data.get("model"), dict):
+            data["model"].setdefault("classifier", self.model.classifier)
+        return data
+
+
+# The segmentation losses whose paper's model has another classifier than the plain 1x1 conv.
+_AUTO_CLASSIFIER: dict[str, str] = {"nal": "cosine"}
+
 
 class EvaluateConfig(StrictModel):
     """Stage ``evaluate``: val mIoU with multi-scale + flip inference, and the report."""
 
     scales: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0]  # noqa: RUF012 - a pydantic field
     flip: bool = True
-    # DenseCRF post-processing of the predictions (OuT, BANA); None scores the network's argmax.
-    crf: CrfConfig | None = None
+    # DenseCRF post-processing of the predictions (OuT, BANA); None scores the network's argmax. Enabled with
+    # ``{}`` it is DeepLab-v2 ResNet's test-time CRF (BANA stage3_res.yml: bilateral 4/67/3, Gaussian 3/1);
+    # ``{preset: <name>}`` picks another of CRF_PRESETS, other keys override single values.
+    crf: Annotated[CrfConfig | None, crf_field("deeplab_v2_resnet")] = None
     num_samples: Annotated[int, Field(ge=0)] = 8
     max_actors: PositiveInt = 4
     batch_size: PositiveInt = 4

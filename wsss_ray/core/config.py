@@ -12,12 +12,14 @@ method family defines its component configs in ``wsss_ray/methods/<family>/confi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -40,6 +42,9 @@ class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable once validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # Fields a stage key leaves out while they hold these values (see ``key_dump``).
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {}
 
 
 def _name_or(default: str) -> Any:
@@ -189,14 +194,59 @@ class AugmentConfig(StrictModel):
 
 
 class CrfConfig(StrictModel):
-    """DenseCRF parameters (Krähenbühl & Koltun; the papers: gaussian 3/3, bilateral ~50-80/13/10, 10 iter)."""
+    """DenseCRF parameters (Krähenbühl & Koltun, via pydensecrf). The class defaults are PSA's set (Ahn & Kwak
+    2018, ``tool/imutils.py crf_inference``): it refines soft score maps like ours. Components whose paper uses
+    another set take one of :data:`CRF_PRESETS` as their default (see :func:`crf_field`)."""
 
     iterations: PositiveInt = 10
     gaussian_sxy: PositiveFloat = 3.0
     gaussian_compat: Annotated[float, Field(ge=0.0)] = 3.0
-    bilateral_sxy: PositiveFloat = 50.0
+    bilateral_sxy: PositiveFloat = 80.0
     bilateral_srgb: PositiveFloat = 13.0
     bilateral_compat: Annotated[float, Field(ge=0.0)] = 10.0
+
+
+def _crf_set(gaussian: tuple[float, float], bilateral: tuple[float, float, float]) -> dict[str, float]:
+    """A CRF parameter set from (gaussian sxy, compat) and (bilateral sxy, srgb, compat); 10 iterations."""
+    return {"iterations": 10, "gaussian_sxy": gaussian[0], "gaussian_compat": gaussian[1],
+            "bilateral_sxy": bilateral[0], "bilateral_srgb": bilateral[1], "bilateral_compat": bilateral[2]}
+
+
+# The published DenseCRF settings a config can name (``crf: {preset: deeplab_v2_resnet}``); other keys given
+# next to ``preset`` override single values of the set.
+CRF_PRESETS: dict[str, dict[str, float]] = {
+    # PSA (soft CAM scores as unary): tool/imutils.py crf_inference, sxy 80/scale, srgb 13, compat 10.
+    "psa": _crf_set((3.0, 3.0), (80.0, 13.0, 10.0)),
+    # IRN (hard-label unary, gt_prob 0.7): misc/imutils.py crf_inference_label.
+    "irn": _crf_set((3.0, 3.0), (50.0, 5.0, 10.0)),
+    # BANA stage 2 (Y_crf generation): configs/stage2.yml DCRF [4, 55, 3, 3, 3].
+    "bana_stage2": _crf_set((3.0, 3.0), (55.0, 3.0, 4.0)),
+    # DeepLab-v2 ResNet-101 test-time CRF (deeplab-pytorch configs/voc12.yaml; BANA configs/stage3_res.yml).
+    "deeplab_v2_resnet": _crf_set((1.0, 3.0), (67.0, 3.0, 4.0)),
+    # DeepLab-v1 (VGG) test-time CRF (BANA configs/stage3_vgg.yml DCRF [4, 121, 5, 3, 3]).
+    "deeplab_v1_vgg": _crf_set((3.0, 3.0), (121.0, 5.0, 4.0)),
+}
+
+
+def _expand_crf(default: str, value: Any) -> Any:
+    """A mapping given for a CRF field is read over a preset: its own ``preset`` or the field's ``default``, so a
+    partial section (``{bilateral_sxy: 30}``) keeps the rest of the component's published set."""
+    if not isinstance(value, dict):
+        return value
+    name = value.get("preset", default)
+    if name not in CRF_PRESETS:
+        raise ValueError(f"unknown CRF preset {name!r}; expected one of {sorted(CRF_PRESETS)}")
+    return {**CRF_PRESETS[name], **{k: v for k, v in value.items() if k != "preset"}}
+
+
+def crf_field(default: str) -> Any:
+    """The type of a CRF section whose unset values come from ``CRF_PRESETS[default]`` (``None`` passes)."""
+    return BeforeValidator(functools.partial(_expand_crf, default))
+
+
+def crf_preset(name: str) -> CrfConfig:
+    """The :class:`CrfConfig` of a named preset."""
+    return CrfConfig(**CRF_PRESETS[name])
 
 
 
@@ -208,7 +258,15 @@ class SegModelConfig(StrictModel):
     aspp_channels: PositiveInt = 256
     # Synchronised BatchNorm across DDP workers (small per-GPU batches); ignored with one worker.
     sync_bn: bool = False
+    # The final 1x1 classifier: ``conv`` = W·φ + b; ``cosine`` = cosine_scale · cos(φ, W_c), no bias (BANA's
+    # segmenter, footnote 4 and stage3_vgg.py, TEMP 20). ``train_seg`` picks cosine for the NAL loss when the
+    # config leaves it unset or says ``auto`` (wsss_ray.config.SegTrainConfig).
+    classifier: Literal["conv", "cosine"] = "conv"
+    cosine_scale: PositiveFloat = 20.0
 
+    # Fields added after stage keys were first published, at the values that reproduce the earlier models: a
+    # stage key leaves them out (``key_dump``), so existing configs keep their keys.
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"classifier": "conv", "cosine_scale": 20.0}
 
 
 def format_errors(source: str, error: ValidationError) -> str:
@@ -228,7 +286,26 @@ def format_errors(source: str, error: ValidationError) -> str:
 
 
 
+def key_dump(section: BaseModel, exclude: set[str] | None = None) -> dict[str, Any]:
+    """``section.model_dump(mode="json")`` without the fields each (nested) model declares ``KEY_NEUTRAL`` at
+    their neutral values: what a stage key hashes. A field added later at a value that reproduces the earlier
+    outputs then leaves every existing key, and every finished stage, as it was; any other value changes it."""
+    return _drop_neutral(section, section.model_dump(mode="json", exclude=exclude))
+
+
+def _drop_neutral(model: Any, data: Any) -> Any:
+    if not isinstance(model, BaseModel) or not isinstance(data, dict):
+        return data
+    neutral = getattr(model, "KEY_NEUTRAL", {})
+    out = {}
+    for key, value in data.items():
+        if key in neutral and getattr(model, key) == neutral[key]:
+            continue
+        out[key] = _drop_neutral(getattr(model, key, None), value)
+    return out
+
+
 def config_hash(*parts: Any) -> str:
     """A short, stable hash of config sections (and upstream hashes) used to key a stage's outputs."""
-    payload = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    payload = [key_dump(p) if isinstance(p, BaseModel) else p for p in parts]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]

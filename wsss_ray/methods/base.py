@@ -17,16 +17,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from wsss_ray.core.config import CrfConfig, Fraction, Scales, StrictModel
+from wsss_ray.core.config import CrfConfig, Fraction, Scales, StrictModel, crf_field
 from wsss_ray.core.labels import IGNORE_LABEL
 
 
 class GeneratorSettings(StrictModel):
     """Fields of every generator: CAMs averaged with their mirror image (the CAM convention of every paper) and
-    the DenseCRF that refines them."""
+    the DenseCRF that refines them (PSA's set: our unary is a soft score map like PSA's; values left unset in a
+    config's ``crf`` section, or ``preset: <name>``, come from ``CRF_PRESETS``)."""
 
     flip: bool = True
-    crf: CrfConfig = CrfConfig()
+    crf: Annotated[CrfConfig, crf_field("psa")] = CrfConfig()
 
 
 class MultiScaleSettings(GeneratorSettings):

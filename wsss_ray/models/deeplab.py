@@ -11,8 +11,8 @@ Interface (every model in ``SEG_MODELS``; ``build_segmentation_model(config, num
   ``forward`` on purpose: DistributedDataParallel only synchronises gradients of what ``forward`` computed.
 - ``classifier_weight() -> W``: (C, D) weight of the final 1x1 conv (a view of the parameter, so a loss using it
   reaches W in the same backward pass; ``.detach()`` it to treat W as a constant). Before upsampling,
-  ``logits = W φ + b`` per pixel exactly in eval mode; in training mode v2 applies dropout between φ and W
-  (see ``DeepLabV2``).
+  ``logits = W φ + b`` per pixel exactly in eval mode (with ``classifier: cosine``, ``τ·cos(φ, W_c)``); in
+  training mode v2 applies dropout between φ and W (see ``DeepLabV2``).
 - ``parameter_groups() -> (backbone parameters, head parameters)``: every parameter in exactly one group (the
   head trains with ``head_lr_multiplier``).
 
@@ -87,6 +87,8 @@ class SegmentationModel(nn.Module):
     backbone: ResNet
     classifier: nn.Module
     num_classes: int
+    # None: the final conv is linear (W φ + b); a number τ: a cosine classifier τ·cos(φ, W_c) (see use_cosine).
+    cosine_scale: float | None = None
 
     def head_features(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """φ (N, D, h, w) from the backbone's ``forward_features`` maps."""
@@ -98,8 +100,27 @@ class SegmentationModel(nn.Module):
         raise NotImplementedError
 
     def classify(self, phi: torch.Tensor) -> torch.Tensor:
-        """Class scores at φ's stride: ``W φ + b`` per pixel (v2 overrides it to add dropout)."""
-        return self.final_conv(phi)
+        """Class scores at φ's stride (v2 overrides it to add dropout before the classifier)."""
+        return self.apply_classifier(phi)
+
+    def apply_classifier(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x + b`` per pixel, or with the cosine head ``τ·⟨x/‖x‖, W_c/‖W_c‖⟩`` (norms floored at 1e-12)."""
+        if self.cosine_scale is None:
+            return self.final_conv(x)
+        weight = F.normalize(self.final_conv.weight, dim=1, eps=1e-12)
+        return self.cosine_scale * F.conv2d(F.normalize(x, dim=1, eps=1e-12), weight)
+
+    def use_cosine(self, scale: float) -> None:
+        """Turn the final 1x1 conv into BANA's cosine classifier (footnote 4; stage3_vgg.py, TEMP 20): a bias-free
+        conv with W ~ N(0, 0.01²), scores ``scale · cos(φ, W_c)``. ``classifier_weight`` stays that W, so NAL's
+        σ reads the same weights the logits use."""
+        old = self.final_conv
+        conv = nn.Conv2d(old.in_channels, old.out_channels, 1, bias=False)
+        nn.init.normal_(conv.weight, 0.0, 0.01)
+        name = next(n for n, m in self.named_modules() if m is old)
+        parent, _, attr = name.rpartition(".")
+        setattr(self.get_submodule(parent), attr, conv)
+        self.cosine_scale = float(scale)
 
     @overload
     def forward(self, images: torch.Tensor, with_features: Literal[False] = ...) -> torch.Tensor: ...
@@ -187,8 +208,8 @@ class DeepLabV2(SegmentationModel):
         return self.classifier.final
 
     def classify(self, phi: torch.Tensor) -> torch.Tensor:
-        """``W · dropout(φ) + b`` (dropout is the identity in eval mode)."""
-        return self.final_conv(self.classifier.dropout(phi))
+        """``W · dropout(φ) + b``, or the cosine head on dropout(φ) (dropout is the identity in eval mode)."""
+        return self.apply_classifier(self.classifier.dropout(phi))
 
 
 class DeepLabHead(nn.Sequential):
@@ -287,5 +308,9 @@ SEG_MODELS: dict[str, type[SegmentationModel]] = {
 
 def build_segmentation_model(config: SegModelConfig, num_classes: int) -> SegmentationModel:
     """The ``config.name`` model with ``num_classes`` outputs (background included). A "small" model is just a
-    ``resnet_tiny`` backbone with a small ``aspp_channels``."""
-    return SEG_MODELS[config.name](config, num_classes)
+    ``resnet_tiny`` backbone with a small ``aspp_channels``. ``config.classifier == "cosine"`` swaps the final
+    conv for the cosine classifier (after the head is built, so a conv model's initial weights are unchanged)."""
+    model = SEG_MODELS[config.name](config, num_classes)
+    if config.classifier == "cosine":
+        model.use_cosine(config.cosine_scale)
+    return model

@@ -15,6 +15,7 @@ import numpy as np
 
 __all__ = [
     "background_attention",
+    "box_constrained_argmax",
     "box_fill",
     "box_unaries",
     "boxes_array",
@@ -63,8 +64,8 @@ def background_attention(features: np.ndarray, background: np.ndarray, grid: int
     (as equal as the size allows); ``q_j`` is the mean feature of the background cells of grid cell ``j``, and
     grid cells without background give no query. With no background cell at all there is no query and A = 0.
 
-    BANA defines A = 1 outside the boxes; that is applied by the caller at pixel resolution (after upsampling),
-    so that a small box which holds no feature-cell centre still gets the attention of its cells.
+    BANA defines u_0 = 1 outside the boxes; that is applied in :func:`box_unaries` at pixel resolution (after
+    upsampling), so that a small box which holds no feature-cell centre still gets the attention of its cells.
     """
     features = np.asarray(features, np.float32)
     background = np.asarray(background, bool)
@@ -116,34 +117,88 @@ def box_fill(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def _background_unary(attention: np.ndarray, in_box: np.ndarray, bg_threshold: float, mode: str) -> np.ndarray:
+    """u_0 (Eq. 7 with "thresholding A with 0.99"): 1 outside every box, the thresholded attention inside.
+
+    ``relative_zero`` (BANA stage2.py): A below ``bg_threshold · max A`` becomes 0, the max taken over the whole
+    raw map (outside-box pixels included). ``absolute_pin`` (our earlier reading): A ≥ ``bg_threshold`` → 1.
+    """
+    if mode == "relative_zero":
+        kept = np.where(attention < bg_threshold * float(attention.max(initial=0.0)), 0.0, attention)
+    elif mode == "absolute_pin":
+        kept = np.where(attention >= bg_threshold, 1.0, np.clip(attention, 0.0, 1.0))
+    else:
+        raise ValueError(f"bg_threshold_mode must be 'relative_zero' or 'absolute_pin', got {mode!r}")
+    return np.where(in_box, kept, 1.0).astype(np.float32)
+
+
+def _cam_unaries(cams: np.ndarray, labels: Sequence[int], boxes: np.ndarray, inside: np.ndarray,
+                 cam_norm: str) -> np.ndarray:
+    """u_c (Eq. 5): ReLU(CAM_c) over its max inside the boxes of c, 0 outside them.
+
+    ``per_box`` (BANA stage2.py): the max of each box of class c, a later box overwriting an earlier one where
+    they overlap; ``per_class`` (our earlier reading): one max over all boxes of c.
+    """
+    positive = np.clip(cams, 0.0, None)
+    uc = np.zeros_like(positive)
+    if cam_norm == "per_class":
+        for k in range(len(labels)):
+            if inside[k].any():
+                peak = max(float(positive[k][inside[k]].max()), _EPS)
+                uc[k] = np.where(inside[k], positive[k] / peak, 0.0)
+        return uc
+    if cam_norm != "per_box":
+        raise ValueError(f"cam_norm must be 'per_box' or 'per_class', got {cam_norm!r}")
+    index = {int(label): k for k, label in enumerate(labels)}
+    for label, x1, y1, x2, y2 in boxes_array(boxes):
+        k = index.get(int(label))
+        if k is None or x2 <= x1 or y2 <= y1:
+            continue
+        region = positive[k, y1:y2, x1:x2]
+        uc[k, y1:y2, x1:x2] = region / (float(region.max()) + 1e-12)
+    return uc
+
+
 def box_unaries(cams: np.ndarray, labels: Sequence[int], boxes: np.ndarray, attention: np.ndarray,
-                bg_threshold: float) -> np.ndarray:
+                bg_threshold: float, bg_threshold_mode: str = "relative_zero", unary: str = "softmax",
+                cam_norm: str = "per_box") -> np.ndarray:
     """``(K+1, H, W)`` probabilities for DenseCRF: background ``u_0`` then ``u_c`` per class of ``labels``.
 
-    ``u_c = CAM_c / max CAM_c`` over the boxes of class c and 0 outside them (BANA Eq. 5); ``u_0 = A`` (Eq. 7),
-    1 outside every box. Our reading of "thresholding A with 0.99" (BANA Sec. 4.1, "using confident background
-    regions"): attention at or above ``bg_threshold`` is taken as certain background (u_0 = 1), below it A is
-    kept as a soft score, so only near-certain background inside a box is pinned. The scores are normalised per
-    pixel; a pixel where every allowed score is 0 becomes uniform over background and the classes whose box holds
-    it (never over a class whose box does not).
+    ``attention`` is the raw background attention A at every pixel (not set to 1 outside the boxes: the relative
+    threshold takes the max over the whole map). u_0 and u_c as in :func:`_background_unary` and
+    :func:`_cam_unaries`. Outside every box the unary is (1, 0, …, 0). Inside a box, ``softmax`` (BANA stage2.py):
+    softmax over all K+1 channels, classes whose box does not hold the pixel taking part with 0; ``l1`` (our
+    earlier reading): the scores over their sum, uniform over the allowed labels where they are all 0.
     """
     cams = np.asarray(cams, np.float32)
     attention = np.asarray(attention, np.float32)
     if cams.shape[0] != len(labels) or cams.shape[1:] != attention.shape:
         raise ValueError(f"cams {cams.shape}, {len(labels)} labels and attention {attention.shape} disagree")
     inside = class_box_masks(boxes, labels, attention.shape)  # (K, H, W)
-    u0 = np.where(inside.any(axis=0), attention, 1.0)
-    u0 = np.where(u0 >= bg_threshold, 1.0, np.clip(u0, 0.0, 1.0))
-    uc = np.zeros_like(cams)
-    for k in range(len(labels)):
-        if inside[k].any():
-            peak = max(float(cams[k][inside[k]].max()), _EPS)
-            uc[k] = np.where(inside[k], np.clip(cams[k], 0.0, None) / peak, 0.0)
-    scores = np.concatenate([u0[None], uc]).astype(np.float32)
+    in_box = inside.any(axis=0)
+    u0 = _background_unary(attention, in_box, bg_threshold, bg_threshold_mode)
+    scores = np.concatenate([u0[None], _cam_unaries(cams, labels, boxes, inside, cam_norm)]).astype(np.float32)
+    if unary == "softmax":
+        exp = np.exp(scores - scores.max(axis=0, keepdims=True))
+        soft = exp / exp.sum(axis=0, keepdims=True)
+        outside = np.zeros_like(scores)
+        outside[0] = 1.0
+        return np.where(in_box[None], soft, outside).astype(np.float32)
+    if unary != "l1":
+        raise ValueError(f"unary must be 'softmax' or 'l1', got {unary!r}")
     allowed = np.concatenate([np.ones((1, *attention.shape), bool), inside])
     total = scores.sum(axis=0, keepdims=True)
     uniform = allowed / allowed.sum(axis=0, keepdims=True)
     return np.where(total > _EPS, scores / np.maximum(total, _EPS), uniform).astype(np.float32)
+
+
+def box_constrained_argmax(posterior: np.ndarray, labels: Sequence[int], inside: np.ndarray) -> np.ndarray:
+    """Y_crf ``(H, W)`` uint8 from the CRF posterior ``(K+1, H, W)``: class c's channel is multiplied by the mask
+    of its boxes first (BANA stage2.py), so the softmax unary's small share for classes whose box does not hold a
+    pixel can never win there. Channel 0 is background."""
+    masked = np.asarray(posterior, np.float32).copy()
+    masked[1:] *= np.asarray(inside, bool)
+    return np.array([0, *labels], np.uint8)[masked.argmax(axis=0)]
 
 
 def _cell_weights(label_map: np.ndarray, value: int, feature_shape: tuple[int, int]) -> np.ndarray:

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from wsss_ray.core.config import PositiveFloat, PositiveInt, StrictModel
+from wsss_ray.core.config import CrfConfig, PositiveFloat, PositiveInt, Scales, StrictModel, crf_field, crf_preset
 from wsss_ray.methods.base import MultiScaleSettings
 
 
@@ -30,14 +30,27 @@ class BapLossConfig(StrictModel):
 
 class BoxGeneratorConfig(MultiScaleSettings):
     """BANA box pseudo-masks: CAMs inside the boxes, background attention (BAP) outside, DenseCRF → ``Y_crf``;
-    feature prototypes of ``Y_crf`` retrieve a second label map ``Y_ret``. The CAM scales and flip give u_c (the
-    papers' multi-scale + flip inference; BANA does not say, IRN's set)."""
+    feature prototypes of ``Y_crf`` retrieve a second label map ``Y_ret``. Defaults are the authors' stage 2
+    (``stage2.py``, ``configs/stage2.yml``) where the paper is silent; each earlier reading of ours is an option."""
 
     name: Literal["box"] = "box"
     # Grid size N of the background queries: BANA trains with N = 4 and generates pseudo labels with N = 1.
     grid: PositiveInt = 1
-    # Background attention at or above this is confident background (u_0 = 1); BANA: 0.99 for generation.
+    # "Thresholding A with 0.99" (Sec. 4.1): attention below bg_threshold · max A (max over the whole raw map)
+    # becomes 0, the rest is kept (``relative_zero``, stage2.py). ``absolute_pin``: our earlier reading, A at or
+    # above bg_threshold becomes 1 and the rest is kept (nearly a no-op).
     bg_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.99
+    bg_threshold_mode: Literal["relative_zero", "absolute_pin"] = "relative_zero"
+    # Inside the boxes the unary is a softmax over [u_0, u_c...] (stage2.py); ``l1``: our earlier reading, the
+    # scores divided by their sum (an in-box pixel with CAM 0 and A > 0 becomes certain background).
+    unary: Literal["softmax", "l1"] = "softmax"
+    # u_c = CAM_c / max of CAM_c inside that box (``per_box``, stage2.py); ``per_class``: over all boxes of c.
+    cam_norm: Literal["per_box", "per_class"] = "per_box"
+    # u_c from one scale without flip (stage2.py; the paper is silent). Earlier reading: IRN's scales + flip.
+    scales: Scales = [1.0]  # noqa: RUF012 - a pydantic field
+    flip: bool = False
+    # BANA stage 2's CRF (configs/stage2.yml DCRF [4, 55, 3, 3, 3]); values a config leaves unset come from it.
+    crf: Annotated[CrfConfig, crf_field("bana_stage2")] = crf_preset("bana_stage2")
 
 
 class NoiseAwareConfig(StrictModel):
@@ -47,3 +60,6 @@ class NoiseAwareConfig(StrictModel):
     name: Literal["nal"] = "nal"
     gamma: Annotated[float, Field(ge=0.0)] = 7.0
     lambda_wce: Annotated[float, Field(ge=0.0)] = 0.1
+    # Gradient through σ: the authors' stage3_vgg.py does not detach it (the paper is silent), so it flows by
+    # default; True is our earlier reading (σ as a fixed weight).
+    detach_sigma: bool = False

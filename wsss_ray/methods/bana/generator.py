@@ -13,6 +13,7 @@ from wsss_ray.core.inference import multiscale_cams, normalize
 from wsss_ray.core.labels import IGNORE_LABEL
 from wsss_ray.methods.bana.boxes import (
     background_attention,
+    box_constrained_argmax,
     box_fill,
     box_unaries,
     boxes_array,
@@ -50,8 +51,9 @@ class BoxGenerator(Generator[BoxGeneratorConfig]):
         background = ~cell_centres_in_boxes(boxes, feats.shape[1:], (h, w))
         attention = torch.from_numpy(background_attention(feats, background, self.config.grid))
         attention = F.interpolate(attention[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        outside = ~class_box_masks(boxes, sorted({int(b[0]) for b in boxes}), (h, w)).any(axis=0)
-        attention_map = np.where(outside, 1.0, attention.numpy()).astype(np.float32)  # A = 1 outside the boxes
+        # The raw A at every pixel: BANA's relative threshold takes the max over the whole map; u_0 = 1 outside
+        # the boxes is set in box_unaries.
+        attention_map = attention.numpy().astype(np.float32)
         cams = multiscale_cams(model, image, labels, self.config.scales, self.config.flip, device)
         return {"cams": cams, "attention": attention_map, "features": feats}
 
@@ -65,10 +67,11 @@ class BoxGenerator(Generator[BoxGeneratorConfig]):
             return {"pseudo": empty, "retrieved": empty.copy(), "box_fill": fill}
         cams = arrays["cams"].astype(np.float32)
         features = arrays["features"].astype(np.float32)
-        probs = box_unaries(cams, labels, boxes, arrays["attention"].astype(np.float32), self.config.bg_threshold)
-        posterior = crf_inference(image, probs, self.config.crf)
-        y_crf = np.array([0, *labels], np.uint8)[posterior.argmax(axis=0)]
+        cfg = self.config
+        probs = box_unaries(cams, labels, boxes, arrays["attention"].astype(np.float32), cfg.bg_threshold,
+                            cfg.bg_threshold_mode, cfg.unary, cfg.cam_norm)
         inside = class_box_masks(boxes, labels, shape)
+        y_crf = box_constrained_argmax(crf_inference(image, probs, cfg.crf), labels, inside)
         # Y_ret obeys the boxes like u_c does: class c only inside a box of class c, background anywhere.
         allowed = {int(c): inside[k] for k, c in enumerate(labels)}
         y_ret = retrieve(features, prototypes(features, y_crf, [0, *labels]), shape, allowed)

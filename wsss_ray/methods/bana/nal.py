@@ -10,7 +10,8 @@ from wsss_ray.core.pixel_losses import check_label_map, masked_mean, pixel_log_p
 
 def noise_aware_loss(logits: torch.Tensor, features: torch.Tensor, classifier_weight: torch.Tensor,
                      y_crf: torch.Tensor, y_ret: torch.Tensor, gamma: float = 7.0,
-                     lambda_wce: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     lambda_wce: float = 0.1, detach_sigma: bool = False,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BANA's noise-aware loss (NAL, Eqs. 10-14): ``L = L_ce + λ·L_wce``.
 
     * S = pixels labelled in Y_crf where Y_crf == Y_ret (the two pseudo-labels agree):
@@ -25,11 +26,12 @@ def noise_aware_loss(logits: torch.Tensor, features: torch.Tensor, classifier_we
     * The cosine map is computed at feature resolution (φ is the stride-8/16 input of the 1×1 classifier) and
       upsampled bilinearly (align_corners=False) to the label size, like the logits themselves; the authors' code
       instead upsamples cosine-classifier logits with align_corners=True, which differs only at sub-pixel level.
-    * σ is detached. The paper is silent on this: it calls σ "a confidence map" that gives "the likelihood of each
-      label being correct" and "exploit[s] the confidence map as a weighting factor" in Eq. 13; it never says
-      whether gradients flow through it. We treat a weight as a weight: otherwise the loss could be lowered by
-      pulling φ away from W_{c*} (shrinking σ of hard pixels) instead of by fitting the label. Note that the
-      authors' released code (cvlab-yonsei/BANA, ``stage3_vgg.py``) does *not* detach σ there.
+    * σ is not detached by default (``detach_sigma=False``): the paper is silent, and the authors' released code
+      (cvlab-yonsei/BANA, ``stage3_vgg.py``) back-propagates through σ, numerator and denominator of Eq. 13.
+      ``detach_sigma=True`` is our earlier reading (σ a fixed weight: otherwise the loss can also be lowered by
+      pulling φ away from W_{c*}, shrinking σ of hard pixels).
+    * With the cosine head (``SegModelConfig.classifier = "cosine"``, NAL's default) the logits are τ·cos(φ, W),
+      so the cos here equals logits/τ in eval mode; with the linear head it is the cos of the conv's weights.
     * Empty S or ~S contributes 0 (not NaN); a pixel that Y_crf ignores (255) is in neither set.
 
     Args:
@@ -40,6 +42,7 @@ def noise_aware_loss(logits: torch.Tensor, features: torch.Tensor, classifier_we
         y_ret: (N, H, W) int64 Y_ret, 255 = no retrieval label.
         gamma: damping γ ≥ 1 (BANA: 7).
         lambda_wce: λ, the weight of L_wce (BANA: 0.1).
+        detach_sigma: stop the gradient through σ (default False, as the authors' code).
 
     Returns:
         (L, terms) with terms "ce" (L_ce), "wce" (L_wce) and "agree_fraction" (|S| / pixels labelled in Y_crf, 0 if
@@ -61,8 +64,8 @@ def noise_aware_loss(logits: torch.Tensor, features: torch.Tensor, classifier_we
     disagree = labelled & ~agree
     loss_ce = masked_mean(-log_h_star, agree)
 
-    with torch.no_grad():
-        # Weight only (detached, see docstring): cos(φ, W_c) at feature resolution, then resized like the logits.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_sigma):
+        # cos(φ, W_c) at feature resolution, then resized like the logits (gradient per ``detach_sigma``).
         cos = torch.einsum("ndhw,cd->nchw", F.normalize(upcast(features), dim=1), F.normalize(upcast(weight), dim=1))
         cos = F.interpolate(cos, size=logits.shape[-2:], mode="bilinear", align_corners=False)
         correlation = 1.0 + cos  # D_c ∈ [0, 2]

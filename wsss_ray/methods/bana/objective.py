@@ -97,4 +97,4 @@ class NoiseAwareObjective(nn.Module):
         out = model(batch["image"], with_features=True)
         return noise_aware_loss(out["logits"].float(), out["features"].float(), model.classifier_weight().float(),
                                 batch["label"].long(), batch["retrieved"].long(), gamma=self.config.gamma,
-                                lambda_wce=self.config.lambda_wce)
+                                lambda_wce=self.config.lambda_wce, detach_sigma=self.config.detach_sigma)
