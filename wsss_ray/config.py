@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_serializer, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from wsss_ray.core.config import (
     AugmentConfig,
@@ -119,9 +119,9 @@ class SegTrainConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _resolve_classifier(cls, data: Any) -> Any:
-        """``model.classifier`` left unset (or ``auto``): cosine for the NAL loss (BANA's segmenter is a cosine
-        classifier, footnote 4), the plain 1x1 conv otherwise. The model and the loss are both in this section,
-        so this is where the loss's default for the model is decided."""
+        """``model.classifier`` left unset (or ``auto``): the loss's own (``model_classifier`` of its objective:
+        cosine for BANA's NAL, footnote 4), the plain 1x1 conv otherwise. The model and the loss are both in this
+        section, so this is where the loss's default for the model is decided."""
         if not isinstance(data, dict):
             return data
         model = data.get("model")
@@ -134,20 +134,14 @@ class SegTrainConfig(StrictModel):
             return data
         loss = data.get("loss")
         name = loss.get("name") if isinstance(loss, dict) else getattr(loss, "name", None)
-        return {**data, "model": {**model, "classifier": _AUTO_CLASSIFIER.get(str(name), "conv")}}
-
-    @model_serializer(mode="wrap")
-    def _dump_resolved_classifier(self, handler: Any) -> Any:
-        # SegModelConfig leaves a default conv classifier out of its dump (stage keys); for a loss whose own
-        # default differs, write it, so that the dump reads back to the same config.
-        data = handler(self)
-        if isinstance(data, dict) and self.loss.name in _AUTO_CLASSIFIER and isinstance(data.get("model"), dict):
-            data["model"].setdefault("classifier", self.model.classifier)
-        return data
+        return {**data, "model": {**model, "classifier": _model_classifier(name)}}
 
 
-# The segmentation losses whose paper's model has another classifier than the plain 1x1 conv.
-_AUTO_CLASSIFIER: dict[str, str] = {"nal": "cosine"}
+def _model_classifier(loss: Any) -> str:
+    """The classifier a loss's paper trains with (an objective may declare ``model_classifier``), else conv."""
+    if not isinstance(loss, str) or loss not in SEGMENTATION_OBJECTIVES:
+        return "conv"  # a bad loss name is reported by the loss field itself
+    return getattr(SEGMENTATION_OBJECTIVES[loss], "model_classifier", "conv")
 
 
 class EvaluateConfig(StrictModel):

@@ -14,7 +14,7 @@ from typing import Any
 
 from wsss_ray.config import PipelineConfig, config_hash
 from wsss_ray.core import storage
-from wsss_ray.core.config import DatasetConfig
+from wsss_ray.core.config import DatasetConfig, key_dump
 from wsss_ray.core.progress import log
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import class_names as dataset_class_names
@@ -37,7 +37,7 @@ def run_stage(stage: StageDir, work: Callable[[], dict[str, Any]]) -> dict[str, 
 
 def _without_workers(section: Any) -> dict[str, Any]:
     # The worker count changes speed, not results: a run resumed on another cluster size keeps its outputs.
-    return section.model_dump(mode="json", exclude={"workers"})
+    return key_dump(section, exclude={"workers"})
 
 
 def _model_sha(stage: StageDir) -> str | None:
@@ -51,7 +51,7 @@ def ingest_key(dataset: DatasetConfig) -> str:
     exclude = {"generate"}
     if dataset.format == "coco" or dataset.val_ground_truth == "aug":
         exclude.add("val_ground_truth")
-    return config_hash(dataset.model_dump(mode="json", exclude=exclude))
+    return config_hash(key_dump(dataset, exclude=exclude))
 
 
 def stage_dirs(config: PipelineConfig) -> dict[str, StageDir]:
@@ -70,7 +70,7 @@ def stage_dirs(config: PipelineConfig) -> dict[str, StageDir]:
         dirs["pseudo_labels"].key, _without_workers(config.train_seg)))
     # use_gpu changes speed, not results (like the training stages' workers)
     dirs["evaluate"] = StageDir.create(out, "evaluate", config_hash(
-        dirs["train_seg"].key, config.evaluate.model_dump(mode="json", exclude={"use_gpu"}),
+        dirs["train_seg"].key, key_dump(config.evaluate, exclude={"use_gpu"}),
         _model_sha(dirs["train_seg"])))
     return dirs
 

@@ -87,6 +87,8 @@ class BapObjective(nn.Module):
 class NoiseAwareObjective(nn.Module):
     """BANA's NAL over Y_crf (``label``) and Y_ret (``retrieved``), with the segmenter's features and weights."""
 
+    # BANA's segmenter is a cosine classifier (footnote 4; stage 3): train_seg.model.classifier defaults to it.
+    model_classifier: ClassVar[str] = "cosine"
     maps: ClassVar[tuple[str, ...]] = ("label", "retrieved")
 
     def __init__(self, config: NoiseAwareConfig, num_classes: int = 0, feature_channels: int = 0) -> None:
