@@ -94,6 +94,8 @@ def _parse_args() -> argparse.Namespace:
 
 def _cls_config(args: argparse.Namespace, head: dict[str, Any], loss: dict[str, Any]) -> ClassifierTrainConfig:
     """demo.yaml's train_cls with the given head and loss; everything else identical across rows."""
+    if loss["name"] == "ktse":  # KTSE's warm-up (L_cls alone) keeps its share of the run: 10 of 40 epochs
+        loss = {"warmup_epochs": args.epochs // 4, **loss}
     return ClassifierTrainConfig.model_validate({
         "backbone": {"name": "resnet_tiny", "output_stride": 16}, "head": head, "loss": loss,
         "epochs": args.epochs, "batch_size": args.batch_size,

@@ -84,6 +84,15 @@ class ClassifierTrainConfig(StrictModel):
                              f"the {method!r} loss needs the {method!r} head and the other way round")
         return self
 
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self) -> ClassifierTrainConfig:
+        # A loss with a warm-up (KTSE: L_cls alone for 10 of 40 epochs) must leave epochs for the full objective.
+        warmup = getattr(self.loss, "warmup_epochs", 0)
+        if warmup >= self.epochs:
+            raise ValueError(f"loss.warmup_epochs ({warmup}) must be below epochs ({self.epochs}): the run would "
+                             f"train the classification loss alone (KTSE warms up 10 of 40 epochs; scale it)")
+        return self
+
 
 class PseudoLabelConfig(StrictModel):
     """Stage ``pseudo_labels``: CAM inference in a Ray Data actor pool, CRF as CPU tasks."""

@@ -1,11 +1,12 @@
 """The Ray Train run shared by the classifier and segmentation trainers.
 
 Inside a worker, the loop reads like torchvision's reference ``train.py``: ``train_loop`` sets up, then per epoch
-``train_one_epoch``, ``validate`` and ``report_epoch`` (metrics + checkpoint, a barrier across workers). What
-differs between stages and methods comes in a typed :class:`TrainSpec`: how to build the model, its objective
-and the method's :class:`~wsss_ray.training.hooks.TrainHook` s. ``fit`` is the TorchTrainer around it; the
-Ray-specific parts are ``restore`` (resume from the run's latest checkpoint, also after a worker was killed and
-the group restarted) and the ordered ingest.
+``step.set_epoch`` (objectives with a schedule, like ``DistributedSampler.set_epoch``), ``train_one_epoch``,
+``validate`` and ``report_epoch`` (metrics + checkpoint, a barrier across workers). What differs between stages
+and methods comes in a typed :class:`TrainSpec`: how to build the model, its objective and the method's
+:class:`~wsss_ray.training.hooks.TrainHook` s. ``fit`` is the TorchTrainer around it; the Ray-specific parts are
+``restore`` (resume from the run's latest checkpoint, also after a worker was killed and the group restarted) and
+the ordered ingest.
 """
 
 from __future__ import annotations
@@ -148,8 +149,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     ray.train.get_dataset_shard("train"), device, world, batch_size, steps)
     tensorboard = TensorBoardLog(storage.join(spec.stage_uri, "tensorboard")) if rank == 0 else None
     for epoch in range(start_epoch, spec.epochs):
-        # An objective with an epoch schedule (like DistributedSampler.set_epoch) learns which epoch this is.
-        if hasattr(step.objective, "set_epoch"): step.objective.set_epoch(epoch)
+        step.set_epoch(epoch)  # also after a restore: the objective's schedule follows the loop's epoch
         metrics = train_one_epoch(run, epoch)
         if spec.validates(epoch):
             metrics["val_miou"] = validate(step.model, spec.num_classes, device)

@@ -3,7 +3,7 @@
 An objective is an ``nn.Module`` called as ``objective(model, batch) -> (loss, terms)`` (the method folders hold
 them). The trainer wraps model and objective in one module so that DistributedDataParallel synchronises both
 (LoRM has parameters of its own) and every forward pass of a step — KTSE runs three — happens inside DDP's single
-``forward``.
+``forward``. An objective whose loss changes with the epoch (KTSE's warm-up) defines ``set_epoch(epoch)``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ class TrainStep(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Terms]:
         return self.objective(self.model, batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the objective which 0-based epoch starts, like torch's ``DistributedSampler.set_epoch``: an
+        objective with a schedule (KTSE's warm-up) defines ``set_epoch(epoch)``; the others need nothing."""
+        set_epoch = getattr(self.objective, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """The model's (backbone, head) groups; an objective's own parameters train with the head."""

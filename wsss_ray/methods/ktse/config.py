@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 
 from wsss_ray.core.config import Fraction, PositiveInt, StrictModel
 
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
 
 class KtseHeadConfig(StrictModel):
     """KTSE's classifier head: C+1-channel CAM features (background included) pooled by a gated pyramid pooling
@@ -22,20 +24,51 @@ class KtseLossConfig(StrictModel):
     """KTSE's objective: L_cls + L_kt (SIE) + L_ce + λ_inter·L_inter (SSR) + L_global + L_local (MGA).
 
     The three switches give the rows of KTSE's ablation (Table 6): base (GPP + L_cls), +SIE, +SIE+SSR, all.
+    Defaults are the paper's and, where it is silent, the authors' code (chentao2016/KTSE); every other value of
+    a ``Literal``/``bool`` option below is our earlier reading, kept for comparison (docs/methods.md).
     """
 
     name: Literal["ktse"] = "ktse"
     sie: bool = True
     ssr: bool = True
     mga: bool = True
-    # SSR: anchor-CAM pseudo-label thresholds, foreground weight of its CE, the foreground threshold of the
-    # inter-class loss's mask M^f (max CAM ≥ β_o) and that loss's weight.
+    # Epochs 0 .. warmup_epochs-1 train L_cls alone (authors' --T 10 of --max_epochs 40; the paper is silent).
+    # An epoch count, not a fraction: scale it with train_cls.epochs yourself (KTSE: a quarter of the run).
+    warmup_epochs: Annotated[int, Field(ge=0)] = 10
+    # SSR: anchor-CAM pseudo-label thresholds (paper: β_l 0.15; the authors' code uses 0.1), foreground weight of
+    # its CE, the threshold of the inter-class loss's mask M^f (max CAM > β_o) and that loss's weight.
     beta_h: Fraction = 0.3
     beta_l: Fraction = 0.15
-    omega_fg: Annotated[float, Field(ge=0.0)] = 0.0125
+    omega_fg: NonNegativeFloat = 0.0125
     beta_o: Fraction = 0.2
-    lambda_inter: Annotated[float, Field(ge=0.0)] = 0.005
-    # MGA: the most discriminative region (normalised CAM above this) is erased for the masked branch.
+    lambda_inter: NonNegativeFloat = 0.005
+    # ω_fg on the foreground CE of single-tag images, a separate mean from the background CE; multi-tag images
+    # get no foreground CE (authors). "discount_complex": ω_fg on multi-tag images' foreground, one mean.
+    fg_weighting: Literal["simple_only", "discount_complex"] = "simple_only"
+    # Where SSR works: "input" = ReLU'd CAM features upsampled to the crop, Ŷ and M^f from the upsampled CAM
+    # (authors); "feature" = raw features at feature-map resolution.
+    ce_resolution: Literal["input", "feature"] = "input"
+    # L_inter: V^max detached, on ReLU'd features, over all foreground channels (authors); False/False/"present"
+    # = the loss on raw present-class features with both terms trained, whose minimum is unbounded.
+    inter_detach_max: bool = True
+    inter_on_relu: bool = True
+    inter_channels: Literal["all", "present"] = "all"
+    # SIE: the first sie_fraction of the batch (authors: 4 of 8) is paired with its next image, stacked along
+    # the height (authors) or side by side ("width"); both halves of the synthetic image are supervised, each
+    # by its own image (False: only the anchor half).
+    sie_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    sie_concat: Literal["height", "width"] = "height"
+    sie_both_halves: bool = True
+    # L_kt, L_global, L_local: means over all C foreground channels with absent classes zeroed (authors) or
+    # over the present classes only ("present"); the margin inside L_kt's and L_local's ReLU (authors' code
+    # 0.05, absent from the paper's Eq. 3/9: 0 gives the printed equations).
+    alignment_reduction: Literal["all_channels", "present"] = "all_channels"
+    margin: NonNegativeFloat = 0.05
+    # L_local on the pixels MGA kept (authors) or on all pixels; the masked branch's scale in L_local (paper 1.0,
+    # KTSE+ code 1.3).
+    local_on_kept: bool = True
+    local_scale: Annotated[float, Field(gt=0.0)] = 1.0
+    # MGA: the most discriminative region (normalised CAM ≥ this) is erased for the masked branch.
     erase_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.6
 
     @model_validator(mode="after")
