@@ -20,12 +20,21 @@ def negative_sets(noisy: torch.Tensor, majority: torch.Tensor, proposed: torch.T
                   unlisted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel, class) pairs of ``L_neg`` and ``L_ind``, both (N, C, H, W) bool, for the noisy pixels ``noisy``.
 
-    ``negative_labels``: ``minority`` = labels some seed proposed that are not the majority; ``proposed_below_t``
-    = every proposed label (at a noisy pixel the majority has < t votes and every other label at most as many,
-    so "proposed by fewer than t seeds" is every proposed label); ``excluded_tags`` = classes outside the image's
-    label set. ``indirect_labels``: ``present_unproposed`` = the image's labels no seed proposed;
+    ``negative_labels`` (which labels are "determined as incorrect"; the paper's rule is illegible):
+
+    - ``minority`` (default, our reading): the labels some seed proposed at the pixel other than the majority,
+      the seeds' own wrong votes. The majority stays free and the unproposed labels are pushed down by ``L_ind``,
+      so, as in NLNL, the mass moves to the majority indirectly.
+    - ``proposed_below_t`` (the review's literal "labels proposed by fewer than t seeds"): at a noisy pixel the
+      majority has < t votes and every other label at most as many, so this is *every* proposed label, majority
+      included. With ``L_ind`` every label of the image is then pushed down and the minimiser moves the mass to
+      absent classes: degenerate, kept to show it.
+    - ``excluded_tags`` (our first reading): classes outside the image's label set. Their p is ≈ 0 once the clean
+      CE has run a little, so the term is nearly empty.
+
+    ``indirect_labels``: ``present_unproposed`` (default) = the image's labels no seed proposed;
     ``all_unproposed`` = every class no seed proposed. ``unlisted`` (N, C) marks labels without a proposal bit
-    (their status is unknown): they are in neither proposal-based set.
+    (whether a seed proposed them is unknown): they are in neither proposal-based set.
     """
     if negative_labels not in NEGATIVE_LABELS or indirect_labels not in INDIRECT_LABELS:
         raise ValueError(f"negative_labels must be one of {NEGATIVE_LABELS} and indirect_labels one of "
@@ -62,18 +71,9 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
       noisy = neither clean nor unknown.
     * ``L_pos`` = CE on the majority label, mean over clean pixels (positive learning).
     * ``L_neg`` = mean over (noisy pixel, "incorrect" label c) pairs of ``−log(1 − p_c)``: negative learning
-      (NLNL, Kim et al. ICCV 2019) on "labels determined as incorrect". Which labels (``negative_labels``, see
-      :func:`negative_sets`): ``minority`` (default, our reading) = the labels the seeds proposed at the pixel
-      other than their majority: the seeds' own wrong votes. The majority stays free, the unproposed labels are
-      pushed down by ``L_ind``, so, as in NLNL, the mass moves to the majority indirectly. ``proposed_below_t``
-      (the review's literal "labels proposed by fewer than t seeds"): at a noisy pixel that is *every* proposed
-      label, majority included; with ``L_ind`` every label of the image is then pushed down and the minimiser
-      moves the mass to absent classes: degenerate, kept to show it. ``excluded_tags`` (our first reading) =
-      classes outside the image's label set, whose p is ≈ 0 once the clean CE has run a little, so the term is
-      nearly empty.
-    * ``L_ind`` = mean over (noisy pixel, class c not proposed by any seed at the pixel) pairs of
-      ``−log(1 − p_c)``, c among the image's labels (``indirect_labels="present_unproposed"``, default) or any
-      class (``"all_unproposed"``): indirect negative learning on complementary labels (NLNL / JNPL).
+      (NLNL, Kim et al. ICCV 2019) on "labels determined as incorrect"; default: the seeds' minority labels.
+    * ``L_ind`` = the same over (noisy pixel, complementary label c: not proposed by any seed) pairs: indirect
+      negative learning (NLNL / JNPL). Both sets and their options: :func:`negative_sets`.
     * ``L_pc`` = mean over noisy pixels of ``Σ_c p_c log p_c`` (negative entropy): a confidence penalty
       (Pereyra et al. 2017) as the prediction constraint; minimising it keeps noisy pixels from becoming
       over-confident.
@@ -89,8 +89,8 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
         negative_weight: w_neg.
         indirect_weight: w_ind.
         constraint_weight: w_pc.
-        negative_labels: minority | proposed_below_t | excluded_tags (above).
-        indirect_labels: present_unproposed | all_unproposed (above).
+        negative_labels: minority | proposed_below_t | excluded_tags (:func:`negative_sets`).
+        indirect_labels: present_unproposed | all_unproposed.
         unlisted: (N, C) bool, labels with no proposal bit (in neither proposal-based set); None = none.
 
     Returns:
