@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call
 
 from wsss_ray.methods.cdsp.losses import LoRM, distance_entropy_loss, partial_cross_entropy, smoothed_cross_entropy
+from wsss_ray.methods.cdsp.objective import lorm_foreground
 
 IGN = 255
 
@@ -90,12 +91,13 @@ def test_ce_losses_are_float32_under_bf16() -> None:
 # ---------------------------------------------------------------- LoRM
 
 
-def _hand_lorm(delta: float = 1.0) -> LoRM:
-    """D = 2, channels = 2, W_Q = I, W_K = diag(1, 2), no bias: A is computable by hand."""
-    module = LoRM(in_channels=2, channels=2)
+def _hand_lorm(delta: float = 1.0, mask: str = "columns", reduction: str = "foreground",
+               key_scale: tuple[float, float] = (1.0, 2.0)) -> LoRM:
+    """D = 2, channels = 2, W_Q = I, W_K = diag(key_scale), no bias: A is computable by hand."""
+    module = LoRM(in_channels=2, channels=2, mask=mask, reduction=reduction)
     with torch.no_grad():
         module.query.weight.copy_(torch.eye(2).reshape(2, 2, 1, 1))
-        module.key.weight.copy_(torch.diag(torch.tensor([1.0, 2.0])).reshape(2, 2, 1, 1))
+        module.key.weight.copy_(torch.diag(torch.tensor(key_scale)).reshape(2, 2, 1, 1))
         module.query.bias.zero_()
         module.key.bias.zero_()
         module.delta.fill_(delta)
@@ -107,7 +109,75 @@ _FEATS = torch.tensor([[[[1.0, 0.0, 1.0]], [[0.0, 1.0, 1.0]]]])  # (1, D=2, 1, 3
 _FG = torch.tensor([[[1.0, 0.0, 1.0]]])
 
 
+def _lorm_by_loops(feats: list[tuple[float, float]], fg: list[float], key_scale: tuple[float, float], delta: float,
+                   rows: bool, all_nonzero: bool) -> float:
+    """Eqs. 10-13 written out per position with plain floats (W_Q = I, W_K = diag(key_scale), no bias)."""
+    n = len(feats)
+    queries = feats
+    keys = [(f[0] * key_scale[0], f[1] * key_scale[1]) for f in feats]
+
+    def cos(a: tuple[float, float], b: tuple[float, float]) -> float:
+        # cos with each norm floored at ε = 1e-6 (a zero vector has cosine 0 to everything).
+        return (a[0] * b[0] + a[1] * b[1]) / (max(math.hypot(*a), 1e-6) * max(math.hypot(*b), 1e-6))
+
+    squared: list[list[float]] = []
+    for i in range(n):
+        e = [math.exp(cos(queries[i], keys[j])) for j in range(n)]
+        a = [e[j] / sum(e) * (fg[i] if rows else fg[j]) for j in range(n)]
+        refined = [delta * sum(a[j] * feats[j][d] for j in range(n)) for d in range(2)]
+        squared.append([(feats[i][d] - refined[d]) ** 2 for d in range(2)])
+    if all_nonzero:
+        values = [v for row in squared for v in row]
+        return sum(values) / max(sum(1 for v in values if v != 0.0), 1)
+    return sum(fg[i] * sum(squared[i]) for i in range(n)) / max(2 * sum(fg), 1)
+
+
+_F_LIST = [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
+_FG_LIST = [1.0, 0.0, 1.0]
+
+
+def test_lorm_rows_allpositions() -> None:
+    # The paper/authors' LoRM: rows (queries) masked, MSE over every position / count_nonzero. Spec numbers:
+    # W_K = I gives A's rows (0.473041, 0.174022, 0.352937), ..., F̂2 = 0 and L = 0.2974439.
+    expected = _lorm_by_loops(_F_LIST, _FG_LIST, (1.0, 1.0), 1.0, rows=True, all_nonzero=True)
+    assert expected == pytest.approx(0.2974439, abs=1e-6)
+    module = _hand_lorm(mask="rows", reduction="all_nonzero", key_scale=(1.0, 1.0))
+    assert module(_FEATS, _FG).item() == pytest.approx(expected, rel=1e-5)
+    # The old reading (columns, foreground mean) is a different number on the same input: 0.1507433.
+    old = _hand_lorm(key_scale=(1.0, 1.0))(_FEATS, _FG).item()
+    assert old == pytest.approx(0.1507433, abs=1e-6) and abs(old - expected) > 0.1
+
+
+@pytest.mark.parametrize("delta", [1.0, 0.7])
+def test_lorm_rows_with_unequal_key_weights(delta: float) -> None:
+    expected = _lorm_by_loops(_F_LIST, _FG_LIST, (1.0, 2.0), delta, rows=True, all_nonzero=True)
+    assert _hand_lorm(delta, "rows", "all_nonzero")(_FEATS, _FG).item() == pytest.approx(expected, rel=1e-5)
+    # Rows masked with the foreground mean (mixed options) also follows the formula.
+    mixed = _lorm_by_loops(_F_LIST, _FG_LIST, (1.0, 2.0), delta, rows=True, all_nonzero=False)
+    assert _hand_lorm(delta, "rows", "foreground")(_FEATS, _FG).item() == pytest.approx(mixed, rel=1e-5)
+
+
+def test_lorm_count_nonzero_skips_exactly_zero_errors() -> None:
+    # A background position with F = 0 has F̂ = 0 under row masking: its two squared errors are exactly 0 and
+    # leave the denominator (the authors' count_nonzero), unlike a plain mean over all 3·2 entries.
+    feats = [(1.0, 0.0), (0.0, 0.0), (1.0, 1.0)]
+    tensor = torch.tensor(feats).T.reshape(1, 2, 1, 3)
+    expected = _lorm_by_loops(feats, _FG_LIST, (1.0, 1.0), 1.0, rows=True, all_nonzero=True)
+    module = _hand_lorm(mask="rows", reduction="all_nonzero", key_scale=(1.0, 1.0))
+    loss = module(tensor, _FG).item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert loss != pytest.approx(expected * 4 / 6, rel=1e-3)
+
+
+def test_lorm_default_is_the_papers_and_square() -> None:
+    module = LoRM(in_channels=6)
+    assert module.mask == "rows" and module.reduction == "all_nonzero"
+    assert tuple(module.query.weight.shape) == (6, 6, 1, 1) and module.query.bias is not None
+    assert torch.equal(module.key.bias, torch.zeros(6))
+
+
 def _hand_expected(delta: float) -> float:
+    # The old reading (columns masked, mean over foreground positions): kept as the option it now is.
     # Q_i = f_i; K: k1 = (1, 0), k2 = (0, 2), k3 = (1, 2).
     # Row 1: cos(q1, ·) = (1, 0, 1/√5). Row 3: cos(q3, ·) = (1/√2, 1/√2, 3/√10).
     z1 = math.e + 1.0 + math.exp(1 / math.sqrt(5))
@@ -145,7 +215,7 @@ def test_lorm_image_without_foreground_contributes_nothing() -> None:
 
 def test_lorm_without_any_foreground_is_zero_with_gradient() -> None:
     torch.manual_seed(0)
-    module = LoRM(in_channels=3, channels=4)
+    module = LoRM(in_channels=3, channels=4, mask="columns", reduction="foreground")
     feats = torch.randn(2, 3, 2, 2, requires_grad=True)
     loss = module(feats, torch.zeros(2, 2, 2))
     assert torch.isfinite(loss) and loss.item() == 0.0
@@ -190,6 +260,35 @@ def test_lorm_runs_in_float32_under_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = module(feats, fg)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_lorm_rows_all_zero_features_give_zero_with_gradient() -> None:
+    # Nothing to average (every squared error exactly 0): 0, not NaN, and a gradient path for DDP.
+    torch.manual_seed(0)
+    module = LoRM(in_channels=3)
+    feats = torch.zeros(2, 3, 2, 2, requires_grad=True)
+    loss = module(feats, torch.ones(2, 2, 2))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert feats.grad is not None and torch.isfinite(feats.grad).all()
+
+
+def test_lorm_foreground_is_bilinear_on_label_values_with_255_as_background() -> None:
+    # 1×4 → 1×3 with align_corners=True samples x = 0, 1.5, 3 (x_out · (4 − 1)/(3 − 1)).
+    label = torch.tensor([[[0, 0, 1, 255]], [[255, 0, 0, 0]], [[0, 2, 0, 0]]])
+    by_hand = []
+    for row in label[:, 0].tolist():
+        values = [0 if v == IGN else v for v in row]
+        sampled = []
+        for x in (0.0, 1.5, 3.0):
+            left = math.floor(x)
+            right = min(left + 1, 3)
+            sampled.append((1 - (x - left)) * values[left] + (x - left) * values[right])
+        by_hand.append([[1.0 if v > 0 else 0.0 for v in sampled]])
+    assert by_hand == [[[0.0, 1.0, 0.0]], [[0.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]]
+    copy = label.clone()
+    assert lorm_foreground(label, (1, 3)).tolist() == by_hand
+    assert torch.equal(label, copy)  # the caller's label is not overwritten (the authors' in-place 255 → 0)
 
 
 def test_lorm_rejects_mismatched_mask() -> None:

@@ -166,6 +166,21 @@ def test_features_path_backpropagates_into_backbone_and_head(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_with_features_also_returns_the_backbones_last_map(name: str) -> None:
+    # CDSP's LoRM reads the backbone's layer-4 map (the paper's "last layer of the segmentation backbone"); it
+    # comes through forward (DDP) and adds no parameter, and the logits are those of the plain call.
+    model = make(name).eval()
+    before = sum(p.numel() for p in model.parameters())
+    x = images(1, 40, 40)
+    with torch.no_grad():
+        out = model(x, with_features=True)
+        assert torch.equal(out["backbone"], model.backbone.forward_features(x)["out"])
+        assert torch.equal(out["logits"], model(x))
+    assert out["backbone"].shape == (1, model.backbone.out_channels, 5, 5)  # stride 8 of 40
+    assert sum(p.numel() for p in model.parameters()) == before
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_parameter_groups_partition_all_parameters(name: str) -> None:
     model = make(name)
     backbone, head = model.parameter_groups()

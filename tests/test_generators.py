@@ -30,6 +30,7 @@ from wsss_ray.methods.cdsp.distance import (
     apply_scribbles,
     boundary_distance,
     boundary_mask,
+    foreground_contour,
     scribble_distance,
     to_uint8,
 )
@@ -239,17 +240,80 @@ def test_scribble_distance_at_known_offsets() -> None:
     d = scribble_distance(scribble, lam)
     k = math.exp(lam / 2)  # sqrt(e^λ)
     assert d[10, 10] == 1.0
-    assert d[10, 13] == pytest.approx(1 - 3 * k / 255)
-    assert d[13, 14] == pytest.approx(1 - 5 * k / 255)  # a 3-4-5 offset
-    assert d[0, 0] == pytest.approx(1 - math.hypot(10, 10) * k / 255)
+    # q = ⌊k·dist⌋ (the paper's floor), d_s = (255 − q)/255.
+    assert d[10, 13] == pytest.approx((255 - math.floor(3 * k)) / 255)
+    assert d[13, 14] == pytest.approx((255 - math.floor(5 * k)) / 255)  # a 3-4-5 offset
+    assert d[0, 0] == pytest.approx((255 - math.floor(math.hypot(10, 10) * k)) / 255)
     # Far enough away the clip at 255 makes it 0.
     assert scribble_distance(scribble, 12.0)[10, 13] == 0.0
     assert np.all(scribble_distance(np.full((4, 4), 255, np.uint8), lam) == 0.0)  # no scribble at all
     stored = to_uint8(d)
-    assert stored[10, 10] == 255 and stored[10, 13] == round(255 * (1 - 3 * k / 255))
+    assert stored[10, 10] == 255 and stored[10, 13] == 255 - math.floor(3 * k)
+    # The old reading rounds the scaled distance.
+    assert to_uint8(scribble_distance(scribble, lam, quantise="round"))[10, 13] == 255 - round(3 * k)
+
+
+def _scaled_by_loops(shape: tuple[int, int], sources: list[tuple[int, int]], lam: float) -> np.ndarray:
+    """q(p) = min(255, ⌊e^(λ/2)·min_s |p − s|⌋) by brute force over the sources (255 without any)."""
+    q = np.full(shape, 255, np.int64)
+    for r in range(shape[0]):
+        for c in range(shape[1]):
+            if sources:
+                dist = min(math.hypot(r - sr, c - sc) for sr, sc in sources)
+                q[r, c] = min(255, math.floor(math.exp(lam / 2) * dist))
+    return q
+
+
+def test_scribble_distance_foreground_only() -> None:
+    # Spec 6.4: the class-0 stroke at index 1 is not a source; only the class-3 stroke at index 4 is.
+    scribble = np.array([[255, 0, 255, 255, 3, 255, 255]], np.uint8)
+    expected = 255 - _scaled_by_loops((1, 7), [(0, 4)], 2.0)
+    assert expected.tolist() == [[245, 247, 250, 253, 255, 253, 250]]
+    assert to_uint8(scribble_distance(scribble, 2.0)).tolist() == expected.tolist()
+    # Old reading (every stroke a source, rounded): [252, 255, 252, 252, 255, 252, 250].
+    old = to_uint8(scribble_distance(scribble, 2.0, sources="all", quantise="round"))
+    assert old.tolist() == [[252, 255, 252, 252, 255, 252, 250]]
+    # Only background strokes: no source, d_s = 0 everywhere.
+    assert np.all(scribble_distance(np.array([[0, 255, 0]], np.uint8), 2.0) == 0.0)
+
+
+def _contour_by_loops(label_map: np.ndarray) -> list[tuple[int, int]]:
+    """Foreground (∉ {0, 255}) pixels with a 4-neighbour that is background, 255 or outside the image."""
+    h, w = label_map.shape
+
+    def fg(r: int, c: int) -> bool:
+        return 0 <= r < h and 0 <= c < w and int(label_map[r, c]) not in (0, 255)
+
+    return [(r, c) for r in range(h) for c in range(w)
+            if fg(r, c) and not all(fg(r + dr, c + dc) for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)))]
+
+
+def test_boundary_distance_foreground_contour() -> None:
+    # Spec 6.4: classes 1 and 2 side by side form one foreground block; the class 1|2 edge is not a boundary.
+    omega = np.zeros((5, 6), np.uint8)
+    omega[1:4, 1:3] = 1
+    omega[1:4, 3:5] = 2
+    expected = _scaled_by_loops((5, 6), _contour_by_loops(omega), 2.0)
+    assert expected.tolist() == [[3, 2, 2, 2, 2, 3], [2, 0, 0, 0, 0, 2], [2, 0, 2, 2, 0, 2], [2, 0, 0, 0, 0, 2],
+                                 [3, 2, 2, 2, 2, 3]]
+    assert to_uint8(boundary_distance(omega, 2.0)).tolist() == expected.tolist()
+    # Old reading: every label change (the 1|2 edge and the ring around the block) is boundary.
+    old = to_uint8(boundary_distance(omega, 2.0, boundary="label_edges"))
+    assert old[2, 2] == 0 and old[0, 2] == 0 and old[2, 0] == 0
+    # A 255 pixel inside the block is background: its 4-neighbours join the contour.
+    holed = omega.copy()
+    holed[2, 2] = 255
+    contour = _contour_by_loops(holed)
+    assert {(1, 2), (2, 1), (2, 3), (3, 2)} <= set(contour)
+    assert to_uint8(boundary_distance(holed, 2.0)).tolist() == _scaled_by_loops((5, 6), contour, 2.0).tolist()
+    # Foreground touching the image edge has its edge pixels on the contour; no foreground: d_c = 1.
+    edge = np.ones((3, 3), np.uint8)
+    assert foreground_contour(edge).tolist() == [[True, True, True], [True, False, True], [True, True, True]]
+    assert np.all(boundary_distance(np.zeros((4, 4), np.uint8), 2.0) == 1.0)
 
 
 def test_boundary_detection_and_distance() -> None:
+    # The old reading, kept as boundary="label_edges" (values now floored).
     labels = np.zeros((8, 10), np.uint8)
     labels[:, 5:] = 2
     edge = boundary_mask(labels)
@@ -259,10 +323,12 @@ def test_boundary_detection_and_distance() -> None:
     assert boundary_mask(diagonal).tolist() == [[False, True, False], [True, True, True], [False, True, False]]
     lam = 2.0
     k = math.exp(lam / 2)
-    d = boundary_distance(labels, lam)
-    assert d[3, 4] == 0.0 and d[3, 2] == pytest.approx(2 * k / 255) and d[3, 9] == pytest.approx(4 * k / 255)
-    assert np.all(boundary_distance(np.ones((4, 4), np.uint8), lam) == 1.0)  # no boundary
-    assert boundary_distance(labels, 7.0)[3, 0] == pytest.approx(min(4 * math.exp(3.5), 255) / 255)
+    d = boundary_distance(labels, lam, boundary="label_edges")
+    assert d[3, 4] == 0.0 and d[3, 2] == pytest.approx(math.floor(2 * k) / 255)
+    assert d[3, 9] == pytest.approx(math.floor(4 * k) / 255)
+    assert np.all(boundary_distance(np.ones((4, 4), np.uint8), lam, boundary="label_edges") == 1.0)  # no boundary
+    assert boundary_distance(labels, 7.0, boundary="label_edges")[3, 0] == pytest.approx(
+        min(math.floor(4 * math.exp(3.5)), 255) / 255)
 
 
 def test_scribbles_override_the_pseudo_label() -> None:
@@ -352,3 +418,29 @@ def test_each_generator_runs_both_steps_on_a_random_classifier(tmp_path: Any) ->
         for name in gen.labels:
             assert set(np.unique(maps[name])) <= {0, 255, *labels}, (config.name, name)
     assert maps["pseudo"][20, 15] == 2 and maps["pseudo"][2, 5] == 0  # scribbles win
+
+
+def test_scribble_generator_distances_use_fg_strokes_and_the_cam_mask(tmp_path: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # d_s from the class-2 stroke only (the class-0 stroke is no source); d_c on the CAM mask Ω̃ *before* the
+    # scribbles are pasted (the authors' code), so a stroke pasted on a background-only Ω̃ adds no contour.
+    from wsss_ray.data.image_io import encode_label_png
+    from wsss_ray.methods.cdsp import generator as cdsp_generator
+
+    scribble = np.full((12, 16), 255, np.uint8)
+    scribble[6, 2:6] = 2
+    scribble[1, 10:14] = 0
+    (tmp_path / "s.png").write_bytes(encode_label_png(scribble))
+    record = {"image_id": "x", "image_uri": "x.jpg", "scribble_uri": str(tmp_path / "s.png")}
+    omega = np.zeros((12, 16), np.uint8)  # the CAM pseudo-label Ω̃: background only
+    monkeypatch.setattr(cdsp_generator, "refine_cams", lambda *args, **kwargs: omega.copy())
+    image = np.zeros((12, 16, 3), np.uint8)
+    arrays = {"cams": np.zeros((1, 12, 16), np.float32)}
+    maps = build_generator(ScribbleGeneratorConfig(scales=[1.0])).refine_step(image, arrays, record, [2])
+    expected_ds = 255 - _scaled_by_loops((12, 16), [(6, c) for c in range(2, 6)], 2.0)
+    assert maps["dist_scribble"].tolist() == expected_ds.tolist()
+    assert maps["dist_scribble"][1, 12] < 255  # the background stroke is not a source
+    assert np.all(maps["dist_boundary"] == 255)  # Ω̃ has no foreground, hence no contour: d_c = 1
+    assert maps["pseudo"][6, 3] == 2
+    final = build_generator(ScribbleGeneratorConfig(scales=[1.0], boundary_source="final"))
+    assert final.refine_step(image, arrays, record, [2])["dist_boundary"][6, 3] == 0  # old: on the pasted mask

@@ -388,7 +388,9 @@ def _mspn_example() -> tuple[torch.Tensor, ...]:
 
 def test_mspn_each_term_hand_computed() -> None:
     logits, majority, agreement, proposed, present = _mspn_example()
-    loss, terms = mspn_hybrid_loss(logits, majority, agreement, proposed, present, agreement_threshold=4)
+    # negative_labels="excluded_tags": the old reading, which these numbers pin (now an option).
+    loss, terms = mspn_hybrid_loss(logits, majority, agreement, proposed, present, agreement_threshold=4,
+                                   negative_labels="excluded_tags")
     pos = L2  # −log p_1 at pixel 0
     neg = (L2 + math.log(4 / 3)) / 2  # class 2 at pixels 1, 3: −log(1 − 1/2), −log(1 − 1/4)
     ind = math.log(4 / 3)  # pixel 1: class 1 present, not proposed: −log(1 − 1/4); pixel 3: none
@@ -407,7 +409,8 @@ def test_mspn_threshold_and_weights() -> None:
     logits, majority, agreement, proposed, present = _mspn_example()
     # t = 3 makes pixel 3 clean: pos = (−log 1/2 − log 1/4)/2; only pixel 1 stays noisy.
     loss, terms = mspn_hybrid_loss(logits, majority, agreement, proposed, present, agreement_threshold=3,
-                                   negative_weight=2.0, indirect_weight=0.5, constraint_weight=1.0)
+                                   negative_weight=2.0, indirect_weight=0.5, constraint_weight=1.0,
+                                   negative_labels="excluded_tags")
     pos, neg, ind, pc = (L2 + math.log(4)) / 2, L2, math.log(4 / 3), -1.5 * L2
     assert terms["pos"].item() == pytest.approx(pos, rel=1e-6)
     assert terms["neg"].item() == pytest.approx(neg, rel=1e-6)
@@ -420,7 +423,8 @@ def test_mspn_confident_wrong_class_is_clamped_not_infinite() -> None:
     logits = _pixels([[0.0, 0.0, 200.0]])
     proposed = torch.zeros(1, 3, 1, 1, dtype=torch.bool)
     proposed[0, 0] = True
-    _, terms = mspn_hybrid_loss(logits, _labels([0]), _labels([1]), proposed, torch.tensor([[True, True, False]]))
+    _, terms = mspn_hybrid_loss(logits, _labels([0]), _labels([1]), proposed, torch.tensor([[True, True, False]]),
+                                negative_labels="excluded_tags")
     assert terms["neg"].item() == pytest.approx(-math.log(1e-6), rel=1e-4)
 
 
@@ -430,11 +434,76 @@ def test_mspn_abstained_majority_with_a_proposal_is_noisy_not_unknown() -> None:
     proposed = torch.zeros(1, 3, 1, 2, dtype=torch.bool)
     proposed[0, 1, 0, 0] = True
     _, terms = mspn_hybrid_loss(logits, _labels([255, 255]), _labels([0, 0]), proposed,
-                                torch.tensor([[True, True, False]]))
+                                torch.tensor([[True, True, False]]), negative_labels="excluded_tags")
     assert terms["pos"].item() == 0.0 and terms["clean_fraction"].item() == 0.0
     assert terms["neg"].item() == pytest.approx(L2, rel=1e-6)  # class 2: −log(1 − 1/2)
     assert terms["indirect"].item() == pytest.approx(math.log(4 / 3), rel=1e-6)  # class 0: −log(1 − 1/4)
     assert terms["constraint"].item() == pytest.approx(-1.5 * L2, rel=1e-6)
+
+
+def _mspn_sets_by_loops(logits: list[float], votes: list[int], tags: set[int], t: int) -> dict[str, float]:
+    """MSPN's terms at one pixel written out with plain floats: p = softmax(logits), the seeds' votes."""
+    exps = [math.exp(v) for v in logits]
+    p = [e / sum(exps) for e in exps]
+    counts = {c: votes.count(c) for c in set(votes)}
+    majority = min(c for c in counts if counts[c] == max(counts.values()))  # ties: the smaller id
+    assert counts[majority] < t  # a noisy pixel
+    proposed = set(counts)
+    present = {0} | tags
+    classes = range(len(logits))
+
+    def mean_nl(labels: set[int]) -> float:
+        return sum(-math.log(1 - p[c]) for c in labels) / len(labels)
+
+    return {"minority": mean_nl(proposed - {majority}),
+            "proposed_below_t": mean_nl({c for c in proposed if counts[c] < t}),
+            "excluded_tags": mean_nl(set(classes) - present),
+            "present_unproposed": mean_nl(present - proposed),
+            "all_unproposed": mean_nl(set(classes) - proposed),
+            "constraint": sum(v * math.log(v) for v in p)}
+
+
+def test_mspn_negative_sets() -> None:
+    # Spec 7.4: C = 6, tags {2, 3, 5}; seed votes 0, 0, 3, 3, 3, 5 → majority 3 with 3 votes < t = 4.
+    values = [1.0, -1.0, 0.0, 2.0, -2.0, 0.5]
+    expected = _mspn_sets_by_loops(values, [0, 0, 3, 3, 3, 5], {2, 3, 5}, 4)
+    assert expected["minority"] == pytest.approx(0.1811042, abs=1e-6)
+    assert expected["proposed_below_t"] == pytest.approx(0.3923380, abs=1e-6)
+    assert expected["excluded_tags"] == pytest.approx(0.0191983, abs=1e-6)
+    logits = torch.tensor(values).reshape(1, 6, 1, 1)
+    proposed = torch.tensor([True, False, False, True, False, True]).reshape(1, 6, 1, 1)
+    present = torch.tensor([[True, False, True, True, False, True]])
+    for negative in ("minority", "proposed_below_t", "excluded_tags"):
+        for indirect in ("present_unproposed", "all_unproposed"):
+            _, terms = mspn_hybrid_loss(logits, _labels([3]), _labels([3]), proposed, present, agreement_threshold=4,
+                                        negative_labels=negative, indirect_labels=indirect)
+            assert terms["neg"].item() == pytest.approx(expected[negative], rel=1e-5), negative
+            assert terms["indirect"].item() == pytest.approx(expected[indirect], rel=1e-5), indirect
+            assert terms["constraint"].item() == pytest.approx(expected["constraint"], rel=1e-5)
+    # The default is the minority reading.
+    _, terms = mspn_hybrid_loss(logits, _labels([3]), _labels([3]), proposed, present, agreement_threshold=4)
+    assert terms["neg"].item() == pytest.approx(expected["minority"], rel=1e-5)
+
+
+def test_mspn_minority_leaves_the_majority_free_and_skips_unlisted_labels() -> None:
+    # dL_neg/d(majority logit) < 0 under "minority": descent raises the majority's logit (its rivals' p fall).
+    # "proposed_below_t" has the majority in its set and pushes it down instead.
+    logits = torch.tensor([1.0, -1.0, 0.0, 2.0, -2.0, 0.5]).reshape(1, 6, 1, 1)
+    proposed = torch.tensor([True, False, False, True, False, True]).reshape(1, 6, 1, 1)
+    present = torch.tensor([[True, False, True, True, False, True]])
+    grads = {}
+    for negative in ("minority", "proposed_below_t"):
+        x = logits.clone().requires_grad_(True)
+        loss = mspn_hybrid_loss(x, _labels([3]), _labels([3]), proposed, present, negative_labels=negative,
+                                negative_weight=1.0, indirect_weight=0.0, constraint_weight=0.0)[0]
+        loss.backward()
+        grads[negative] = x.grad[0, 3, 0, 0].item()
+    assert grads["minority"] < 0 < grads["proposed_below_t"]
+    # Class 5 without a proposal bit (unlisted) is in neither set: minority = {0} only.
+    _, terms = mspn_hybrid_loss(logits, _labels([3]), _labels([3]), proposed, present,
+                                unlisted=torch.tensor([[False, False, False, False, False, True]]))
+    p0 = torch.softmax(logits.flatten(), 0)[0].item()
+    assert terms["neg"].item() == pytest.approx(-math.log(1 - p0), rel=1e-5)
 
 
 def test_mspn_empty_selections() -> None:

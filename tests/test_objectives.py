@@ -46,7 +46,9 @@ def seg_batch(n: int = 2, size: int = 32) -> dict[str, Any]:
 def test_every_segmentation_objective_runs_one_step(loss: dict[str, Any]) -> None:
     config = SegTrainConfig.model_validate({"loss": loss})
     model = tiny_segmenter()
-    objective = SEGMENTATION_OBJECTIVES.build(config.loss, NUM_CLASSES, model.classifier_weight().shape[1])
+    # CDSP's LoRM reads the backbone's last map (issue 14 point 5), the others φ's width (unused).
+    width = model.backbone.out_channels if loss["name"] == "cdsp" else model.classifier_weight().shape[1]
+    objective = SEGMENTATION_OBJECTIVES.build(config.loss, NUM_CLASSES, width)
     step = TrainStep(model, objective)
     value, terms = step(seg_batch())
     assert value.ndim == 0 and torch.isfinite(value)
@@ -71,6 +73,43 @@ def test_lorm_parameters_train_with_the_head() -> None:
     backbone, head = TrainStep(model, objective).parameter_groups()
     lorm = set(map(id, objective.parameters()))
     assert lorm and lorm <= set(map(id, head)) and not lorm & set(map(id, backbone))
+
+
+@pytest.mark.parametrize(("features", "expected"), [("backbone", "backbone"), ("head", "phi")])
+def test_cdsp_objective_width_and_input_follow_lorm_features(features: str, expected: str) -> None:
+    # stages/train_seg builds the objective with the backbone's width (default) or φ's; LoRM then reads that map.
+    from wsss_ray.stages.train_seg import _objective
+
+    model_config = {"name": "deeplab_v3", "backbone": {"name": "resnet_tiny"}, "aspp_channels": 8}
+    config = SegTrainConfig.model_validate({"model": model_config, "loss": {"name": "cdsp",
+                                                                            "lorm_features": features}})
+    objective = _objective(config, NUM_CLASSES)
+    model = tiny_segmenter().eval()  # eval: φ of v3 passes ASPP's dropout in training mode
+    width = {"backbone": model.backbone.out_channels, "phi": model.classifier_weight().shape[1]}[expected]
+    assert objective.lorm.query.in_channels == width and objective.lorm.query.out_channels == width
+    seen: dict[str, torch.Tensor] = {}
+    original = objective.lorm.forward
+
+    def spy(feats: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+        seen["features"] = feats
+        return original(feats, foreground)
+
+    objective.lorm.forward = spy  # type: ignore[method-assign]
+    batch = seg_batch()
+    objective(model, batch)
+    with torch.no_grad():
+        out = model(batch["image"], with_features=True)
+    assert torch.allclose(seen["features"], out["backbone" if expected == "backbone" else "features"], atol=1e-5)
+
+
+def test_objective_builder_leaves_the_rng_alone_without_lorm() -> None:
+    from wsss_ray.stages.train_seg import _objective
+
+    torch.manual_seed(3)
+    _objective(SegTrainConfig.model_validate({"loss": {"name": "cross_entropy"}}), NUM_CLASSES)
+    after = torch.rand(3)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(3))
 
 
 def test_mspn_counts_labels_beyond_the_bitmask_as_proposed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,10 +5,11 @@ Interface (every model in ``SEG_MODELS``; ``build_segmentation_model(config, num
 
 - ``model(images) -> logits``: (N, C, H, W) class scores upsampled bilinearly (``align_corners=False``) to the
   input size, whatever that size is (odd sizes included). Evaluation and the plain training loop use this.
-- ``model(images, with_features=True) -> {"logits": ..., "features": φ}``: the same logits plus φ, the
-  (N, D, h, w) input of the final 1x1 classifier at its own stride (the output stride for v2/v3, 4 for v3+), so
-  that BANA's noise-aware loss (``D_c = 1 + cos(φ, W_c)``) and CDSP's LoRM (``F``) can read it. It goes through
-  ``forward`` on purpose: DistributedDataParallel only synchronises gradients of what ``forward`` computed.
+- ``model(images, with_features=True) -> {"logits": ..., "features": φ, "backbone": layer 4}``: the same logits
+  plus φ, the (N, D, h, w) input of the final 1x1 classifier at its own stride (the output stride for v2/v3, 4
+  for v3+), which BANA's noise-aware loss reads (``D_c = 1 + cos(φ, W_c)``), and the backbone's last map (N,
+  ``backbone.out_channels``, h, w) at the output stride, CDSP's LoRM input ``F``. It goes through ``forward``
+  on purpose: DistributedDataParallel only synchronises gradients of what ``forward`` computed.
 - ``classifier_weight() -> W``: (C, D) weight of the final 1x1 conv (a view of the parameter, so a loss using it
   reaches W in the same backward pass; ``.detach()`` it to treat W as a constant). Before upsampling,
   ``logits = W φ + b`` per pixel exactly in eval mode (with ``classifier: cosine``, ``τ·cos(φ, W_c)``); in
@@ -129,12 +130,13 @@ class SegmentationModel(nn.Module):
     def forward(self, images: torch.Tensor, with_features: Literal[True]) -> dict[str, torch.Tensor]: ...
 
     def forward(self, images: torch.Tensor, with_features: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Logits (N, C, H, W) at the input size; with ``with_features`` a dict with ``logits`` and φ
-        (``features``, N × D × h × w at the head's own stride)."""
-        phi = self.head_features(self.backbone.forward_features(images))
+        """Logits (N, C, H, W) at the input size; with ``with_features`` a dict with ``logits``, φ (``features``,
+        N × D × h × w at the head's own stride) and the backbone's layer-4 map (``backbone``)."""
+        maps = self.backbone.forward_features(images)
+        phi = self.head_features(maps)
         logits = F.interpolate(self.classify(phi), size=images.shape[-2:], mode="bilinear", align_corners=False)
         if with_features:
-            return {"logits": logits, "features": phi}
+            return {"logits": logits, "features": phi, "backbone": maps["out"]}
         return logits
 
     def classifier_weight(self) -> torch.Tensor:

@@ -113,10 +113,17 @@ def resolved_loss(config: SegTrainConfig) -> Any:
 
 
 def _objective(config: SegTrainConfig, num_classes: int) -> nn.Module:
-    # φ's width is the model's, so build a throwaway model to read it only when the objective needs it (LoRM).
+    # LoRM's input width is the model's (the backbone's layer 4 by default, φ with lorm_features="head"), so build
+    # a throwaway model to read it, and only when the objective needs it. RNG: the loop calls this right after
+    # ``build_model()`` and ``torch.manual_seed(seed)``, so the throwaway build draws its initial weights from the
+    # global torch RNG and moves it on before LoRM's projections are initialised (and before any later draw of the
+    # step). Kept as it was, and only for LoRM, so that every other objective's runs (the demo's cross_entropy
+    # included) draw exactly what they drew before.
     width = 0
     if config.loss.name == "cdsp" and config.loss.lorm:
-        width = build_segmentation_model(config.model, num_classes).classifier_weight().shape[1]
+        throwaway = build_segmentation_model(config.model, num_classes)
+        width = (throwaway.backbone.out_channels if config.loss.lorm_features == "backbone"
+                 else throwaway.classifier_weight().shape[1])
     return SEGMENTATION_OBJECTIVES.build(resolved_loss(config), num_classes, width)
 
 

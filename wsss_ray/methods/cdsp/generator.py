@@ -21,7 +21,8 @@ class ScribbleGenerator(Generator[ScribbleGeneratorConfig]):
     """CDSP: CRF-refined CAM mask of the scribbles' classes with the scribbles on top (``pseudo``), and the
     distance maps of the distance entropy loss (``dist_scribble`` = d_s, ``dist_boundary`` = d_c, uint8 255·d).
 
-    The boundary distance is taken on the final pseudo-label (scribbles applied): the mask training reads.
+    d_s is measured to the foreground scribbles, d_c to the foreground contour of the CRF-refined CAM mask before
+    the scribbles are pasted (``boundary_source="cam_pseudo"``, the authors' code); see ``methods/cdsp/distance``.
     """
 
     outputs: ClassVar[dict[str, int]] = {"pseudo": IGNORE_LABEL, "dist_scribble": 0, "dist_boundary": 0}
@@ -41,6 +42,8 @@ class ScribbleGenerator(Generator[ScribbleGeneratorConfig]):
         cams = arrays["cams"].astype(np.float32)
         mask = refine_cams(image, cams, labels, self.config.crf, self.config.bg_score, self.config.confidence)
         pseudo = apply_scribbles(mask, scribble)
-        return {"pseudo": pseudo,
-                "dist_scribble": to_uint8(scribble_distance(scribble, self.config.lambda_s)),
-                "dist_boundary": to_uint8(boundary_distance(pseudo, self.config.lambda_c))}
+        cfg = self.config
+        d_s = scribble_distance(scribble, cfg.lambda_s, cfg.scribble_sources, cfg.quantise)
+        d_c = boundary_distance(mask if cfg.boundary_source == "cam_pseudo" else pseudo, cfg.lambda_c, cfg.boundary,
+                                cfg.quantise)
+        return {"pseudo": pseudo, "dist_scribble": to_uint8(d_s), "dist_boundary": to_uint8(d_c)}

@@ -16,6 +16,17 @@ from wsss_ray.methods.cdsp.losses import LoRM, distance_entropy_loss, partial_cr
 Terms = dict[str, torch.Tensor]
 
 
+def lorm_foreground(label: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """LoRM's mask ``M`` (N, h, w) in {0, 1} at the feature map's ``size``, as the authors build it: the label map
+    with 255 → 0, its *values* resized bilinearly (align_corners=True), ``M = [value > 0]``; so a feature cell
+    touching any foreground pixel counts as foreground. On a copy: the authors' code writes 255 → 0 into the
+    caller's pseudo-label in place, which then trains ignored pixels (crop padding included) as background in
+    L_segc; we do not reproduce that side effect."""
+    values = label.masked_fill(label == IGNORE_LABEL, 0).float()[:, None]
+    small = F.interpolate(values, size=tuple(size), mode="bilinear", align_corners=True)[:, 0]
+    return (small > 0).float()
+
+
 class CdspObjective(nn.Module):
     """CDSP: partial CE on scribbles + label-smoothed CE on the pseudo-mask, + LoRM, + distance entropy."""
 
@@ -24,7 +35,9 @@ class CdspObjective(nn.Module):
     def __init__(self, config: CdspConfig, num_classes: int, feature_channels: int) -> None:
         super().__init__()
         self.config = config
-        self.lorm = LoRM(feature_channels, config.lorm_channels) if config.lorm else None
+        # ``feature_channels`` = the width of LoRM's input: the backbone's (``lorm_features="backbone"``) or φ's.
+        self.lorm = (LoRM(feature_channels, config.lorm_channels, config.lorm_mask, config.lorm_reduction)
+                     if config.lorm else None)
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, Terms]:
         cfg = self.config
@@ -35,11 +48,8 @@ class CdspObjective(nn.Module):
         loss = partial + smoothed
         terms: Terms = {"partial_ce": partial.detach(), "smoothed_ce": smoothed.detach()}
         if self.lorm is not None:
-            features = out["features"].float()
-            # The pseudo-label's foreground at the feature map's stride (nearest: a label map is not averaged).
-            small = F.interpolate(label[:, None].float(), size=features.shape[-2:], mode="nearest")[:, 0]
-            foreground = ((small != 0) & (small != IGNORE_LABEL)).float()
-            lorm = self.lorm(features, foreground)
+            features = out["backbone" if cfg.lorm_features == "backbone" else "features"].float()
+            lorm = self.lorm(features, lorm_foreground(label, features.shape[-2:]))
             loss = loss + cfg.lorm_weight * lorm
             terms["lorm"] = lorm.detach()
         if cfg.distance:

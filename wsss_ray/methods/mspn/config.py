@@ -38,8 +38,8 @@ class MultiSeedGeneratorConfig(GeneratorSettings, CamThresholdSettings):
 class MspnLossConfig(StrictModel):
     """MSPN positive–negative hybrid learning over the ``multi_seed`` generator's vote (our reading of an
     illegible paper, see ``methods/mspn/losses.py``): CE on clean pixels (agreement ≥ t), negative learning on
-    labels the image tags rule out, indirect negative learning on labels no seed proposed, and a confidence
-    penalty on noisy pixels."""
+    the seeds' minority labels at noisy pixels, indirect negative learning on labels no seed proposed, and a
+    confidence penalty on noisy pixels."""
 
     name: Literal["mspn"] = "mspn"
     # t: a pixel is clean when at least t seeds agree; read from the stored agreement map, so t can be swept
@@ -48,3 +48,10 @@ class MspnLossConfig(StrictModel):
     negative_weight: Annotated[float, Field(ge=0.0)] = 1.0
     indirect_weight: Annotated[float, Field(ge=0.0)] = 1.0
     constraint_weight: Annotated[float, Field(ge=0.0)] = 0.1
+    # Which labels of a noisy pixel are "determined as incorrect" (L_neg). The paper's rule is illegible; our
+    # reading: minority = proposed by some seed but not the majority. proposed_below_t = every proposed label
+    # (the literal "proposed by fewer than t seeds"; degenerate: the majority is pushed down too);
+    # excluded_tags = classes outside the image's label set (our first reading; p ≈ 0 there, nearly no signal).
+    negative_labels: Literal["minority", "proposed_below_t", "excluded_tags"] = "minority"
+    # L_ind's complementary labels: the image's labels no seed proposed (default), or every unproposed class.
+    indirect_labels: Literal["present_unproposed", "all_unproposed"] = "present_unproposed"

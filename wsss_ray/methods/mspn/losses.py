@@ -11,10 +11,54 @@ from wsss_ray.core.pixel_losses import check_label_map, masked_mean, pixel_log_p
 _ONE_MINUS_P_MIN = 1e-6
 
 
+NEGATIVE_LABELS = ("minority", "proposed_below_t", "excluded_tags")
+INDIRECT_LABELS = ("present_unproposed", "all_unproposed")
+
+
+def negative_sets(noisy: torch.Tensor, majority: torch.Tensor, proposed: torch.Tensor, present: torch.Tensor,
+                  negative_labels: str = "minority", indirect_labels: str = "present_unproposed",
+                  unlisted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel, class) pairs of ``L_neg`` and ``L_ind``, both (N, C, H, W) bool, for the noisy pixels ``noisy``.
+
+    ``negative_labels`` (which labels are "determined as incorrect"; the paper's rule is illegible):
+
+    - ``minority`` (default, our reading): the labels some seed proposed at the pixel other than the majority,
+      the seeds' own wrong votes. The majority stays free and the unproposed labels are pushed down by ``L_ind``,
+      so, as in NLNL, the mass moves to the majority indirectly.
+    - ``proposed_below_t`` (the review's literal "labels proposed by fewer than t seeds"): at a noisy pixel the
+      majority has < t votes and every other label at most as many, so this is *every* proposed label, majority
+      included. With ``L_ind`` every label of the image is then pushed down and the minimiser moves the mass to
+      absent classes: degenerate, kept to show it.
+    - ``excluded_tags`` (our first reading): classes outside the image's label set. Their p is ≈ 0 once the clean
+      CE has run a little, so the term is nearly empty.
+
+    ``indirect_labels``: ``present_unproposed`` (default) = the image's labels no seed proposed;
+    ``all_unproposed`` = every class no seed proposed. ``unlisted`` (N, C) marks labels without a proposal bit
+    (whether a seed proposed them is unknown): they are in neither proposal-based set.
+    """
+    if negative_labels not in NEGATIVE_LABELS or indirect_labels not in INDIRECT_LABELS:
+        raise ValueError(f"negative_labels must be one of {NEGATIVE_LABELS} and indirect_labels one of "
+                         f"{INDIRECT_LABELS}; got {negative_labels!r} and {indirect_labels!r}")
+    noisy_c = noisy.unsqueeze(1)
+    present_c = present[:, :, None, None]
+    known = torch.ones_like(present_c) if unlisted is None else ~unlisted.bool()[:, :, None, None]
+    if negative_labels == "excluded_tags":
+        negative = noisy_c & ~present_c
+    else:
+        negative = noisy_c & proposed & known
+        if negative_labels == "minority":
+            classes = torch.arange(proposed.shape[1], device=proposed.device)[None, :, None, None]
+            negative &= classes != majority.unsqueeze(1)  # majority 255 matches no class
+    unproposed = noisy_c & ~proposed & known
+    indirect = unproposed & present_c if indirect_labels == "present_unproposed" else unproposed
+    return negative, indirect
+
+
 def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: torch.Tensor, proposed: torch.Tensor,
                      present: torch.Tensor, agreement_threshold: int = 4, negative_weight: float = 1.0,
-                     indirect_weight: float = 1.0,
-                     constraint_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     indirect_weight: float = 1.0, constraint_weight: float = 0.1,
+                     negative_labels: str = "minority", indirect_labels: str = "present_unproposed",
+                     unlisted: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MSPN positive-negative hybrid learning on multi-seed votes: ``L = L_pos + w_neg·L_neg + w_ind·L_ind +
     w_pc·L_pc``.
 
@@ -26,10 +70,10 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
       agreement = 0 and no label proposed (crop padding, or every seed abstained), excluded from every term;
       noisy = neither clean nor unknown.
     * ``L_pos`` = CE on the majority label, mean over clean pixels (positive learning).
-    * ``L_neg`` = mean over (noisy pixel, class c ∉ present) pairs of ``−log(1 − p_c)``: negative learning
-      (NLNL, Kim et al. ICCV 2019) on labels judged wrong because the image tags rule them out.
-    * ``L_ind`` = mean over (noisy pixel, class c ∈ present, c not proposed by any seed at the pixel) pairs of
-      ``−log(1 − p_c)``: indirect negative learning on complementary labels (NLNL / JNPL).
+    * ``L_neg`` = mean over (noisy pixel, "incorrect" label c) pairs of ``−log(1 − p_c)``: negative learning
+      (NLNL, Kim et al. ICCV 2019) on "labels determined as incorrect"; default: the seeds' minority labels.
+    * ``L_ind`` = the same over (noisy pixel, complementary label c: not proposed by any seed) pairs: indirect
+      negative learning (NLNL / JNPL). Both sets and their options: :func:`negative_sets`.
     * ``L_pc`` = mean over noisy pixels of ``Σ_c p_c log p_c`` (negative entropy): a confidence penalty
       (Pereyra et al. 2017) as the prediction constraint; minimising it keeps noisy pixels from becoming
       over-confident.
@@ -45,6 +89,9 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
         negative_weight: w_neg.
         indirect_weight: w_ind.
         constraint_weight: w_pc.
+        negative_labels: minority | proposed_below_t | excluded_tags (:func:`negative_sets`).
+        indirect_labels: present_unproposed | all_unproposed.
+        unlisted: (N, C) bool, labels with no proposal bit (in neither proposal-based set); None = none.
 
     Returns:
         (L, terms) with terms "pos", "neg", "indirect", "constraint" and "clean_fraction" (clean pixels / pixels
@@ -71,10 +118,10 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
     loss_pos = masked_mean(-log_p_major, clean)
 
     neg_log = -torch.log((1.0 - p).clamp_min(_ONE_MINUS_P_MIN))  # −log(1 − p_c), (N, C, H, W)
-    noisy_c = noisy.unsqueeze(1)
-    present_c = present[:, :, None, None]
-    loss_neg = masked_mean(neg_log, noisy_c & ~present_c)
-    loss_ind = masked_mean(neg_log, noisy_c & present_c & ~proposed)
+    negative, indirect = negative_sets(noisy, majority, proposed, present, negative_labels, indirect_labels,
+                                       unlisted)
+    loss_neg = masked_mean(neg_log, negative)
+    loss_ind = masked_mean(neg_log, indirect)
 
     # p·log p with log-softmax (finite even where p underflows to 0, where the product is then 0).
     neg_entropy = (p * log_p).sum(dim=1)

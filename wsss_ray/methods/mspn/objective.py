@@ -28,13 +28,16 @@ class MspnObjective(nn.Module):
         label_lists = batch["label_list"].long()
         present = batch["present"].bool()
         proposed = decode_proposed(batch["proposed"].long(), label_lists, self.num_classes)
-        # Labels of the image beyond the bitmask's 8 have no proposal bit: count them as proposed, so indirect
-        # negative learning never pushes down a label the seeds may well have voted for.
+        # Labels of the image beyond the bitmask's 8 have no proposal bit: whether a seed proposed them is unknown.
+        # Counted as proposed (so L_ind never pushes them down) and passed as ``unlisted`` (so the proposal-based
+        # L_neg sets, minority / proposed_below_t, do not push them down either).
         listed = torch.zeros_like(present)
         listed.scatter_(1, label_lists.clamp_min(0), label_lists >= 0)
-        proposed = proposed | (present & ~listed)[:, :, None, None]
+        unlisted = present & ~listed
+        proposed = proposed | unlisted[:, :, None, None]
         # Crop padding has no vote: majority 255, agreement 0 and no proposal (excluded from every term).
         return mspn_hybrid_loss(model(batch["image"]).float(), batch["majority"].long(), batch["agreement"].long(),
                                 proposed, present, agreement_threshold=cfg.agreement,
                                 negative_weight=cfg.negative_weight, indirect_weight=cfg.indirect_weight,
-                                constraint_weight=cfg.constraint_weight)
+                                constraint_weight=cfg.constraint_weight, negative_labels=cfg.negative_labels,
+                                indirect_labels=cfg.indirect_labels, unlisted=unlisted)
