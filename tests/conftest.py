@@ -97,6 +97,13 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the ``faults`` tests first: they connect this process to their own multi-node Ray cluster, which must
+    not overlap the session ``ray_cluster`` (one Ray driver per process; ray_cluster lives until the session ends).
+    """
+    items.sort(key=lambda item: item.get_closest_marker("faults") is None)  # stable: the rest keep their order
+
+
 def kill_worker_when(marker: str, ready: Callable[[], bool], running: Callable[[], bool],
                      timeout_s: float) -> list[int]:
     """SIGKILL one Ray worker process whose command line holds ``marker`` once ``ready()``, while ``running()``.

@@ -3,6 +3,10 @@
 Every per-image stage (ingest, pseudo_labels, evaluate, predict) runs the same way: a Ray Data map does one
 item's work inside :func:`guarded`, which turns any failure into a reason naming the file; the driver walks the
 finished rows with :class:`ItemLoop`, which shows a progress line with throughput and keeps the failure rows.
+
+A storage outage (:class:`~wsss_ray.core.storage.StorageError`: the store unreachable past its retry budget) is
+no fault of the item, so :func:`guarded` lets it through: the stage fails with the error naming the URI, and a
+rerun resumes, instead of the image being recorded as bad for good.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any, TypeVar
 
 from wsss_ray.core.progress import Progress
 from wsss_ray.core.records import FailureRow
+from wsss_ray.core.storage import StorageError
 
 T = TypeVar("T")
 
@@ -39,9 +44,14 @@ def describe_failure(error: Exception) -> str:
 
 
 def guarded(work: Callable[[], T]) -> tuple[T | None, str | None]:
-    """``(work(), None)``, or ``(None, reason)`` when the item is bad (see :func:`describe_failure`)."""
+    """``(work(), None)``, or ``(None, reason)`` when the item is bad (see :func:`describe_failure`).
+
+    :class:`StorageError` propagates: the store is down, not the item bad (see the module docstring).
+    """
     try:
         return work(), None
+    except StorageError:
+        raise
     except Exception as error:  # noqa: BLE001 - a bad item is reported and skipped, never fatal
         return None, describe_failure(error)
 

@@ -10,6 +10,12 @@ S3 settings come from the standard AWS environment variables (``AWS_ENDPOINT_URL
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
 ``AWS_DEFAULT_REGION``/``AWS_REGION``).
 Credentials never appear in logs, reprs or exception messages produced here.
+
+S3 requests that fail on the network (endpoint unreachable, connection reset, 5xx, throttling) are retried
+with exponential backoff, ``WSSS_S3_RETRIES`` attempts in all (default 10: waits of 50 ms doubling, about 25 s
+in total; 8 attempts wait about 6 s, 12 about 100 s). Past that budget the call raises :class:`StorageError`
+naming the URI; per-item stages then stop (``core.items.guarded`` re-raises it) rather than record the item
+as bad, and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from wsss_ray.core.s3_retry import RETRIES_VAR, RetryingS3FileSystem, s3_retries
+
 __all__ = [
-    "copy_to_local", "delete", "exists", "is_s3", "join", "list_files", "local_path_or_none", "makedirs",
-    "read_bytes", "read_json", "read_parquet", "read_text", "resolve", "train_storage", "upload_dir",
+    "RETRIES_VAR", "StorageError", "copy_to_local", "delete", "exists", "is_s3", "join", "list_files",
+    "local_path_or_none", "makedirs", "read_bytes", "read_json", "read_parquet", "read_text", "resolve",
+    "s3_retries", "train_storage", "upload_dir",
     "write_bytes", "write_json", "write_parquet", "write_text",
 ]
 
@@ -49,6 +58,13 @@ _S3_CACHE: dict[tuple[str, ...], pafs.S3FileSystem] = {}
 _S3_LOCK = threading.Lock()
 # Per-process random key: the cache key holds only an HMAC of the secrets, useless outside this process.
 _KEY_SALT = secrets.token_bytes(32)
+
+
+class StorageError(OSError):
+    """The store failed (unreachable past the retry budget, a server error): no fault of the item at the URI.
+
+    Missing files, permissions and the like keep their builtin kinds (FileNotFoundError, PermissionError ...).
+    """
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,7 +117,7 @@ def _env_endpoint() -> tuple[str | None, str]:
 
 def _uri_error(uri: str, action: str, exc: OSError) -> OSError:
     """An error of the same builtin kind that names the URI (pyarrow's own message names only the path)."""
-    kind = type(exc) if type(exc) in _KEEP_KINDS else OSError
+    kind = type(exc) if type(exc) in _KEEP_KINDS else StorageError
     return kind(f"{uri}: {action} ({exc})")
 
 
@@ -118,7 +134,8 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY") or None
     token = os.environ.get("AWS_SESSION_TOKEN") or None
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-    key = (endpoint or "-", scheme, region, access_key or "-",
+    attempts = s3_retries()
+    key = (endpoint or "-", scheme, region, str(attempts), access_key or "-",
            _secret_digest(secret_key), _secret_digest(token))
     with _S3_LOCK:
         fs = _S3_CACHE.get(key)
@@ -130,7 +147,7 @@ def _s3_filesystem() -> pafs.S3FileSystem:
             # pyarrow falls back to the AWS SDK's default chain (config files, instance profile).
             if access_key and secret_key:
                 kwargs.update(access_key=access_key, secret_key=secret_key, session_token=token)
-            fs = pafs.S3FileSystem(**kwargs)
+            fs = RetryingS3FileSystem(attempts, **kwargs)
             _S3_CACHE[key] = fs
         return fs
 

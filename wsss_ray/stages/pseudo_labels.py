@@ -21,7 +21,7 @@ import torch
 
 from wsss_ray.config import ClassifierTrainConfig, GeneratorConfig, PipelineConfig, PseudoLabelConfig
 from wsss_ray.core import storage
-from wsss_ray.core.items import ItemLoop, describe_failure, guarded
+from wsss_ray.core.items import ItemLoop, guarded
 from wsss_ray.core.metrics import ConfusionMatrix
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import cluster_cpus, model_actor_pool, want_gpu
@@ -98,34 +98,38 @@ def refine_and_write(row: dict[str, Any], generator: GeneratorConfig, out_uri: s
     confusions: dict[str, list[int] | None] = {name: None for name in gen.labels}
     precision: dict[str, list[int] | None] = {name: None for name in gen.labels}
     if row["error"] is None:
-        try:
-            image = read_image(row["image_uri"])
-            with np.load(io.BytesIO(row["arrays"])) as data:
-                arrays = {k: data[k] for k in data.files}
-            masks = gen.refine_step(image, arrays, row, list(row["labels"]))
-            # The training input ("pseudo") is written last: its presence implies the others are complete.
-            for name in sorted(masks, key=lambda n: n == "pseudo"):
-                storage.write_bytes(storage.join(out_uri, name, f"{row['image_id']}.png"),
-                                    encode_label_png(masks[name]))
-            stats["ignored_pixels"] = int((masks["pseudo"] == 255).sum())
-            if row["mask_uri"]:
-                target = read_label(row["mask_uri"])
-                for name in gen.labels:
-                    cm = ConfusionMatrix(num_classes)
-                    cm.update(target, masks[name])
-                    confusions[name] = cm.mat.ravel().tolist()
-                    # Precision over the pixels the mask commits to (not 255): what a method that marks
-                    # unsure pixels (MSPN agreement, confidence threshold) should win on.
-                    committed = (target != 255) & (masks[name] != 255)
-                    precision[name] = [int((committed & (target == masks[name])).sum()), int(committed.sum()),
-                                       int((target != 255).sum())]
-        except Exception as error:  # noqa: BLE001 - a bad item is reported and skipped, never fatal
-            stats["error"] = describe_failure(error)
+        # guarded: a bad image is recorded and skipped; a storage outage fails the task (a rerun resumes)
+        _, error = guarded(lambda: _refine_and_score(row, gen, out_uri, num_classes, stats, confusions, precision))
+        stats["error"] = error
     stats["seconds"] = row["model_seconds"] + time.perf_counter() - start
     for name in gen.labels:
         stats[f"confusion_{name}"] = confusions[name]
         stats[f"precision_{name}"] = precision[name]
     return stats
+
+
+def _refine_and_score(row: dict[str, Any], gen: Any, out_uri: str, num_classes: int, stats: dict[str, Any],
+                      confusions: dict[str, list[int] | None], precision: dict[str, list[int] | None]) -> None:
+    """One image's refinement, mask writes and scores (into ``stats``, ``confusions``, ``precision``)."""
+    image = read_image(row["image_uri"])
+    with np.load(io.BytesIO(row["arrays"])) as data:
+        arrays = {k: data[k] for k in data.files}
+    masks = gen.refine_step(image, arrays, row, list(row["labels"]))
+    # The training input ("pseudo") is written last: its presence implies the others are complete.
+    for name in sorted(masks, key=lambda n: n == "pseudo"):
+        storage.write_bytes(storage.join(out_uri, name, f"{row['image_id']}.png"), encode_label_png(masks[name]))
+    stats["ignored_pixels"] = int((masks["pseudo"] == 255).sum())
+    if row["mask_uri"]:
+        target = read_label(row["mask_uri"])
+        for name in gen.labels:
+            cm = ConfusionMatrix(num_classes)
+            cm.update(target, masks[name])
+            confusions[name] = cm.mat.ravel().tolist()
+            # Precision over the pixels the mask commits to (not 255): what a method that marks unsure pixels
+            # (MSPN agreement, confidence threshold) should win on.
+            committed = (target != 255) & (masks[name] != 255)
+            precision[name] = [int((committed & (target == masks[name])).sum()), int(committed.sum()),
+                               int((target != 255).sum())]
 
 
 def _stats_table(rows: list[dict[str, Any]], outputs: tuple[str, ...]) -> pa.Table:

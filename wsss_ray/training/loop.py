@@ -190,6 +190,7 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
         timer.images += len(batch["image"])
     metrics = {key: mean_across_workers(total / max(count, 1), run.device) for key, total in sums.items()}
     metrics.update(lr=lr, images_per_s=mean_across_workers(timer.throughput(), run.device) * run.world)
+    metrics["world_size"] = run.world  # an elastic group's size per epoch (it changes as nodes come and go)
     return metrics
 
 

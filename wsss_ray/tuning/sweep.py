@@ -57,6 +57,8 @@ TRAIN_DRIVER_CPUS = 0.5
 # How often the driver uploads Tune's experiment state (and trial logs) to storage: the most a killed sweep
 # can lose of its bookkeeping. Trials' own Ray Train checkpoints are uploaded every epoch regardless.
 SYNC_PERIOD_S = 30
+# Restarts of a trial whose own process died (its node was lost) before the trial is marked ERROR.
+TRIAL_RESTARTS = 2
 RESULTS_FILE = "results.json"
 # A relabel_train_seg trial's pseudo-label summary (scores against the ground truth), next to its masks.
 RELABEL_FILE = "pseudo_labels.json"
@@ -294,8 +296,10 @@ def _tuner(space: SearchSpace, config: PipelineConfig, trainable: Any, sweep_uri
             # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS); Tune adds no second one when one is given.
             callbacks=[TBXLoggerCallback()],
             sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
-            # Trials are resumed by the sweep (resume_errored), not retried in place.
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A trial whose process's node is lost (spot preemption) restarts in place, and its Ray Train run
+            # resumes from its checkpoint (same trial id, same run name); a trial that keeps failing ends as
+            # ERROR, and running the sweep again resumes it (resume_errored).
+            failure_config=tune.FailureConfig(max_failures=TRIAL_RESTARTS),
             verbose=1,
         ),
     )
