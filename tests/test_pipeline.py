@@ -71,12 +71,14 @@ def pipeline_run(ray_cluster: None, s3_server: Any, tmp_path_factory: pytest.Tem
         summaries = run_pipeline(config)
     first = time.monotonic() - start
     return {"config": config, "summaries": summaries, "corrupt": corrupt, "seconds": first, "ids": ids,
-            "console": console.read_text()}
+            "console": console["text"]}
 
 
 @contextlib.contextmanager
-def console_output() -> Iterator[Path]:
-    """What the process writes to its stdout and stderr file descriptors meanwhile (Ray's log monitor too)."""
+def console_output() -> Iterator[dict[str, str]]:
+    """What the process writes to its stdout and stderr file descriptors meanwhile (Ray's log monitor too),
+    in ``["text"]`` once the block has ended."""
+    captured: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "console.txt"
         saved = [os.dup(1), os.dup(2)]
@@ -86,7 +88,7 @@ def console_output() -> Iterator[Path]:
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
             try:
-                yield path
+                yield captured
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -94,6 +96,8 @@ def console_output() -> Iterator[Path]:
                 os.dup2(saved[1], 2)
                 for fd in saved:
                     os.close(fd)
+        captured["text"] = path.read_text(errors="replace")
+        sys.stderr.write(captured["text"])  # still shown by pytest on a failure
 
 
 LINES = re.MULTILINE

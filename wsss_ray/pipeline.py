@@ -48,8 +48,8 @@ def run_stage(stage: StageDir, work: Callable[[], dict[str, Any]]) -> dict[str, 
                                                   f"Ray Data and Ray Train): {ray_logs_dir()}\n")
     stage.started = time.monotonic()
     summary = stage.complete(work())
-    log(stage.name, f"done in {format_duration(summary['seconds'])}: {stage_summary_line(summary)}")
-    log(stage.name, f"results: {stage.uri} (Ray's logs: {RAY_LOGS_FILE} there)")
+    log(stage.name, f"done in {format_duration(summary['seconds'])}: {stage_summary_line(summary)}; results: "
+                    f"{stage.uri} (Ray's logs: {RAY_LOGS_FILE} there)")
     return summary
 
 
@@ -86,7 +86,6 @@ def stage_dirs(config: PipelineConfig) -> dict[str, StageDir]:
 
 def run_pipeline(config: PipelineConfig, until: str = "evaluate", verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) every stage up to ``until``; returns the summaries, writes metrics.json and the report.
-
     ``verbose`` shows Ray's own logs on the console (see ``core.ray_utils.init_ray``)."""
     from wsss_ray.core.ray_utils import init_ray
     from wsss_ray.stages.evaluate import evaluate_and_report
@@ -131,8 +130,7 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", verbose: bool 
     seg_records = segmentation_records(train_records, dirs["pseudo_labels"], config)
     summaries["train_seg"] = run_stage(dirs["train_seg"], lambda: train_segmentation(
         seg_records, dirs["train_seg"], config.train_seg, num_classes, val_records, class_names=names))
-    # Backfill: a train_seg folder completed before the stage wrote model.json gets it from this config (the
-    # same config that keys the folder), whatever the order of its files.
+    # Backfill for folders trained before train_seg wrote model.json: from the config that keys the folder.
     ensure_model_card(dirs["train_seg"].uri, config.train_seg.model, names)
     if until == "train_seg":
         return print_stage_summary(summaries)
