@@ -78,3 +78,17 @@ def test_epoch_line() -> None:
     # 3 epochs in 60 s of this run → 20 s each, 9 epochs left
     assert epoch_line(metrics, 12, 3, 60.0) == "epoch 3/12: loss 0.571, val mIoU 27.4, 8.0 images/s, ETA 3m00s"
     assert epoch_line({"epoch": 12, "loss": 0.1}, 12, 1, 5.0) == "epoch 12/12: loss 0.1, last epoch"
+
+
+@pytest.mark.parametrize(("argv", "verbose"), [(["run"], False), (["run", "--verbose"], True),
+                                               (["train-seg", "--verbose"], True)])
+def test_cli_verbose_reaches_the_pipeline(monkeypatch: pytest.MonkeyPatch, argv: list[str], verbose: bool) -> None:
+    from pathlib import Path
+
+    from wsss_ray import cli, pipeline
+
+    seen: list[tuple[str, bool]] = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda config, until, verbose: seen.append((until, verbose)))
+    config = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml")
+    assert cli.main([*argv, "--config", config]) == 0
+    assert seen == [("evaluate" if argv[0] == "run" else "train_seg", verbose)]
