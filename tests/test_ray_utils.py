@@ -53,8 +53,9 @@ def test_init_ray_keeps_ray_logs_off_the_console_unless_verbose(monkeypatch: pyt
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for address in (None, "ray://head:10001"):
         ray_utils.init_ray(RayConfig(address=address, include_dashboard=False), verbose=verbose)
-    assert [call["log_to_driver"] for call in calls] == [verbose, verbose]  # local cluster and a remote one
     level = logging.INFO if verbose else logging.ERROR
+    # a local cluster and a remote one
+    assert [(call["log_to_driver"], call["logging_level"]) for call in calls] == [(verbose, level)] * 2
     assert all(logging.getLogger(name).level == level for name in ray_utils.RAY_LOGGERS)
     ray_utils.quiet_ray_logging(verbose=False)
 

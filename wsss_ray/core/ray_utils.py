@@ -42,16 +42,19 @@ def init_ray(config: RayConfig, verbose: bool = False) -> None:
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     # Workers of a local cluster inherit the driver's environment; the runtime env covers a remote one.
     runtime_env = {"env_vars": env} if env and address else None
-    quiet_ray_logging(verbose)
+    # logging_level: ray.init sets the "ray" logger's level itself (its token-auth warning, "Started a local Ray
+    # instance") before anything can be changed afterwards.
+    level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level=level)
     else:
         port = pin_state_api() if config.include_dashboard else None
         context = ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=config.include_dashboard,
-                           dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=verbose)
+                           dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=verbose,
+                           logging_level=level)
         if context.dashboard_url:
             log("ray", f"dashboard: http://{context.dashboard_url}")
-    quiet_ray_logging(verbose)  # ray.init configures its loggers again
+    quiet_ray_logging(verbose)  # Ray's libraries' loggers (ray.data, ray.train, ray.tune)
     if not verbose:
         log("ray", f"Ray's own logs: {ray_logs_dir()} (--verbose shows them here)")
     # Ray Data's per-operator progress bars are noisy in logs; our stages print their own progress lines.
