@@ -82,16 +82,19 @@ def console_output() -> Iterator[dict[str, str]]:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "console.txt"
         saved = [os.dup(1), os.dup(2)]
-        with path.open("wb") as sink:
-            sys.stdout.flush()
-            sys.stderr.flush()
+        # Both levels: the file descriptors (what Ray's log monitor and C++ write) and sys.stdout/sys.stderr,
+        # which pytest's capture replaces with objects that bypass the descriptors. Append mode: one file, two
+        # writers, no overwriting.
+        with path.open("ab") as sink, path.open("a", buffering=1, errors="replace") as text, \
+                contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            sys.__stdout__.flush()
+            sys.__stderr__.flush()
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
             try:
                 yield captured
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
+                text.flush()
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
                 for fd in saved:
