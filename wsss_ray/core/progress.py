@@ -24,7 +24,7 @@ def eta(done: int, total: int, elapsed: float) -> str:
 
 
 class Progress:
-    def __init__(self, stage: str, total: int, unit: str = "images", every_s: float = 10.0) -> None:
+    def __init__(self, stage: str, total: int, unit: str = "images", every_s: float = 30.0) -> None:
         self.stage, self.total, self.unit, self.every_s = stage, total, unit, every_s
         self.done = self.failed = 0
         self.start = self._last = time.monotonic()
