@@ -27,6 +27,7 @@ class Progress:
     def __init__(self, stage: str, total: int, unit: str = "images", every_s: float = 30.0) -> None:
         self.stage, self.total, self.unit, self.every_s = stage, total, unit, every_s
         self.done = self.failed = 0
+        self._printed = -1  # the count last printed: a caller's final print() after the automatic one is skipped
         self.start = self._last = time.monotonic()
 
     def update(self, n: int = 1, failed: int = 0) -> None:
@@ -53,6 +54,9 @@ class Progress:
                 f"{remaining}{failed}, {format_duration(self.elapsed)}")
 
     def print(self) -> None:
+        if self.done == self._printed:
+            return
+        self._printed = self.done
         print(self.line(), file=sys.stderr, flush=True)
 
 
