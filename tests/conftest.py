@@ -16,7 +16,7 @@ import moto.server as moto_server
 import pytest
 import ray
 
-from wsss_ray.core.ray_utils import pin_state_api
+from wsss_ray.core.ray_utils import pin_state_api, quiet_ray_logging
 
 _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -87,8 +87,12 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     # The state API pinned to this cluster's dashboard: other Ray clusters on the machine must not confuse
     # Ray Train's placement-group cleaner (see wsss_ray.core.ray_utils.pin_state_api).
+    # As the CLI's default console (init_ray without --verbose): workers' output stays in Ray's log files and
+    # Ray's driver-side loggers show errors only, so tests can check what a person sees.
+    quiet_ray_logging(verbose=False)
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=pin_state_api(), _temp_dir=temp_dir)
+             dashboard_port=pin_state_api(), _temp_dir=temp_dir, log_to_driver=False)
+    quiet_ray_logging(verbose=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield

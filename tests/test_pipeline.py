@@ -7,8 +7,14 @@ stage's CRF output equals a direct pydensecrf call on the same CAMs.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import re
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,7 @@ from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
 from wsss_ray.data.image_io import read_image, read_label
 from wsss_ray.data.toy import make_toy_dataset
-from wsss_ray.pipeline import run_pipeline, stage_dirs
+from wsss_ray.pipeline import STAGE_DOES, run_pipeline, stage_dirs
 from wsss_ray.stages.ingest import load_manifest
 from wsss_ray.stages.pseudo_labels import generate_pseudo_labels, load_classifier, read_stats
 
@@ -61,9 +67,68 @@ def pipeline_run(ray_cluster: None, s3_server: Any, tmp_path_factory: pytest.Tem
     output = f"s3://{s3_server.bucket}/runs/tiny"
     config = tiny_config(root, output)
     start = time.monotonic()
-    summaries = run_pipeline(config)
+    with console_output() as console:
+        summaries = run_pipeline(config)
     first = time.monotonic() - start
-    return {"config": config, "summaries": summaries, "corrupt": corrupt, "seconds": first, "ids": ids}
+    return {"config": config, "summaries": summaries, "corrupt": corrupt, "seconds": first, "ids": ids,
+            "console": console["text"]}
+
+
+@contextlib.contextmanager
+def console_output() -> Iterator[dict[str, str]]:
+    """What the process writes to its stdout and stderr file descriptors meanwhile (Ray's log monitor too),
+    in ``["text"]`` once the block has ended."""
+    captured: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "console.txt"
+        saved = [os.dup(1), os.dup(2)]
+        # Both levels: the file descriptors (what Ray's log monitor and C++ write) and sys.stdout/sys.stderr,
+        # which pytest's capture replaces with objects that bypass the descriptors. Append mode: one file, two
+        # writers, no overwriting.
+        with path.open("ab") as sink, path.open("a", buffering=1, errors="replace") as text, \
+                contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            sys.__stdout__.flush()
+            sys.__stderr__.flush()
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                text.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                for fd in saved:
+                    os.close(fd)
+        captured["text"] = path.read_text(errors="replace")
+        sys.stderr.write(captured["text"])  # still shown by pytest on a failure
+
+
+LINES = re.MULTILINE
+
+
+def test_default_console_shows_stages_not_ray_internals(pipeline_run: dict[str, Any]) -> None:
+    lines = pipeline_run["console"].splitlines()
+    text = "\n".join(lines)
+    # Ray's worker-prefixed lines ("(RayTrainWorker pid=...)", "(SplitCoordinator pid=...)") and its INFO logs
+    for marker in ("RayTrainWorker", "SplitCoordinator", "TrainController", "pid=", "Execution plan",
+                   "Reporting training result"):
+        assert marker not in text, marker
+    for stage in ("ingest", "train_cls", "pseudo_labels", "train_seg", "evaluate"):
+        mine = [line for line in lines if line.startswith(f"[{stage}] ")]
+        assert any(STAGE_DOES[stage] in line for line in mine), stage  # what it does
+        assert any(line.startswith(f"[{stage}] done in ") for line in mine), stage  # its summary
+        assert any("results: " in line for line in mine), stage  # where its results are
+    # per-epoch lines from the driver (Ray Train callback), with throughput and an ETA before the last epoch
+    for stage in ("train_cls", "train_seg"):
+        assert re.search(rf"^\[{stage}\] epoch 1/2: loss [0-9.e+-]+, .*[0-9.]+ images/s, ETA \S+$", text, LINES), stage
+        assert re.search(rf"^\[{stage}\] epoch 2/2: .*last epoch$", text, LINES), stage
+    assert re.search(r"^\[train_seg\] epoch 2/2: loss [0-9.e+-]+, val mIoU [0-9.]+, ", text, LINES)
+    # per-image stages: count, throughput and (at the end) done
+    for stage in ("pseudo_labels", "evaluate"):
+        assert re.search(rf"^\[{stage}\] \d+/\d+ images \(100%\), [0-9.]+ images/s, done", text, LINES), stage
+    assert len(lines) < 60, text
+    ray_logs = storage.read_text(storage.join(pipeline_run["summaries"]["train_seg"]["uri"], "ray_logs.txt"))
+    assert "/logs" in ray_logs
 
 
 def test_every_stage_completes_on_s3(pipeline_run: dict[str, Any]) -> None:
@@ -79,6 +144,14 @@ def test_every_stage_completes_on_s3(pipeline_run: dict[str, Any]) -> None:
     assert 0.0 < metrics["background_only_miou"] < 0.5
     report = storage.read_text(pipeline_run["summaries"]["evaluate"]["report_uri"])
     assert "IoU per class" in report and "aeroplane" in report
+    # evaluate keeps the scored val predictions and the report's train samples apart (issue 16)
+    evaluate = stage_dirs(config)["evaluate"]
+    val_ids = {r["image_id"] for r in load_manifest(stage_dirs(config)["ingest"], "val")}
+    predicted = {u.rsplit("/", 1)[-1][:-4] for u in storage.list_files(evaluate.path("predictions"), suffix=".png")}
+    samples = {u.rsplit("/", 1)[-1][:-4] for u in storage.list_files(evaluate.path("samples"), suffix=".png")}
+    assert predicted == val_ids
+    assert len(samples) == config.evaluate.num_samples and not samples & val_ids
+    assert samples <= set(pipeline_run["ids"])  # training images
 
 
 def test_bad_image_is_reported_and_skipped(pipeline_run: dict[str, Any]) -> None:

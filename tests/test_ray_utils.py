@@ -34,3 +34,62 @@ def test_pin_state_api_keeps_an_address_the_user_exported(monkeypatch: pytest.Mo
 def test_images_per_task_amortises_scheduling_but_keeps_every_cpu_busy(images: int, cpus: int,
                                                                         expected: int) -> None:
     assert images_per_task(images, cpus) == expected
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_init_ray_keeps_ray_logs_off_the_console_unless_verbose(monkeypatch: pytest.MonkeyPatch,
+                                                                verbose: bool) -> None:
+    import logging
+
+    from wsss_ray.core.config import RayConfig
+
+    calls: list[dict[str, object]] = []
+
+    class Context:
+        dashboard_url = None
+
+    monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_utils.ray, "init", lambda **kwargs: calls.append(kwargs) or Context())
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for address in (None, "ray://head:10001"):
+        ray_utils.init_ray(RayConfig(address=address, include_dashboard=False), verbose=verbose)
+    level = logging.INFO if verbose else logging.ERROR
+    # a local cluster and a remote one
+    assert [(call["log_to_driver"], call["logging_level"]) for call in calls] == [(verbose, level)] * 2
+    assert all(logging.getLogger(name).level == level for name in ray_utils.RAY_LOGGERS)
+    ray_utils.quiet_ray_logging(verbose=False)
+
+
+def test_progress_line_has_throughput_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsss_ray.core import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    bar = progress.Progress("stage", 12)
+    now[0] = 130.0  # 30 s later, 3 of 12 done: 0.1/s, 9 left → 90 s
+    bar.done = 3
+    assert bar.line() == "[stage] 3/12 images (25%), 0.10 images/s, ETA 1m30s, 30s"
+    assert progress.format_duration(3725) == "1h02m"
+
+
+def test_epoch_line() -> None:
+    from wsss_ray.training.console import epoch_line
+
+    metrics = {"epoch": 3, "loss": 0.5712, "val_miou": 0.2744, "images_per_s": 8.04}
+    # 3 epochs in 60 s of this run → 20 s each, 9 epochs left
+    assert epoch_line(metrics, 12, 3, 60.0) == "epoch 3/12: loss 0.571, val mIoU 27.4, 8.0 images/s, ETA 3m00s"
+    assert epoch_line({"epoch": 12, "loss": 0.1}, 12, 1, 5.0) == "epoch 12/12: loss 0.1, last epoch"
+
+
+@pytest.mark.parametrize(("argv", "verbose"), [(["run"], False), (["run", "--verbose"], True),
+                                               (["train-seg", "--verbose"], True)])
+def test_cli_verbose_reaches_the_pipeline(monkeypatch: pytest.MonkeyPatch, argv: list[str], verbose: bool) -> None:
+    from pathlib import Path
+
+    from wsss_ray import cli, pipeline
+
+    seen: list[tuple[str, bool]] = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda config, until, verbose: seen.append((until, verbose)))
+    config = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml")
+    assert cli.main([*argv, "--config", config]) == 0
+    assert seen == [("evaluate" if argv[0] == "run" else "train_seg", verbose)]

@@ -160,3 +160,30 @@ def test_write_report_minimal(tmp_path: Path) -> None:
     text = Path(uri).read_text(encoding="utf-8")
     assert "<h2>Failures</h2>" in text and '<p class="none">none</p>' in text
     assert not re.findall(r"<img ", text)
+
+
+def test_sample_legends_name_the_classes_present(tmp_path: Path) -> None:
+    image, label = _synthetic_sample()  # classes 0, 1, 2 and the ignore value 255
+    names = ["background", "aeroplane", "bicycle", "bird"]
+    text = Path(write_report(str(tmp_path), title="t", summary={}, tables={}, class_names=names,
+                             samples=[{"image_id": "x", "image": image, "columns": {"gt": label}}])).read_text()
+    caption = re.search(r"<figcaption>(.*?)</figcaption>", text).group(1)
+    # one swatch per value in the label: the three class names and "ignore"; "bird" does not occur
+    assert re.findall(r"</span>([^<]+)", caption) == ["background", "aeroplane", "bicycle", "ignore"]
+    assert "class 1" not in caption
+
+
+def test_classes_absent_from_every_row_are_left_out(tmp_path: Path) -> None:
+    nan = float("nan")
+    tables = {"IoU per class": {
+        "pseudo-mask (train)": {"background": 0.8, "aeroplane": 0.4, "bicycle": None, "bird": None},
+        "segmentation (val)": {"background": 0.9, "aeroplane": None, "bicycle": 0.2, "bird": nan},
+    }}
+    text = Path(write_report(str(tmp_path), title="t", summary={}, tables=tables, samples=[])).read_text()
+    header = re.search(r"<thead>(.*?)</thead>", text).group(1)
+    # bird has no IoU anywhere (no ground-truth or predicted pixel): no column; the others stay, mIoU last
+    assert re.findall(r'<th class="[a-z]+">([^<]+)</th>', header) == ["background", "aeroplane", "bicycle", "mIoU"]
+    assert ">bird<" not in text
+    # a class scored in one row only keeps its column, with a dash where the other row has no IoU
+    assert text.count("\u2013") == 2
+    assert f">{(0.9 + 0.2) / 2 * 100:.1f}<" in text and f">{(0.8 + 0.4) / 2 * 100:.1f}<" in text

@@ -52,11 +52,70 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a field of the space's base config (repeatable)")
     sweep.add_argument("--no-resume", dest="resume", action="store_false",
                        help="delete an earlier sweep of the same name and start over")
+    predict = sub.add_parser("predict", help="segment images with a trained model (a train_seg-* folder)")
+    predict.add_argument("--model", required=True, help="train_seg-* stage folder or its model.pt (local or s3://)")
+    predict.add_argument("--input", required=True,
+                         help="folder, bucket prefix, glob ('s3://b/x/*.jpg') or .txt file of image URIs")
+    predict.add_argument("--out", default=None, help="output folder (default: predict-<hash> beside the model)")
+    predict.add_argument("--crf", action="store_true", help="DenseCRF post-processing (default parameters)")
+    predict.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference scales")
+    predict.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    predict.add_argument("--overlay", action="store_true", help="also write overlays/<name>.jpg")
+    predict.add_argument("--max-side", type=int, default=1024, help="longest side the network sees (pixels)")
+    predict.add_argument("--min-size", type=int, default=64, help="shortest side the network sees (pixels)")
+    predict.add_argument("--max-actors", type=int, default=4, help="model actors at most")
+    predict.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
+                         help="run the model on GPUs (auto: when the cluster has any)")
+
+    export = sub.add_parser("export", help="export a trained model as TorchScript and ONNX, with model.json")
+    export.add_argument("--model", required=True, help="train_seg-* stage folder or its model.pt (local or s3://)")
+    export.add_argument("--out", required=True, help="output folder (local or s3://)")
+    export.add_argument("--no-onnx", dest="onnx", action="store_false", help="TorchScript only")
+    for command in sub.choices.values():
+        if command.prog.split()[-1] not in ("config", "make-toy-dataset", "export"):
+            command.add_argument("--verbose", action="store_true",
+                                 help="show Ray's own logs (workers' output, Ray Data plans) on the console")
     return parser
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from wsss_ray.core.config import CrfConfig, RayConfig
+    from wsss_ray.core.ray_utils import init_ray
+    from wsss_ray.stages.predict import PredictOptions, predict_images
+
+    if args.max_side < args.min_size or args.min_size < 1:
+        print(f"--max-side ({args.max_side}) must be at least --min-size ({args.min_size}) ≥ 1", file=sys.stderr)
+        return 2
+    if any(s <= 0 for s in args.scales):
+        print(f"--scales: every scale must be > 0, got {args.scales}", file=sys.stderr)
+        return 2
+    options = PredictOptions(scales=tuple(args.scales), flip=args.flip, crf=CrfConfig() if args.crf else None,
+                             overlay=args.overlay, max_side=args.max_side, min_size=args.min_size)
+    init_ray(RayConfig(), verbose=args.verbose)
+    gpu = {"auto": "auto", "yes": True, "no": False}[args.gpu]
+    summary = predict_images(args.model, args.input, args.out, options=options, max_actors=args.max_actors,
+                             use_gpu=gpu)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _use_model(args: argparse.Namespace) -> int:
+    try:
+        if args.command == "predict":
+            return _predict(args)
+        from wsss_ray.export import export_model
+
+        print(json.dumps(export_model(args.model, args.out, onnx=args.onnx), indent=2))
+        return 0
+    except (FileNotFoundError, ValueError) as error:  # a bad --model or --input: its message names the file
+        print(f"{args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("predict", "export"):
+        return _use_model(args)
     try:
         if args.command == "config":
             config = load_config(args.file, args.overrides)
@@ -84,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from wsss_ray.tuning.sweep import run_sweep
 
-        run_sweep(args.space, args.overrides, resume=args.resume)
+        run_sweep(args.space, args.overrides, resume=args.resume, verbose=args.verbose)
         return 0
     from wsss_ray.pipeline import run_pipeline
 
     until = args.until if args.command == "run" else STAGE_COMMANDS[args.command]
-    run_pipeline(config, until=until)
+    run_pipeline(config, until=until, verbose=args.verbose)
     return 0
 
 

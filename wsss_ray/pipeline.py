@@ -15,23 +15,42 @@ from typing import Any
 from wsss_ray.config import PipelineConfig, config_hash
 from wsss_ray.core import storage
 from wsss_ray.core.config import DatasetConfig, key_dump
-from wsss_ray.core.progress import log
+from wsss_ray.core.progress import format_duration, log
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import class_names as dataset_class_names
-from wsss_ray.report.console import print_results, print_stage_summary
+from wsss_ray.models.card import ensure_model_card
+from wsss_ray.report.console import print_results, print_stage_summary, stage_summary_line
 
 STAGES = ("ingest", "train_cls", "pseudo_labels", "train_seg", "evaluate")
 
 
+# What each stage does, in the one line the console starts it with.
+STAGE_DOES = {
+    "ingest": "checks every image and label, writes the manifest (bad files are listed, not fatal)",
+    "train_cls": "trains the image-level classifier (Ray Train, DDP) whose CAMs seed the pseudo-masks",
+    "pseudo_labels": "turns the classifier's CAMs into pseudo-masks for the training images (Ray Data)",
+    "train_seg": "trains the segmentation network on the pseudo-masks (Ray Train, DDP)",
+    "evaluate": "predicts val with the trained network, scores mIoU, writes the HTML report (Ray Data)",
+}
+RAY_LOGS_FILE = "ray_logs.txt"
+
+
 def run_stage(stage: StageDir, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one stage unless it is complete; console: what it does, (its progress,) a summary, where it wrote."""
     if stage.is_complete():
         summary = stage.summary()
-        log(stage.name, f"already complete, skipped ({stage.uri})")
+        log(stage.name, f"already complete, skipped: {stage_summary_line(summary)} ({stage.uri})")
         return summary
-    log(stage.name, f"running → {stage.uri}")
+    log(stage.name, f"{STAGE_DOES.get(stage.name, 'running')} → {stage.uri}")
+    # Ray's own logs (the workers' output) stay in Ray's session folder; the stage folder says where.
+    from wsss_ray.core.ray_utils import ray_logs_dir
+
+    storage.write_text(stage.path(RAY_LOGS_FILE), f"Ray's logs for this stage's run (the workers' stdout/stderr, "
+                                                  f"Ray Data and Ray Train): {ray_logs_dir()}\n")
     stage.started = time.monotonic()
     summary = stage.complete(work())
-    log(stage.name, f"done in {summary['seconds']:.1f}s")
+    log(stage.name, f"done in {format_duration(summary['seconds'])}: {stage_summary_line(summary)}; results: "
+                    f"{stage.uri} (Ray's logs: {RAY_LOGS_FILE} there)")
     return summary
 
 
@@ -75,8 +94,9 @@ def stage_dirs(config: PipelineConfig) -> dict[str, StageDir]:
     return dirs
 
 
-def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, Any]:
-    """Run (or resume) every stage up to ``until``; returns the summaries, writes metrics.json and the report."""
+def run_pipeline(config: PipelineConfig, until: str = "evaluate", verbose: bool = False) -> dict[str, Any]:
+    """Run (or resume) every stage up to ``until``; returns the summaries, writes metrics.json and the report.
+    ``verbose`` shows Ray's own logs on the console (see ``core.ray_utils.init_ray``)."""
     from wsss_ray.core.ray_utils import init_ray
     from wsss_ray.stages.evaluate import evaluate_and_report
     from wsss_ray.stages.ingest import build_manifest, ensure_dataset, load_manifest
@@ -87,7 +107,7 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, A
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; expected one of {STAGES}")
     started = time.monotonic()
-    init_ray(config.ray)
+    init_ray(config.ray, verbose)
     ensure_dataset(config.dataset)
     dirs = stage_dirs(config)
     names = dataset_class_names(config.dataset.format)
@@ -119,7 +139,9 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate") -> dict[str, A
 
     seg_records = segmentation_records(train_records, dirs["pseudo_labels"], config)
     summaries["train_seg"] = run_stage(dirs["train_seg"], lambda: train_segmentation(
-        seg_records, dirs["train_seg"], config.train_seg, num_classes, val_records))
+        seg_records, dirs["train_seg"], config.train_seg, num_classes, val_records, class_names=names))
+    # Backfill for folders trained before train_seg wrote model.json: from the config that keys the folder.
+    ensure_model_card(dirs["train_seg"].uri, config.train_seg.model, names)
     if until == "train_seg":
         return print_stage_summary(summaries)
     dirs = stage_dirs(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -24,24 +25,60 @@ def cluster_address(config: RayConfig) -> str | None:
     return config.address or os.environ.get("RAY_ADDRESS")
 
 
-def init_ray(config: RayConfig) -> None:
-    """Join the cluster named by the config or RAY_ADDRESS, or start a local one."""
+# Ray's driver-side loggers: at the default verbosity only their errors reach the console.
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.util")
+
+
+def init_ray(config: RayConfig, verbose: bool = False) -> None:
+    """Join the cluster named by the config or RAY_ADDRESS, or start a local one.
+
+    By default the workers' output (Ray Train's checkpoint lines, Ray Data's execution plans) stays in Ray's
+    session log files (``log_to_driver=False``; see :func:`ray_logs_dir`) and Ray's own driver-side loggers show
+    errors only: the console carries the stages' own lines. ``verbose`` brings both back.
+    """
     if ray.is_initialized():
         return
     address = cluster_address(config)
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     # Workers of a local cluster inherit the driver's environment; the runtime env covers a remote one.
     runtime_env = {"env_vars": env} if env and address else None
+    # logging_level: ray.init sets the "ray" logger's level itself (its token-auth warning, "Started a local Ray
+    # instance") before anything can be changed afterwards.
+    level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level=level)
     else:
         port = pin_state_api() if config.include_dashboard else None
         context = ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=config.include_dashboard,
-                           dashboard_host="127.0.0.1", dashboard_port=port)
+                           dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=verbose,
+                           logging_level=level)
         if context.dashboard_url:
             log("ray", f"dashboard: http://{context.dashboard_url}")
+    quiet_ray_logging(verbose)  # Ray's libraries' loggers (ray.data, ray.train, ray.tune)
+    if not verbose:
+        log("ray", f"Ray's own logs: {ray_logs_dir()} (--verbose shows them here)")
     # Ray Data's per-operator progress bars are noisy in logs; our stages print their own progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def quiet_ray_logging(verbose: bool) -> None:
+    """Ray's driver-side loggers at INFO (``verbose``) or ERROR."""
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def ray_logs_dir() -> str:
+    """This node's Ray session log folder (``<temp dir>/session_<time>/logs``): the workers' stdout/stderr.
+
+    Ray has no public accessor for it (2.60); the driver's node object knows it. On a multi-node cluster each
+    node keeps its own workers' logs in the same place, and the dashboard's Logs tab shows them all.
+    """
+    try:
+        from ray._private.worker import global_worker
+
+        return str(global_worker.node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - only a pointer for people; never fail a run over it
+        return "/tmp/ray/session_latest/logs"
 
 
 def pin_state_api() -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from wsss_ray.core import storage
 from wsss_ray.core.items import BadItemError
 from wsss_ray.data.classes import voc_palette
 
 _PALETTE = voc_palette()
-
 
 
 def _open(data: bytes, name: str) -> Image.Image:
@@ -28,6 +27,37 @@ def _open(data: bytes, name: str) -> Image.Image:
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode image bytes to an H×W×3 uint8 RGB array; ``name`` is used in errors."""
     image = _open(data, name)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def decode_photo(data: bytes, name: str) -> np.ndarray:
+    """Decode any still image the way a viewer shows it, to H×W×3 uint8 RGB (for ``predict``).
+
+    Unlike ``decode_image`` (ingest: the dataset's stored pixel grid) this applies the EXIF orientation, so a
+    rotated phone JPEG is predicted upright at its displayed size; 16-bit grayscale is scaled to 8 bits (Pillow's
+    plain ``convert`` would clip it to white); transparency is composited over white, as viewers show it.
+    """
+    if not data:
+        raise BadItemError(name, "empty file")
+    image = _open(data, name)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as error:  # a broken EXIF block is this file's fault: reported as such
+        raise BadItemError(name, f"cannot apply the EXIF orientation: {error}") from error
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit samples (Pillow opens 16-bit grayscale PNGs as I;16 or I): keep the high byte.
+        gray = (np.asarray(image, dtype=np.int64).clip(0, 65535) // 257).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        raise BadItemError(name, "floating-point images are not supported (mode 'F')")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image, dtype=np.uint8).copy()

@@ -24,6 +24,24 @@ def format_iou_table(per_class: dict[str, dict[str, float | None] | None], names
     return "\n".join(lines)
 
 
+def stage_summary_line(summary: dict[str, Any]) -> str:
+    """A finished stage's headline numbers in one line (what a person reads between the progress lines)."""
+    parts = [f"{summary[k]} {k.replace('_', ' ')}" for k in ("images", "failed") if isinstance(summary.get(k), int)]
+    if isinstance(summary.get("images_per_s"), float):
+        parts.append(f"{summary['images_per_s']:.2f} images/s")
+    history = summary.get("history") or []
+    if history and history[-1].get("loss") is not None:
+        parts.append(f"final loss {history[-1]['loss']:.3g}")
+    if history and history[-1].get("val_miou") is not None:
+        parts.append(f"val mIoU {100 * history[-1]['val_miou']:.1f}")
+    parts += [f"{k} mIoU {100 * v['miou']:.1f}" for k, v in (summary.get("scores") or {}).items()
+              if isinstance(v, dict) and v.get("miou") is not None]
+    metrics = summary.get("metrics") or {}
+    if metrics.get("val_miou") is not None:
+        parts.append(f"val mIoU {100 * metrics['val_miou']:.1f}")
+    return ", ".join(parts)
+
+
 def print_stage_summary(summaries: dict[str, Any]) -> dict[str, Any]:
     """What a run stopped with ``--until`` prints: the last stage's numbers (not its per-epoch history)."""
     name, summary = list(summaries.items())[-1]

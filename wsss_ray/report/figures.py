@@ -195,14 +195,22 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
+def scored_classes(rows: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+    """The classes (in first-seen order) with an IoU in at least one row: a class with None/NaN everywhere is
+    absent from the dataset (no ground-truth and no predicted pixel) and gets no column or bar."""
+    classes: list[str] = []
+    for row in rows.values():
+        classes.extend(c for c in row if c not in classes)
+    return [c for c in classes if any(not math.isnan(_finite_or_nan([row.get(c)])[0]) for row in rows.values())]
+
+
 def plot_per_class_iou(per_class: Mapping[str, Mapping[str, float | None]], title: str | None = None) -> bytes:
     """Grouped bar chart of per-class IoU (in %): one bar series per row name, plus an mIoU group at the end.
 
-    Missing/None/NaN IoUs (class absent from the split) draw no bar, so they are not mistaken for 0%.
+    Missing/None/NaN IoUs (class absent from the split) draw no bar, so they are not mistaken for 0%; a class
+    absent from every row is left out (:func:`scored_classes`).
     """
-    classes: list[str] = []
-    for row in per_class.values():
-        classes.extend(c for c in row if c not in classes)
+    classes = scored_classes(per_class)
     groups = [*classes, "mIoU"]
     n_series = max(1, len(per_class))
     fig = Figure(figsize=(max(6.0, 0.32 * len(groups) * (1 + 0.35 * n_series)), 4.0), layout="constrained")

@@ -26,6 +26,7 @@ from wsss_ray.report.figures import (
     overlay,
     plot_curves,
     plot_per_class_iou,
+    scored_classes,
 )
 
 MAX_FAILURE_ROWS = 50
@@ -101,10 +102,9 @@ def mean_iou(row: Mapping[str, float | None]) -> float | None:
 
 
 def _iou_table_html(rows: Mapping[str, Mapping[str, float | None]]) -> str:
-    """Rows x classes (+ mIoU) as percentages; the best value per column is bold when rows compete."""
-    classes: list[str] = []
-    for row in rows.values():
-        classes.extend(c for c in row if c not in classes)
+    """Rows x classes (+ mIoU) as percentages; the best value per column is bold when rows compete. Classes
+    absent from the dataset (no IoU in any row) have no column."""
+    classes = scored_classes(rows)
     columns = [*classes, "mIoU"]
     cells = {name: [_num(row.get(c)) for c in classes] + [mean_iou(row)] for name, row in rows.items()}
     best: list[float | None] = []
@@ -206,7 +206,7 @@ def write_report(out_uri: str, *, title: str, summary: Mapping[str, Any],
                  class_names: Sequence[str] | None = None) -> str:
     """Write ``out_uri/report.html`` plus its PNGs (overlays/, curves.png, per_class_iou*.png); return the HTML URI.
 
-    ``class_names`` (optional) only labels the per-sample colour legend; IoU tables use their own keys.
+    ``class_names`` names the classes in the per-sample colour legends; IoU tables use their own keys.
     """
     parts = [
         "<!DOCTYPE html>",

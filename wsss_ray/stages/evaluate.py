@@ -48,15 +48,17 @@ def crf_postprocess(image: np.ndarray, probs: np.ndarray, params: CrfConfig, min
 
 
 class SegmentationPredictor:
-    """Ray Data actor: predicts, writes ``predictions/<id>.png``, scores against ground truth."""
+    """Ray Data actor: predicts, writes ``predictions/<id>.png`` (the scored split) or ``samples/<id>.png`` (the
+    report's training images, kept apart), scores against ground truth."""
 
     def __init__(self, model_uri: str, model_config: SegModelConfig, num_classes: int, config: EvaluateConfig,
-                 out_uri: str, use_gpu: bool) -> None:
+                 out_uri: str, use_gpu: bool, score_split: str | None = None) -> None:
         torch.set_num_threads(1)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         model = build_segmentation_model(model_config, num_classes)
         self.model = load_weights(model, model_uri).to(self.device).eval()
         self.config, self.out_uri, self.num_classes = config, out_uri, num_classes
+        self.score_split = score_split
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
@@ -75,7 +77,8 @@ class SegmentationPredictor:
         probs = multiscale_probabilities(self.model, image, self.config.scales, self.config.flip, self.device)
         raw = probs.argmax(0).astype(np.uint8)
         prediction = raw if self.config.crf is None else crf_postprocess(image, probs, self.config.crf)
-        storage.write_bytes(storage.join(self.out_uri, "predictions", f"{row['image_id']}.png"),
+        folder = "predictions" if self.score_split in (None, row["split"]) else "samples"
+        storage.write_bytes(storage.join(self.out_uri, folder, f"{row['image_id']}.png"),
                             encode_label_png(prediction))
         if not row["mask_uri"]:
             return None
@@ -89,14 +92,15 @@ class SegmentationPredictor:
 def evaluate_segmentation(records: list[dict[str, Any]], stage: StageDir, *, model_uri: str,
                           model_config: SegModelConfig, config: EvaluateConfig, num_classes: int,
                           class_names: list[str], score_split: str, use_gpu: bool | str = "auto") -> dict[str, Any]:
-    """Predict ``records`` and score those of ``score_split`` (other rows are predicted for the report only)."""
+    """Predict ``records`` and score those of ``score_split`` → ``predictions/``; other rows are predicted for the
+    report only → ``samples/``."""
     log("evaluate", f"{len(records)} images → {stage.uri}")
     gpu = want_gpu(use_gpu)
     ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), 64)))
     ds = ds.map(SegmentationPredictor,
                 fn_constructor_kwargs={"model_uri": model_uri, "model_config": model_config,
                                        "num_classes": num_classes, "config": config, "out_uri": stage.uri,
-                                       "use_gpu": gpu},
+                                       "use_gpu": gpu, "score_split": score_split},
                 compute=model_actor_pool(config.max_actors, gpu), num_cpus=0 if gpu else 1, num_gpus=int(gpu))
     cm, cm_raw = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
     loop = ItemLoop("evaluate", len(records))
@@ -108,7 +112,7 @@ def evaluate_segmentation(records: list[dict[str, Any]], stage: StageDir, *, mod
     return {"images": len(records), "failed": len(loop.failures), "failures": loop.failures[:50],
             "scores": cm.to_dict(class_names), "confusion": cm.mat.tolist(), "crf": config.crf is not None,
             "scores_raw": cm_raw.to_dict(class_names),
-            "predictions_uri": stage.path("predictions")}
+            "predictions_uri": stage.path("predictions"), "samples_uri": stage.path("samples")}
 
 
 def background_only_scores(confusion: list[list[int]], names: list[str]) -> dict[str, Any]:
@@ -133,7 +137,7 @@ def evaluate_and_report(config: PipelineConfig, dirs: dict[str, StageDir], summa
     metrics = run_metrics(config, dirs, summaries, result, names, titles)
     metrics["ground_truth"] = _ground_truth(config, dirs["ingest"])
     storage.write_json(stage.path("metrics.json"), metrics)
-    report_uri = _write_report(config, dirs, summaries, result, metrics, samples, titles)
+    report_uri = _write_report(config, dirs, summaries, result, metrics, samples, titles, names)
     return {"metrics": metrics, "report_uri": report_uri, "evaluated": result["images"]}
 
 
@@ -181,7 +185,7 @@ def run_metrics(config: PipelineConfig, dirs: dict[str, StageDir], summaries: di
 
 def _write_report(config: PipelineConfig, dirs: dict[str, StageDir], summaries: dict[str, Any],
                   result: dict[str, Any], metrics: dict[str, Any], samples: list[dict[str, Any]],
-                  titles: dict[str, str]) -> str:
+                  titles: dict[str, str], names: list[str]) -> str:
     stage, pseudo = dirs["evaluate"], summaries["pseudo_labels"]
     report_samples = []
     for record in samples:
@@ -189,7 +193,7 @@ def _write_report(config: PipelineConfig, dirs: dict[str, StageDir], summaries: 
         report_samples.append({"image_id": image_id, "image": read_image(record["image_uri"]), "columns": {
             "ground truth": read_label(record["mask_uri"]),
             **{title: read_label(dirs["pseudo_labels"].path(k, f"{image_id}.png")) for k, title in titles.items()},
-            "prediction": read_label(stage.path("predictions", f"{image_id}.png")),
+            "prediction": read_label(stage.path("samples", f"{image_id}.png")),
         }})
     summary_rows = {
         "segmentation val mIoU": metrics["val_miou"],
@@ -208,7 +212,7 @@ def _write_report(config: PipelineConfig, dirs: dict[str, StageDir], summaries: 
     return write_report(
         stage.path("report"), title=f"wsss-ray: {config.name}", summary=summary_rows,
         tables={"IoU per class": {k: v for k, v in metrics["per_class_iou"].items() if v}},
-        samples=report_samples, curves=curves, failures=_failures(dirs, summaries, result),
+        samples=report_samples, curves=curves, failures=_failures(dirs, summaries, result), class_names=names,
         notes=["Pseudo-mask scores are on the training images (the WSSS convention); segmentation on val.",
                "Ground truth: " + ", ".join(f"{split} → {source}" for split, source in
                                             metrics["ground_truth"].items() if source) + " (255 = void, ignored).",

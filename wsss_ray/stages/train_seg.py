@@ -27,6 +27,7 @@ from wsss_ray.methods.mspn.seeds import MAX_PROPOSAL_LABELS
 from wsss_ray.methods.out.config import OutCorrectorConfig
 from wsss_ray.methods.registry import CORRECTORS, SEGMENTATION_OBJECTIVES, map_padding, segmentation_maps
 from wsss_ray.methods.robust.early_learning import EarlyLearning
+from wsss_ray.models.card import ensure_model_card
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.training.checkpoint import export_model
 from wsss_ray.training.hooks import TrainHook
@@ -69,11 +70,13 @@ def val_sample(row: dict[str, Any]) -> dict[str, Any]:
 
 def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: SegTrainConfig,
                        num_classes: int, val_records: list[dict[str, Any]] | None = None,
-                       callbacks: list[Any] | None = None) -> dict[str, Any]:
+                       callbacks: list[Any] | None = None, class_names: list[str] | None = None) -> dict[str, Any]:
     """Train on rows carrying ``image_uri`` and the ``<map>_uri`` of every map the loss reads; export ``model.pt``.
 
     With ``val_records`` (manifest rows with ground truth) and ``config.val_every`` > 0, val mIoU is measured
     during training and reported with the epoch's metrics (curves in the report; what Tune's schedulers read).
+    With ``class_names``, ``model.json`` (the card ``wsss-ray predict``/``export`` read) is written beside
+    ``model.pt`` as part of the stage, i.e. before the caller's ``_SUCCESS.json``.
     """
     maps = segmentation_maps(config.loss)
     # (``PipelineConfig`` has checked that a corrector's loss reads the pseudo-mask; the records are data.)
@@ -99,7 +102,10 @@ def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: S
                      build_hooks=partial(_hooks, config), sync_bn=config.model.sync_bn, num_classes=num_classes,
                      val_every=config.val_every if "val" in datasets else 0)
     result = fit(spec, config.workers, datasets, stage, callbacks)
-    return {**export_model(result, stage), "images": len(records)}
+    summary = {**export_model(result, stage), "images": len(records)}
+    if class_names is not None:
+        summary["model_card_uri"] = ensure_model_card(stage.uri, config.model, class_names, overwrite=True)
+    return summary
 
 
 def resolved_loss(config: SegTrainConfig) -> Any:

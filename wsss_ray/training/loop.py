@@ -36,6 +36,7 @@ from wsss_ray.core.ray_utils import cluster_cpus, want_gpu
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
 from wsss_ray.training.checkpoint import report_epoch, restore
+from wsss_ray.training.console import EpochLines
 from wsss_ray.training.hooks import TrainHook
 from wsss_ray.training.ingest import ordered_ingest, steps_per_epoch, to_device
 from wsss_ray.training.optim import build_optimizer, set_lr
@@ -221,16 +222,27 @@ def fit(spec: TrainSpec, workers: WorkersConfig, datasets: dict[str, ray.data.Da
         stage: StageDir, callbacks: list[Any] | None = None) -> ray.train.Result:
     """Run ``train_loop`` with DDP on Ray Train, checkpointing to the stage's storage.
 
+    Without ``callbacks`` the driver prints one line per epoch (:mod:`wsss_ray.training.console`); callers that
+    pass their own (a Tune trial's report callback) print nothing of their own.
+
     Re-running with the same stage directory resumes from the latest checkpoint: Ray Train V2 restores the run
     state from ``storage_path/name`` and ``ray.train.get_checkpoint()`` returns it inside the loop.
     """
     use_gpu = want_gpu(workers.use_gpu)
-    storage_path, filesystem = storage.train_storage(stage.path("ray_train"))
     cpus = workers.cpus_per_worker if use_gpu else min(workers.cpus_per_worker, cluster_cpus() / workers.num_workers)
     spec = dataclasses.replace(spec, threads=max(1, math.floor(cpus)), stage_uri=stage.uri)
+    if callbacks is None:
+        with EpochLines(stage.name, spec.epochs) as lines:
+            return _trainer(spec, workers, datasets, stage, [lines.callback], use_gpu, cpus).fit()
+    return _trainer(spec, workers, datasets, stage, callbacks, use_gpu, cpus).fit()
+
+
+def _trainer(spec: TrainSpec, workers: WorkersConfig, datasets: dict[str, ray.data.Dataset], stage: StageDir,
+             callbacks: list[Any], use_gpu: bool, cpus: float) -> TorchTrainer:
+    storage_path, filesystem = storage.train_storage(stage.path("ray_train"))
     # (min, max) makes the group elastic (Ray Train V2): it starts with what fits and resizes as nodes come and go.
     num_workers = workers.num_workers if workers.min_workers is None else (workers.min_workers, workers.num_workers)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
@@ -247,4 +259,3 @@ def fit(spec: TrainSpec, workers: WorkersConfig, datasets: dict[str, ray.data.Da
         # Only the training data is split across workers; ``validate`` shares out the val rows itself.
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ordered_ingest()}),
     )
-    return trainer.fit()

@@ -212,7 +212,7 @@ def _scheduler(space: SearchSpace, config: PipelineConfig) -> Any:
 
 
 def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (), resume: bool = True,
-              ) -> dict[str, Any]:
+              verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep of a space YAML; returns what ``results.json`` holds.
 
     ``overrides`` (``key.path=value``) apply to the base pipeline config. ``resume=False`` deletes an earlier
@@ -223,7 +223,7 @@ def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (
     space, config = load_space(space_path, tuple(overrides))
     _check_dashboard(space_path, config)
     started = time.monotonic()
-    summaries = run_pipeline(config, until="pseudo_labels")  # shared inputs; skipped once done
+    summaries = run_pipeline(config, until="pseudo_labels", verbose=verbose)  # shared inputs; skipped once done
     sweep_uri = storage.join(config.output, "sweeps", space.name)
     base = config.model_dump(mode="json")
     fingerprint = {"space": space.model_dump(mode="json"), "base_config": base,
