@@ -1,64 +1,123 @@
-"""Ray Data ingest for training: the per-epoch reshuffled, reseeded rows, batch sizes, batches on the device."""
+"""Ray Data ingest for training: each epoch's seeded order and crops, the global batch split over the workers,
+and the batches on the device.
+
+Every worker streams its own rows through one Ray Data pipeline (``from_items`` → ``map_batches``) that spans
+the rest of the run, so the map tasks of epoch e+1 run while epoch e trains and nothing is shuffled all-to-all.
+Which rows a worker sees, in which order, and each row's augmentation seed are computed up front from
+``(seed, epoch)`` alone (see :func:`epoch_plan`): the run repeats exactly, a run resumed at epoch e sees epoch e's
+draws, and the data order does not depend on the worker count (global batch k is the same rows for any W).
+"""
 
 from __future__ import annotations
 
-import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
+from wsss_ray.core.config import ConfigError
 from wsss_ray.core.inference import normalize
 
-# Blocks of the training rows: enough map tasks in flight for any cluster, and independent of its size.
-TRAIN_BLOCKS = 200
+# Rows per map task: large enough that Ray's per-task cost (~ms) is small against the decode and crop of the
+# rows (~1 ms each at 128²), small enough that the first batch is ready soon and the prefetch stays smooth.
+ROWS_PER_TASK = 16
+# Batches each worker keeps decoded ahead of its training step.
+PREFETCH_BATCHES = 4
 
 
-def epoch_seeded_dataset(records: list[dict[str, Any]], seed: int, sample: Any,
-                         fn_kwargs: dict[str, Any]) -> ray.data.Dataset:
-    """Training rows in a new order every epoch, each mapped by ``sample`` with its own augmentation seed.
+@dataclass(frozen=True)
+class RowSource:
+    """Training rows and the function that maps one row (with its ``augment_seed``) to a sample dict.
 
-    Ray Data executes a dataset afresh for every epoch, and ``reseed_after_execution`` mixes that execution's
-    index into the shuffle's seed and into each row's ``augment_seed`` (read by :func:`augment_rng`). So every
-    epoch sees a new order and new crops, as with torchvision's ``RandomSampler``, and two runs with the same
-    ``seed`` see the same ones: a sweep's trials and a rerun of one config differ only by their hyperparameters.
-    That needs the rows to reach the workers in order, which ``fit`` asks of the ingest (:func:`ordered_ingest`).
-    A run resumed from a checkpoint (or after a worker failure) starts again from epoch 0's draws, because the
-    restarted split coordinator counts executions from 0.
+    ``sample`` runs in Ray workers (a module-level function or a closure Ray can pickle); ``task_cpus`` is what each map task
+    asks of the cluster (``fit`` sets it so that every worker's pipeline can run while the trainers hold theirs).
     """
-    from ray.data.expressions import random as random_column
 
-    reseeded = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
-    # The shuffle and the per-row seeds depend on the block layout; Ray's automatic block count follows the
-    # cluster's CPUs (and a trial's placement group), so fix it to repeat on any cluster.
-    return (ray.data.from_items(records, override_num_blocks=max(1, min(len(records), TRAIN_BLOCKS)))
-            .random_shuffle(seed=reseeded)
-            .with_column("augment_seed", random_column(seed=seed, reseed_after_execution=True))
-            .map(sample, fn_kwargs=fn_kwargs))
+    records: list[dict[str, Any]]
+    sample: Callable[..., dict[str, Any]]
+    fn_kwargs: dict[str, Any] = field(default_factory=dict)
+    task_cpus: float = 1.0
+
+
+def check_global_batch(batch_size: int, workers: int, where: str) -> None:
+    """``batch_size`` is the global batch: it must split evenly over ``workers`` (ConfigError naming the field)."""
+    if batch_size % workers:
+        raise ConfigError(f"{where}.batch_size: {batch_size} is not divisible by {where}.workers.num_workers "
+                          f"({workers}); batch_size is the global batch, split evenly over the workers")
+
+
+def steps_per_epoch(num_rows: int, batch_size: int, num_workers: int, where: str = "train") -> tuple[int, int]:
+    """(per-worker batch, steps per epoch) for the global ``batch_size``: b = B / W and S = N // B (drop_last),
+    the same S for every worker count."""
+    check_global_batch(batch_size, num_workers, where)
+    if num_rows < batch_size:
+        raise ConfigError(f"{where}.batch_size: the global batch {batch_size} exceeds the {num_rows} training rows")
+    return batch_size // num_workers, num_rows // batch_size
+
+
+def epoch_plan(num_rows: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, augment seeds) of one epoch: a permutation of the row indices and one 63-bit seed per row index,
+    both drawn from ``(seed, epoch)`` only, so every epoch has a new order and new crops and runs repeat."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(num_rows), rng.integers(0, 2**63 - 1, size=num_rows, dtype=np.int64)
+
+
+def worker_indices(order: np.ndarray, steps: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """Rank ``rank``'s rows of one epoch: its slice ``[kB + r·b, kB + (r+1)·b)`` of every global batch k."""
+    per_worker = batch_size // world
+    batches = order[:steps * batch_size].reshape(steps, world, per_worker)
+    return batches[:, rank].reshape(-1)
 
 
 def augment_rng(row: dict[str, Any]) -> np.random.Generator:
-    """The generator for one row's augmentation, seeded by the ``augment_seed`` column (a float in [0, 1) with
-    53 random bits) that :func:`epoch_seeded_dataset` adds."""
-    return np.random.default_rng(int(row["augment_seed"] * 2**53))
+    """The generator for one row's augmentation, from the ``augment_seed`` that :func:`epoch_plan` drew."""
+    return np.random.default_rng(int(row["augment_seed"]))
 
 
-def ordered_ingest() -> ray.data.ExecutionOptions:
-    """Ray Train's ingest options with ``preserve_order``: the training rows reach the workers in the seeded
-    order of ``epoch_seeded_dataset`` (else in whichever order the map tasks finish), so runs repeat."""
-    # A copy of the driver's options, as DataConfig.default_ingest_options would give (without its deprecated
-    # exclude_resources argument, which warns in every trial).
-    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
-    options.preserve_order = True
-    return options
+def _sample_block(block: Any, sample: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data map_batches: ``sample`` on every row of an Arrow block, stacked into numpy columns."""
+    samples = [sample(row, **fn_kwargs) for row in block.to_pylist()]
+    return {key: np.stack([s[key] for s in samples]) if isinstance(samples[0][key], np.ndarray)
+            else np.array([s[key] for s in samples], dtype=object) for key in samples[0]}
 
 
-def steps_per_epoch(num_rows: int, batch_size: int, num_workers: int) -> tuple[int, int]:
-    """(per-worker batch size, steps per epoch) with ``drop_last``; the batch shrinks for tiny datasets."""
-    per_worker = max(1, num_rows // num_workers)
-    batch = min(batch_size, per_worker)
-    return batch, max(1, per_worker // batch)
+def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_size: int, rank: int,
+                 world: int) -> Iterator[dict[str, np.ndarray]]:
+    """This worker's batches (of ``batch_size / world`` rows) for ``epochs``, ``steps`` per epoch, in order.
+
+    One Ray Data execution for all the epochs: the rows of every epoch are laid out up front (their order and
+    seeds from :func:`epoch_plan`) and mapped in tasks of ``ROWS_PER_TASK`` rows; ``preserve_order`` keeps the
+    laid-out order (cheap with one map operator: a finished task waits at most for the tasks before it).
+    """
+    items: list[dict[str, Any]] = []
+    for epoch in epochs:
+        order, seeds = epoch_plan(len(source.records), seed, epoch)
+        items += [{**source.records[i], "augment_seed": int(seeds[i])}
+                  for i in worker_indices(order, steps, batch_size, rank, world)]
+    if not items:
+        return iter(())
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    dataset = (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / ROWS_PER_TASK))
+               .map_batches(_sample_block, batch_size=None, batch_format="pyarrow", num_cpus=source.task_cpus,
+                            fn_kwargs={"sample": source.sample, "fn_kwargs": source.fn_kwargs}))
+    return iter(dataset.iter_batches(batch_size=batch_size // world, batch_format="numpy", drop_last=True,
+                                     prefetch_batches=PREFETCH_BATCHES))
+
+
+def val_stream(source: RowSource, rank: int, world: int) -> Iterator[dict[str, Any]]:
+    """Rank ``rank``'s share of the val rows (row i on rank i mod world), one row at a time (their own sizes)."""
+    mine = source.records[rank::world]
+    if not mine:
+        return iter(())
+    dataset = (ray.data.from_items(mine, override_num_blocks=math.ceil(len(mine) / ROWS_PER_TASK))
+               .map(source.sample, fn_kwargs=source.fn_kwargs, num_cpus=source.task_cpus))
+    return iter(dataset.iter_rows())
 
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:
