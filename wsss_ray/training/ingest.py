@@ -11,7 +11,9 @@ draws, and the data order does not depend on the worker count (global batch k is
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,22 +27,26 @@ from wsss_ray.core.inference import normalize
 # Rows per map task: large enough that Ray's per-task cost (~ms) is small against the decode and crop of the
 # rows (~1 ms each at 128²), small enough that the first batch is ready soon and the prefetch stays smooth.
 ROWS_PER_TASK = 16
-# Batches each worker keeps decoded ahead of its training step.
+# Batches each worker keeps decoded ahead of its training step; val rows decoded ahead of the prediction.
 PREFETCH_BATCHES = 4
+VAL_AHEAD = 4
 
 
 @dataclass(frozen=True)
 class RowSource:
     """Training rows and the function that maps one row (with its ``augment_seed``) to a sample dict.
 
-    ``sample`` runs in Ray workers (a module-level function or a closure Ray can pickle); ``task_cpus`` is what each map task
-    asks of the cluster (``fit`` sets it so that every worker's pipeline can run while the trainers hold theirs).
+    ``sample`` runs in Ray workers (a module-level function or a closure Ray can pickle). Each training worker's
+    stream maps its rows in ``actors`` Ray Data actors of ``task_cpus`` CPUs (``fit`` sizes them to fit beside
+    the trainers): long-lived processes, as a DataLoader's workers, rather than tasks, whose worker processes Ray
+    may retire between tasks and start again (seconds each, to import torch: measured, see docs/benchmarks.md).
     """
 
     records: list[dict[str, Any]]
     sample: Callable[..., dict[str, Any]]
     fn_kwargs: dict[str, Any] = field(default_factory=dict)
     task_cpus: float = 1.0
+    actors: int = 1
 
 
 def check_global_batch(batch_size: int, workers: int, where: str) -> None:
@@ -78,11 +84,16 @@ def augment_rng(row: dict[str, Any]) -> np.random.Generator:
     return np.random.default_rng(int(row["augment_seed"]))
 
 
-def _sample_block(block: Any, sample: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data map_batches: ``sample`` on every row of an Arrow block, stacked into numpy columns."""
-    samples = [sample(row, **fn_kwargs) for row in block.to_pylist()]
-    return {key: np.stack([s[key] for s in samples]) if isinstance(samples[0][key], np.ndarray)
-            else np.array([s[key] for s in samples], dtype=object) for key in samples[0]}
+class _SampleBlock:
+    """Ray Data map_batches actor: ``sample`` on every row of an Arrow block, stacked into numpy columns."""
+
+    def __init__(self, sample: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any]) -> None:
+        self.sample, self.fn_kwargs = sample, fn_kwargs
+
+    def __call__(self, block: Any) -> dict[str, np.ndarray]:
+        samples = [self.sample(row, **self.fn_kwargs) for row in block.to_pylist()]
+        return {key: np.stack([s[key] for s in samples]) if isinstance(samples[0][key], np.ndarray)
+                else np.array([s[key] for s in samples], dtype=object) for key in samples[0]}
 
 
 def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_size: int, rank: int,
@@ -90,8 +101,9 @@ def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_
     """This worker's batches (of ``batch_size / world`` rows) for ``epochs``, ``steps`` per epoch, in order.
 
     One Ray Data execution for all the epochs: the rows of every epoch are laid out up front (their order and
-    seeds from :func:`epoch_plan`) and mapped in tasks of ``ROWS_PER_TASK`` rows; ``preserve_order`` keeps the
-    laid-out order (cheap with one map operator: a finished task waits at most for the tasks before it).
+    seeds from :func:`epoch_plan`) and mapped by ``source.actors`` actors in blocks of ``ROWS_PER_TASK`` rows;
+    ``preserve_order`` keeps the laid-out order (cheap with one map operator: a finished block waits at most for
+    the blocks before it). The actors start once per run, not once per epoch.
     """
     items: list[dict[str, Any]] = []
     for epoch in epochs:
@@ -104,20 +116,28 @@ def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
     dataset = (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / ROWS_PER_TASK))
-               .map_batches(_sample_block, batch_size=None, batch_format="pyarrow", num_cpus=source.task_cpus,
-                            fn_kwargs={"sample": source.sample, "fn_kwargs": source.fn_kwargs}))
+               .map_batches(_SampleBlock, batch_size=None, batch_format="pyarrow", num_cpus=source.task_cpus,
+                            concurrency=source.actors,
+                            fn_constructor_kwargs={"sample": source.sample, "fn_kwargs": source.fn_kwargs}))
     return iter(dataset.iter_batches(batch_size=batch_size // world, batch_format="numpy", drop_last=True,
                                      prefetch_batches=PREFETCH_BATCHES))
 
 
 def val_stream(source: RowSource, rank: int, world: int) -> Iterator[dict[str, Any]]:
-    """Rank ``rank``'s share of the val rows (row i on rank i mod world), one row at a time (their own sizes)."""
-    mine = source.records[rank::world]
-    if not mine:
-        return iter(())
-    dataset = (ray.data.from_items(mine, override_num_blocks=math.ceil(len(mine) / ROWS_PER_TASK))
-               .map(source.sample, fn_kwargs=source.fn_kwargs, num_cpus=source.task_cpus))
-    return iter(dataset.iter_rows())
+    """Rank ``rank``'s share of the val rows (row i on rank i mod world), one row at a time (their own sizes).
+
+    Decoded in this worker by two threads, a few rows ahead (PIL and zlib release the GIL): val rows are not
+    augmented, so there is nothing to seed, and a Ray Data pipeline per validation would start its processes
+    again every epoch, which costs more than decoding a worker's share of the images (measured).
+    """
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: deque[Future[dict[str, Any]]] = deque()
+        for row in source.records[rank::world]:
+            pending.append(pool.submit(source.sample, row, **source.fn_kwargs))
+            if len(pending) > VAL_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:

@@ -42,6 +42,9 @@ from wsss_ray.training.optim import build_optimizer, set_lr
 from wsss_ray.training.step import TrainStep
 from wsss_ray.training.tensorboard import TensorBoardLog
 
+# Ingest actors per training worker at most (a DataLoader's usual worker count; more rarely pays on one GPU).
+MAX_INGEST_ACTORS = 8
+
 
 def no_hooks(model: nn.Module, stage_uri: str) -> list[TrainHook]:
     return []
@@ -229,14 +232,13 @@ def fit(spec: TrainSpec, workers: WorkersConfig, stage: StageDir,
     use_gpu = want_gpu(workers.use_gpu)
     storage_path, filesystem = storage.train_storage(stage.path("ray_train"))
     cpus = workers.cpus_per_worker if use_gpu else min(workers.cpus_per_worker, cluster_cpus() / workers.num_workers)
-    # The map tasks of every worker's ingest must fit beside the trainers (a 2-CPU machine with two 0.5-CPU
-    # workers leaves 0.5 CPU per worker's pipeline); at most one CPU each, as Ray's default.
-    task_cpus = 1.0 if use_gpu else min(1.0, max(0.25, (cluster_cpus() - cpus * workers.num_workers)
-                                                 / workers.num_workers))
-    spec = dataclasses.replace(
-        spec, threads=max(1, math.floor(cpus)), stage_uri=stage.uri,
-        train=dataclasses.replace(spec.train, task_cpus=task_cpus),
-        val=spec.val and dataclasses.replace(spec.val, task_cpus=task_cpus))
+    # Every worker's ingest actors must fit beside the trainers (a 2-CPU machine with two 0.5-CPU workers
+    # leaves one 0.5-CPU actor per worker); at most one CPU each, as Ray's default for a task.
+    free = max(0.0, cluster_cpus() - cpus * workers.num_workers) / workers.num_workers
+    task_cpus = min(1.0, max(0.25, free))
+    actors = max(1, min(MAX_INGEST_ACTORS, math.floor(free / task_cpus)))
+    spec = dataclasses.replace(spec, threads=max(1, math.floor(cpus)), stage_uri=stage.uri,
+                               train=dataclasses.replace(spec.train, task_cpus=task_cpus, actors=actors))
     # (min, max) makes the group elastic (Ray Train V2): it starts with what fits and resizes as nodes come and go.
     num_workers = workers.num_workers if workers.min_workers is None else (workers.min_workers, workers.num_workers)
     trainer = TorchTrainer(

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.core.pixel_losses import global_mean
 
 __all__ = ["LoRM", "distance_entropy_loss", "partial_cross_entropy", "smoothed_cross_entropy"]
 
@@ -42,8 +43,7 @@ def _labelled_mean_ce(logits: torch.Tensor, target: torch.Tensor, label_smoothin
     target = target.long()
     total = F.cross_entropy(logits.to(_compute_dtype(logits)), target, ignore_index=IGNORE_LABEL,
                             label_smoothing=label_smoothing, reduction="sum")
-    count = (target != IGNORE_LABEL).sum()
-    return total / count.clamp(min=1)
+    return global_mean(total, (target != IGNORE_LABEL).sum())
 
 
 def partial_cross_entropy(logits: torch.Tensor, scribble: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,7 @@ class LoRM(nn.Module):
             refined = self.delta.to(dtype) * torch.bmm(flat, attention.transpose(1, 2))  # F̂_i = δ Σ_j A'_ij F_j
             squared = (flat - refined).square().sum(dim=1)  # (N, hw): ‖F_i − F̂_i‖²
             count = mask.sum() * flat.shape[1]
-            return (squared * mask).sum() / count.clamp(min=1)
+            return global_mean((squared * mask).sum(), count)
 
 
 def distance_entropy_loss(logits: torch.Tensor, dist_scribble: torch.Tensor,
@@ -188,7 +188,7 @@ def distance_entropy_loss(logits: torch.Tensor, dist_scribble: torch.Tensor,
 
     def weighted_mean(weights: torch.Tensor) -> torch.Tensor:
         weights = weights.to(dtype)
-        return (weights * entropy).sum() / (weights > 0).sum().clamp(min=1)
+        return global_mean((weights * entropy).sum(), (weights > 0).sum())
 
     loss_ds = weighted_mean(dist_scribble)
     loss_dc = weighted_mean(dist_boundary)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.core.pixel_losses import global_mean
 from wsss_ray.methods.ktse.config import KtseLossConfig
 
 # Floor of a CAM's peak in the max-normalisation (Eq. 1): a class with no positive activation maps to zeros.
@@ -61,7 +62,7 @@ def _present_mean(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """
     mask = present[:, :, None, None].to(values.dtype)
     count = present.sum() * values.shape[-2] * values.shape[-1]
-    return (values * mask).sum() / count.clamp_min(1)
+    return global_mean((values * mask).sum(), count)
 
 
 def simulated_pair(images: torch.Tensor) -> torch.Tensor:
@@ -124,7 +125,7 @@ def ssr_cross_entropy(features: torch.Tensor, label: torch.Tensor, present: torc
     fg_weight = 1.0 + (omega_fg - 1.0) * complex_image.to(nll.dtype)
     weight = torch.where(label == 0, torch.ones_like(nll), fg_weight[:, None, None].expand_as(nll))
     weight = weight * labelled.to(nll.dtype)
-    return (weight * nll).sum() / labelled.sum().clamp_min(1)
+    return global_mean((weight * nll).sum(), labelled.sum())
 
 
 def foreground_mask(f_fg: torch.Tensor, present: torch.Tensor, beta_o: float) -> torch.Tensor:
@@ -150,7 +151,7 @@ def inter_class_loss(f_fg: torch.Tensor, present: torch.Tensor, fg_mask: torch.T
     top2 = f_fg.masked_fill(~present[:, :, None, None], float("-inf")).topk(2, dim=1).values
     # Images with fewer than two present classes have V^2nd = −inf; ``where`` drops them (and their gradient).
     gap = torch.where(mask, top2[:, 1] - top2[:, 0], torch.zeros_like(top2[:, 0]))
-    return gap.sum() / mask.sum().clamp_min(1)
+    return global_mean(gap.sum(), mask.sum())
 
 
 def erase_keep_mask(f_fg: torch.Tensor, present: torch.Tensor, size: tuple[int, int] | torch.Size,
@@ -178,7 +179,7 @@ def global_alignment(f_a: torch.Tensor, f_m: torch.Tensor, present: torch.Tensor
     confidence_a = F.relu(f_a).mean((2, 3))
     confidence_m = F.relu(f_m).mean((2, 3))
     mask = present.to(confidence_a.dtype)
-    return ((confidence_a - confidence_m).abs() * mask).sum() / present.sum().clamp_min(1)
+    return global_mean(((confidence_a - confidence_m).abs() * mask).sum(), present.sum())
 
 
 def local_alignment(f_m: torch.Tensor, f_a: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
