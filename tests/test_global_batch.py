@@ -4,6 +4,7 @@ denominators do not depend on the worker count."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,3 +92,60 @@ def test_global_denominator(monkeypatch: pytest.MonkeyPatch) -> None:
     workers.other = torch.tensor(1.0, dtype=torch.float64)
     values = torch.tensor([1.0, 1.0, 1.0, 9.0], dtype=torch.float64)
     assert float(masked_mean(values, torch.tensor([True, True, True, False]))) == pytest.approx(2 * 3.0 / 4)
+
+
+def _epoch(rank: int, world: int, port: int, out: str) -> None:
+    """One epoch of DeepLab (BN in eval mode) on this rank's slices of the global batches (DDP when world > 1)."""
+    import os
+
+    from wsss_ray.core.config import SegModelConfig
+    from wsss_ray.methods.robust.objectives import CrossEntropyObjective
+    from wsss_ray.models.deeplab import build_segmentation_model
+    from wsss_ray.training.step import TrainStep
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = build_segmentation_model(SegModelConfig.model_validate(
+        {"name": "deeplab_v3", "backbone": {"name": "resnet_tiny", "output_stride": 16}, "aspp_channels": 8}), 3)
+    step = TrainStep(model.eval(), CrossEntropyObjective(CrossEntropyConfig())).double()  # eval: no BN statistics
+    init = {k: v.clone() for k, v in step.state_dict().items()}
+    ddp = torch.nn.parallel.DistributedDataParallel(step) if world > 1 else step
+    optimizer = torch.optim.SGD(step.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, 32, 32, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (8, 32, 32), generator=gen)
+    # Labelled pixels differ a lot between images (and so between the workers' halves of a global batch).
+    for i in range(8):
+        labels[i, : 4 * i] = 255
+    order, _ = epoch_plan(8, 0, 0)
+    mine = worker_indices(order, 2, 4, rank, world).reshape(2, 4 // world)
+    for rows in mine:
+        loss, _ = ddp({"image": images[rows], "label": labels[rows]})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    if rank == 0:
+        torch.save({"init": init, "final": step.state_dict()}, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_one_epoch_trains_the_same_with_one_and_two_workers(tmp_path: Path) -> None:
+    """The same global batches, global loss denominators and DDP's gradient mean: W = 1 and W = 2 end with the
+    same weights (BN in eval mode: per-worker BN statistics are the one thing that may differ)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    _epoch(0, 1, 0, str(tmp_path / "one.pt"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_epoch, args=(2, port, str(tmp_path / "two.pt")), nprocs=2, join=True)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert any(not torch.allclose(one["init"][k], one["final"][k], atol=1e-3) for k in one["init"])  # it trained
+    for key, value in one["final"].items():
+        assert torch.allclose(value, two["final"][key], atol=1e-5, rtol=0), key
