@@ -166,7 +166,7 @@ def main() -> None:
     args.rows, args.size, args.epochs, args.batch = (32, 64, 2, 2) if args.dry_run else (400, 320, 2, 8)
     args.cost_repeats = 2 if args.dry_run else args.cost_repeats
     root = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    ray.init(num_cpus=2 if args.dry_run else None, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2 if args.dry_run else None, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray"))
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows: list[tuple[str, str, str, float]] = []

@@ -6,10 +6,11 @@ Run it inside a loopback-only network namespace (it starts a 2-CPU local Ray clu
 
     unshare -n sh -c 'ip link set lo up; RAY_AUTH_MODE=disabled .venv/bin/python bench/train_ingest.py'
 
-(a) Ingest: rows/s delivered to one consumer over ``--epochs`` epochs of the generated VOC data (the image and
-    its mask map through ``segmentation_sample``, the same seeded order and crops on both sides):
-    ``shard_stream`` (Ray Data, map tasks of 1 CPU on the 2-CPU cluster: 2 concurrent) against
-    ``torch.utils.data.DataLoader`` with 2 worker processes over the same rows. Goal ≥ 0.9×.
+(a) Ingest: rows/s delivered to one consumer (this driver) over ``--epochs`` epochs of the generated VOC data
+    (the image and its mask map through ``segmentation_sample``, the same seeded order and crops on both sides):
+    ``shard_stream`` with 2 map actors of 1 CPU on the 2-CPU cluster against ``torch.utils.data.DataLoader``
+    with 2 worker processes over the same rows. Goal ≥ 0.9×. At ``--old-sizes`` also main's ingest (becd21e,
+    loaded from git: one row per block, a random_shuffle per epoch, a row-wise map).
 (b) Training: ``train_segmentation`` (the real stage, Ray Train, 2 workers × 0.5 CPU, one torch thread each)
     against a plain DDP loop (2 spawned gloo processes, a DataLoader with one worker process each, the same
     model, objective, optimiser and crops). Reported: the last epoch's time (images / the loop's images/s, data
@@ -19,12 +20,15 @@ Run it inside a loopback-only network namespace (it starts a 2-CPU local Ray clu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import socket
 import statistics
+import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,7 @@ from wsss_ray.training.optim import build_optimizer, set_lr
 from wsss_ray.training.step import TrainStep
 
 NUM_CLASSES = 21
+OLD_COMMIT = "becd21e"
 
 
 def toy_records(root: Path, rows: int, size: int) -> list[dict[str, Any]]:
@@ -85,21 +90,48 @@ class PlanDataset(torch.utils.data.Dataset):
         return {k: v for k, v in sample.items() if k not in ("image_id", "label_uri")}
 
 
-def ingest_round(records: list[dict[str, Any]], crop: int, epochs: int, batch: int) -> dict[str, float]:
-    """Seconds to deliver every batch of ``epochs`` epochs: Ray Data stream, then DataLoader."""
-    kwargs = sample_kwargs(crop)
-    steps = len(records) // batch
-    out = {}
+def old_ingest(root: Path) -> Any:
+    """The ingest of main at becd21e (one row per block up to 200, an all-to-all random_shuffle per epoch, a
+    row-wise map, ``preserve_order``), loaded from git, to time it beside the new one."""
+    path = root / "old_ingest.py"
+    path.write_bytes(subprocess.check_output(["git", "show", f"{OLD_COMMIT}:wsss_ray/training/ingest.py"]))
+    spec = importlib.util.spec_from_file_location("old_ingest", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed(batches: Iterator[dict[str, Any]], steps: int, epochs: int, batch: int) -> tuple[float, float]:
+    """(seconds to the first epoch's last batch, seconds for the other epochs) of consuming ``batches``."""
     start = time.perf_counter()
-    for b in shard_stream(RowSource(records, segmentation_sample, kwargs), 0, range(epochs), steps, batch, 0, 1):
-        assert b["image"].shape[0] == batch
-    out["ray"] = time.perf_counter() - start
-    start = time.perf_counter()
+    first = start
+    for i, b in enumerate(batches):
+        assert len(b["image"]) == batch
+        if i == steps - 1:
+            first = time.perf_counter()
+    assert i == steps * epochs - 1
+    return first - start, time.perf_counter() - first
+
+
+def _old_batches(old: Any, records: list[dict[str, Any]], kwargs: dict[str, Any], epochs: int,
+                 batch: int) -> Iterator[dict[str, Any]]:
+    dataset = old.epoch_seeded_dataset(records, 0, segmentation_sample, kwargs)
+    for _ in range(epochs):
+        yield from dataset.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True)
+
+
+def ingest_round(records: list[dict[str, Any]], crop: int, epochs: int, batch: int,
+                 old: Any) -> dict[str, tuple[float, float]]:
+    """(first epoch s, other epochs s) of every variant: Ray Data stream, DataLoader, main's ingest."""
+    kwargs, steps = sample_kwargs(crop), len(records) // batch
+    source = RowSource(records, segmentation_sample, kwargs, task_cpus=1.0, actors=2)
+    out = {"ray": timed(shard_stream(source, 0, range(epochs), steps, batch, 0, 1), steps, epochs, batch)}
     loader = torch.utils.data.DataLoader(PlanDataset(records, kwargs, range(epochs), batch), batch_size=batch,
                                          num_workers=2, drop_last=True, prefetch_factor=4)
-    for b in loader:
-        assert b["image"].shape[0] == batch
-    out["torch"] = time.perf_counter() - start
+    out["torch"] = timed(iter(loader), steps, epochs, batch)
+    if old is not None:
+        out["old"] = timed(_old_batches(old, records, kwargs, epochs, batch), steps, epochs, batch)
     return out
 
 
@@ -108,12 +140,18 @@ def bench_ingest(args: argparse.Namespace, root: Path) -> list[str]:
     for rows in args.rows:
         for size in args.sizes:
             records = toy_records(root, rows, size)
-            ingest_round(records[:32], size, 1, 8)  # warm the Ray worker pool and the page cache
-            rounds = [ingest_round(records, size, args.epochs, 8) for _ in range(args.reps)]
-            total = (len(records) // 8) * 8 * args.epochs
-            ray_s, torch_s = (statistics.median(r[k] for r in rounds) for k in ("ray", "torch"))
-            lines.append(f"(a) ingest {rows:5d} rows {size}²: Ray Data {total / ray_s:7.1f} rows/s, DataLoader "
-                         f"{total / torch_s:7.1f} rows/s, ratio {torch_s / ray_s:.2f}x  (goal ≥ 0.9)")
+            old = old_ingest(root) if size in args.old_sizes else None
+            ingest_round(records[:32], size, 2, 8, None)  # warm the page cache and Ray's worker processes
+            rounds = [ingest_round(records, size, args.epochs, 8, old) for _ in range(args.reps)]
+            per_epoch = (len(records) // 8) * 8
+            steady = {k: per_epoch * (args.epochs - 1) / statistics.median(r[k][1] for r in rounds)
+                      for k in rounds[0]}
+            whole = {k: per_epoch * args.epochs / statistics.median(sum(r[k]) for r in rounds) for k in rounds[0]}
+            was = (f"; main's ingest {steady['old']:6.1f} ({whole['old']:6.1f})" if "old" in steady else "")
+            lines.append(f"(a) ingest {rows:5d} rows {size}²: rows/s after epoch 1 (whole run) Ray Data "
+                         f"{steady['ray']:7.1f} ({whole['ray']:6.1f}), DataLoader {steady['torch']:7.1f} "
+                         f"({whole['torch']:6.1f}), ratio {steady['ray'] / steady['torch']:.2f}x "
+                         f"({whole['ray'] / whole['torch']:.2f}x) (goal ≥ 0.9){was}")
             print(lines[-1], flush=True)
     return lines
 
@@ -211,14 +249,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[160, 2000])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 320])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--old-sizes", type=int, nargs="*", default=[128], help="sizes that also time main's ingest")
     parser.add_argument("--train-rows", type=int, nargs="*", default=[160, 2000])
     parser.add_argument("--train-epochs", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip-ingest", action="store_true")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="train_ingest_"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray"))
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         lines = [] if args.skip_ingest else bench_ingest(args, root)
