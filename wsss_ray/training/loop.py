@@ -35,7 +35,7 @@ from wsss_ray.core.metrics import TorchConfusionMatrix
 from wsss_ray.core.ray_utils import cluster_cpus, want_gpu
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
-from wsss_ray.training.checkpoint import report_epoch, restore
+from wsss_ray.training.checkpoint import latest_epoch, report_epoch, restore
 from wsss_ray.training.hooks import TrainHook
 from wsss_ray.training.ingest import RowSource, shard_stream, steps_per_epoch, to_device, val_stream
 from wsss_ray.training.optim import build_optimizer, set_lr
@@ -143,18 +143,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    # The ingest first: its actors start while the model is built and restored.
+    batch_size, steps = steps_per_epoch(len(spec.train.records), spec.batch_size, world, spec.where)
+    start_epoch = latest_epoch()
+    stream = shard_stream(spec.train, spec.seed, range(start_epoch, spec.epochs), steps, spec.batch_size, rank, world)
     model = _maybe_sync_bn(spec.build_model(), spec.sync_bn, device)
     step = TrainStep(model, spec.build_objective()).to(device)
     optimizer = build_optimizer(step.parameter_groups(), spec.optimizer, spec.head_lr_multiplier)
     hooks = spec.build_hooks(model, spec.stage_uri)
     extras = {name: state for hook in hooks for name, state in hook.checkpoint_state().items()}
-    start_epoch, history = restore(step, optimizer, extras)
+    restored_epoch, history = restore(step, optimizer, extras)
+    assert restored_epoch == start_epoch, (restored_epoch, start_epoch)
     for hook in hooks:
         hook.on_start(start_epoch, rank)
-    batch_size, steps = steps_per_epoch(len(spec.train.records), spec.batch_size, world, spec.where)
     if rank == 0:
         print(f"{spec.where}: batch {spec.batch_size} global = {world} workers × {batch_size}", flush=True)
-    stream = shard_stream(spec.train, spec.seed, range(start_epoch, spec.epochs), steps, spec.batch_size, rank, world)
     run = WorkerRun(spec, step, ray.train.torch.prepare_model(step), optimizer, hooks, stream, device, world,
                     batch_size, steps)
     tensorboard = TensorBoardLog(storage.join(spec.stage_uri, "tensorboard")) if rank == 0 else None
