@@ -29,7 +29,8 @@ from wsss_ray.core.inference import normalize
 # Rows per block (one actor call): Ray Data's cost per block (the executor's scheduling round, the object
 # store put and get, the Arrow conversion) is ~0.1 s on a loaded 2-CPU machine whatever the block holds,
 # against ~1 ms a row to decode and crop at 128², so blocks must be large (measured: 16-row blocks delivered
-# ~125 rows/s at 128² and at 320² alike). At most a quarter of a worker's epoch per actor keeps every actor busy.
+# ~125 rows/s at 128² and at 320² alike). Blocks run across epoch ends (one stream for the run), so a small
+# dataset needs no smaller blocks; the first batch waits for one block (~0.1 s at 128² on a quiet CPU).
 ROWS_PER_TASK = 128
 # Batches each worker keeps decoded ahead of its training step; val rows decoded ahead of the prediction.
 PREFETCH_BATCHES = 4
@@ -119,8 +120,7 @@ def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
-    per_block = max(1, min(ROWS_PER_TASK, steps * (batch_size // world) // (4 * source.actors)))
-    dataset = (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
+    dataset = (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / ROWS_PER_TASK))
                .map_batches(_SampleBlock, batch_size=None, batch_format="pyarrow", num_cpus=source.task_cpus,
                             concurrency=source.actors,
                             fn_constructor_kwargs={"sample": source.sample, "fn_kwargs": source.fn_kwargs}))
