@@ -107,10 +107,10 @@ def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_base_config_is_merged_under_the_file(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text(MINIMAL + "train_seg:\n  epochs: 7\n  loss: {label_smoothing: 0.1}\n"
                                         "pseudo_labels:\n  generator: {name: image_cam, bg_score: 0.3}\n")
-    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain_seg:\n  batch_size: 3\n"
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain_seg:\n  batch_size: 6\n"
                                          "pseudo_labels:\n  generator: {name: box}\n")
     config = load_config(tmp_path / "child.yaml")
-    assert (config.train_seg.epochs, config.train_seg.batch_size) == (7, 3)  # merged key by key
+    assert (config.train_seg.epochs, config.train_seg.batch_size) == (7, 6)  # merged key by key
     assert config.train_seg.loss.label_smoothing == 0.1  # type: ignore[union-attr]
     # Another component replaces the base's section (bg_score means nothing to the box generator).
     assert config.pseudo_labels.generator.name == "box"

@@ -130,5 +130,4 @@ def test_normalize_and_poly_schedule_and_batching() -> None:
     optimizer.param_groups[0]["initial_lr"] = 0.1
     assert set_poly_lr(optimizer, 50, 100, 0.9) == pytest.approx(0.1 * 0.5**0.9)
     assert set_poly_lr(optimizer, 100, 100, 0.9) == 0.0
-    assert steps_per_epoch(100, 16, 2) == (16, 3)
-    assert steps_per_epoch(6, 16, 2) == (3, 1)
+    assert steps_per_epoch(100, 16, 2) == (8, 6)  # the global batch of 16: 8 per worker, 100 // 16 steps

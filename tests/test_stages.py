@@ -55,7 +55,7 @@ def test_classifier_training_resumes_from_its_checkpoint(ray_cluster: None, s3_p
     stage = StageDir.create(s3_prefix, "ingest", "voc")
     build_manifest(DatasetConfig(root=str(tmp_path / "voc"), train_split="train", val_split="val"), stage)
     records = load_manifest(stage, "train")
-    base: dict[str, Any] = {"backbone": {"name": "resnet_tiny"}, "batch_size": 2,
+    base: dict[str, Any] = {"backbone": {"name": "resnet_tiny"}, "batch_size": 4,
                             "augment": {"crop_size": 48, "scale_min": 1.0, "scale_max": 1.0},
                             "workers": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0}}
     train_stage = StageDir.create(s3_prefix, "train_cls", "resume")

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import ray
 import torch
 from conftest import kill_worker_when
 
@@ -32,7 +31,7 @@ from wsss_ray.models.weights import load_weights
 from wsss_ray.stages.ingest import build_manifest, load_manifest
 from wsss_ray.stages.train_cls import train_classifier
 from wsss_ray.stages.train_seg import train_segmentation
-from wsss_ray.training.ingest import augment_rng, epoch_seeded_dataset
+from wsss_ray.training.ingest import RowSource, augment_rng, shard_stream
 
 pytestmark = pytest.mark.integration
 
@@ -80,33 +79,40 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def seg_config(model: str, loss: dict[str, Any], **extra: Any) -> SegTrainConfig:
     return SegTrainConfig.model_validate({
         "model": {"name": model, "backbone": {"name": "resnet_tiny", "output_stride": 16}, "aspp_channels": 16},
-        "loss": loss, "epochs": 2, "batch_size": 2, "optimizer": {"lr": 0.01}, "augment": AUGMENT,
+        "loss": loss, "epochs": 2, "batch_size": 4, "optimizer": {"lr": 0.01}, "augment": AUGMENT,
         "workers": WORKERS, **extra})
 
 
-def test_epoch_seeded_dataset_reshuffles_every_epoch_and_repeats_across_runs(ray_cluster: None) -> None:
+def test_shard_stream_reshuffles_every_epoch_and_repeats_across_runs(ray_cluster: None) -> None:
+    """Each epoch a new order and new crops from (seed, epoch); two runs alike; and the data order does not
+    depend on the worker count: global batch k holds the same rows (with the same draws) for W = 1 and W = 2."""
     records = [{"image_id": f"{i:03d}"} for i in range(40)]
 
     def draw(row: dict[str, Any]) -> dict[str, Any]:  # a closure: Ray workers cannot import this test module
-        return {"image_id": row["image_id"], "draw": float(augment_rng(row).random())}
+        return {"image_id": row["image_id"], "draw": np.float64(augment_rng(row).random())}
 
-    def three_epochs(seed: int) -> list[list[tuple[str, float]]]:
-        dataset = epoch_seeded_dataset(records, seed, draw, {})
-        return [[(r["image_id"], r["draw"]) for r in dataset.iter_rows()] for _ in range(3)]
+    source = RowSource(records, draw)
 
-    options = ray.data.DataContext.get_current().execution_options
-    before, options.preserve_order = options.preserve_order, True  # what fit asks of Ray Train's ingest
-    try:
-        first, again, other = three_epochs(0), three_epochs(0), three_epochs(1)
-    finally:
-        options.preserve_order = before
-    ids = [[image_id for image_id, _ in epoch] for epoch in first]
+    def epochs(seed: int, world: int, first: int = 0) -> list[list[list[tuple[str, float]]]]:
+        """[epoch][global batch] -> the batch's rows (image id, draw), the workers' slices concatenated."""
+        streams = [shard_stream(source, seed, range(first, 3), 5, 8, rank, world) for rank in range(world)]
+        out = []
+        for _ in range(first, 3):
+            batches = [[[tuple(pair) for pair in zip(b["image_id"], b["draw"], strict=True)]
+                        for b in (next(stream) for _ in range(5))] for stream in streams]
+            out.append([[row for r in range(world) for row in batches[r][k]] for k in range(5)])
+        return out
+
+    first, again, other, two = epochs(0, 1), epochs(0, 1), epochs(1, 1), epochs(0, 2)
+    ids = [[image_id for batch in epoch for image_id, _ in batch] for epoch in first]
     assert all(sorted(order) == [r["image_id"] for r in records] for order in ids)  # each epoch sees every row once
     assert len({tuple(order) for order in ids}) == 3 and ids[0] != sorted(ids[0])  # a new order every epoch
-    draws = [dict(epoch) for epoch in first]
+    draws = [dict(row for batch in epoch for row in batch) for epoch in first]
     assert all(draws[0][i] != draws[1][i] for i in draws[0])  # new crops every epoch
     assert first == again  # the same seed: the same orders and crops
     assert other[0] != first[0]
+    assert two == first  # two workers: the same global batches as one
+    assert epochs(0, 2, first=2) == first[2:]  # a run resumed at epoch 2 sees epoch 2's draws
 
 
 METHODS = {
@@ -162,7 +168,7 @@ def test_classifier_heads_train_and_give_cams(ray_cluster: None, toy: dict[str, 
     loss = {"name": head, "warmup_epochs": 1} if head == "ktse" else {"name": head}
     config = ClassifierTrainConfig.model_validate({
         "backbone": {"name": "resnet_tiny"}, "head": {"name": head}, "loss": loss, "epochs": 2 if head == "ktse" else 1,
-        "batch_size": 2, "augment": AUGMENT, "workers": WORKERS})
+        "batch_size": 4, "augment": AUGMENT, "workers": WORKERS})
     stage = StageDir.create(str(tmp_path / "out"), "train_cls", head)
     summary = train_classifier(toy["train"], stage, config, NUM_CLASSES, "boxes")
     epoch = summary["history"][-1]
@@ -240,11 +246,11 @@ def test_paper_chain_runs_through_the_pipeline(ray_cluster: None, toy: dict[str,
         "output": str(tmp_path / "out"),
         "dataset": {"root": str(toy["root"] / "voc"), "train_split": "train", "val_split": "val",
                     **sections.get("dataset", {})},
-        "train_cls": {"backbone": small, "epochs": 1, "batch_size": 2, "augment": AUGMENT, "workers": WORKERS,
+        "train_cls": {"backbone": small, "epochs": 1, "batch_size": 4, "augment": AUGMENT, "workers": WORKERS,
                       **sections.get("train_cls", {})},
         "pseudo_labels": sections["pseudo_labels"],
         "train_seg": {"model": {"backbone": small, "aspp_channels": 8, **sections["train_seg"].get("model", {})},
-                      "epochs": 1, "batch_size": 2, "augment": AUGMENT, "workers": WORKERS,
+                      "epochs": 1, "batch_size": 4, "augment": AUGMENT, "workers": WORKERS,
                       "loss": sections["train_seg"]["loss"]},
     }
     summaries = run_pipeline(parse_config(base, source=chain), until="train_seg")

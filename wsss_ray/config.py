@@ -63,6 +63,7 @@ class ClassifierTrainConfig(StrictModel):
     head: ClassifierHeadConfig = GapHeadConfig()
     loss: ClassifierLossConfig = MultiLabelSoftMarginConfig()
     epochs: PositiveInt = 5
+    # The global batch, split evenly over the workers (it must divide by the worker count).
     batch_size: PositiveInt = 16
     # IRN/PSA-style classifier training: lr 0.01 with a 10x head multiplier, wd 1e-4.
     optimizer: OptimizerConfig = OptimizerConfig(lr=0.01, weight_decay=1e-4)
@@ -82,6 +83,7 @@ class ClassifierTrainConfig(StrictModel):
         if method is not None and (head.requires.get("loss"), loss.requires.get("head")) != (loss.name, head.name):
             raise ValueError(f"loss {self.loss.name!r} and head {self.head.name!r} do not go together: "
                              f"the {method!r} loss needs the {method!r} head and the other way round")
+        self.workers.check_global_batch(self.batch_size, "train_cls")
         return self
 
     @model_validator(mode="after")
@@ -115,6 +117,7 @@ class SegTrainConfig(StrictModel):
     # Robust early-learning's parameter selection; None updates every parameter with the loss gradient.
     early_learning: EarlyLearningConfig | None = None
     epochs: PositiveInt = 20
+    # The global batch (OuT: 10), split evenly over the workers (it must divide by the worker count).
     batch_size: PositiveInt = 10
     # Measure val mIoU every N epochs during training (curves, and what Tune's early stopping reads); 0 = never.
     val_every: Annotated[int, Field(ge=0)] = 1
@@ -144,6 +147,11 @@ class SegTrainConfig(StrictModel):
         loss = data.get("loss")
         name = loss.get("name") if isinstance(loss, dict) else getattr(loss, "name", None)
         return {**data, "model": {**model, "classifier": _model_classifier(name)}}
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> SegTrainConfig:
+        self.workers.check_global_batch(self.batch_size, "train_seg")
+        return self
 
 
 def _model_classifier(loss: Any) -> str:

@@ -163,6 +163,17 @@ class WorkersConfig(StrictModel):
             raise ValueError(f"min_workers ({self.min_workers}) must not exceed num_workers ({self.num_workers})")
         return self
 
+    def check_global_batch(self, batch_size: int, where: str) -> None:
+        """``batch_size`` is the global batch, split evenly over the workers: it must divide by every worker
+        count the group can have (each of min_workers..num_workers when elastic)."""
+        low = self.num_workers if self.min_workers is None else self.min_workers
+        bad = [w for w in range(low, self.num_workers + 1) if batch_size % w]
+        if bad:
+            counts = f"{where}.workers.num_workers ({bad[0]})" if self.min_workers is None else \
+                f"the elastic worker counts {bad} of {where}.workers (min_workers..num_workers)"
+            raise ConfigError(f"{where}.batch_size: {batch_size} is not divisible by {counts}; batch_size is the "
+                              "global batch, split evenly over the workers")
+
 
 class OptimizerConfig(StrictModel):
     """SGD with a poly schedule (OuT: lr 1e-3, momentum 0.9, wd 5e-4, power 0.9), or warm-up then cosine

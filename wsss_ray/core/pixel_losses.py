@@ -9,11 +9,15 @@ Conventions shared by every loss here:
   ``masked sum / max(count, 1)``. An empty selection therefore gives an exact 0 that is still a function of
   ``logits`` (a zero gradient, not a missing one), which keeps DDP's gradient all-reduce in step, and nothing
   forces a host-device sync on CUDA.
+* Every data-dependent denominator is the global batch's (:func:`global_mean`): with W DDP workers each worker
+  returns ``W · s_r / n_global``, so DDP's gradient mean is the gradient of ``Σ_r s_r / n_global``, the loss of
+  the whole global batch in one process, whatever W.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from wsss_ray.core.labels import IGNORE_LABEL
@@ -46,11 +50,26 @@ def pixel_log_probs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.T
     return log_p, log_p_target, labelled
 
 
+def global_mean(total: torch.Tensor, count: torch.Tensor, floor: float = 1.0) -> torch.Tensor:
+    """``total / n`` as this worker's share of the global batch: ``W · total / all_reduce_sum(count)``.
+
+    ``n`` (no gradient) is ``count`` summed over the DDP workers and raised to ``floor`` when below it (an
+    empty selection gives 0 with a gradient path); one process (no process group) divides by its own count.
+    Every worker must call it the same number of times per step (the losses have no data-dependent branches).
+    """
+    count = count.detach().to(total.dtype)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+    return total * world / count.clamp_min(floor)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over ``mask``; 0 when the mask is empty, still differentiable w.r.t. ``values``.
+    """Mean of ``values`` over ``mask`` (of the global batch, :func:`global_mean`); 0 when the mask is empty, still differentiable w.r.t. ``values``.
 
     ``torch.where`` rather than ``values * mask``: an unselected entry that happens to be inf (e.g. the logits of
     a padded pixel) must not turn the sum into NaN.
     """
     total = torch.where(mask, values, torch.zeros_like(values)).sum()
-    return total / mask.sum().clamp_min(1)
+    return global_mean(total, mask.sum())

@@ -18,7 +18,7 @@ from wsss_ray.data.weak_labels import weak_tags
 from wsss_ray.methods.bana.boxes import boxes_array
 from wsss_ray.methods.registry import build_classifier, build_classifier_objective
 from wsss_ray.training.checkpoint import export_model
-from wsss_ray.training.ingest import augment_rng, epoch_seeded_dataset, steps_per_epoch
+from wsss_ray.training.ingest import RowSource, augment_rng, steps_per_epoch
 from wsss_ray.training.loop import TrainSpec, fit
 
 # Boxes per training crop for BAP (padded to a fixed shape); VOC images have at most ~40, crops far fewer.
@@ -27,7 +27,7 @@ MAX_BOXES = 32
 
 def classifier_sample(row: dict[str, Any], augment: AugmentConfig, num_foreground: int, supervision: str,
                       with_boxes: bool) -> dict[str, Any]:
-    """Ray Data map: one augmented crop, its multi-hot target over the foreground classes, and (BAP) its boxes
+    """Ray Data map (per row of a block): one augmented crop, its multi-hot target over the foreground classes, and (BAP) its boxes
     moved into the crop's frame."""
     image = read_image(row["image_uri"])
     geometry = random_geometry(image.shape[:2], augment.crop_size, (augment.scale_min, augment.scale_max),
@@ -47,15 +47,15 @@ def train_classifier(records: list[dict[str, Any]], stage: StageDir, config: Cla
     (``PipelineConfig`` has checked that the head and loss fit the dataset's supervision: BAP needs boxes.)
     """
     workers = config.workers.num_workers
-    batch_size, steps = steps_per_epoch(len(records), config.batch_size, workers)
-    log("train_cls", f"{len(records)} images, {config.head.name} head + {config.loss.name} loss, {workers} workers × "
-                     f"batch {batch_size}, {steps} steps/epoch, {config.epochs} epochs → {stage.uri}")
-    dataset = epoch_seeded_dataset(
-        records, config.seed, classifier_sample,
-        {"augment": config.augment, "num_foreground": num_classes - 1, "supervision": supervision,
-         "with_boxes": config.head.name == "bap"})
+    batch_size, steps = steps_per_epoch(len(records), config.batch_size, workers, "train_cls")
+    log("train_cls", f"{len(records)} images, {config.head.name} head + {config.loss.name} loss, batch "
+                     f"{config.batch_size} = {workers} workers × {batch_size}, {steps} steps/epoch, "
+                     f"{config.epochs} epochs → {stage.uri}")
+    source = RowSource(records, classifier_sample,
+                       {"augment": config.augment, "num_foreground": num_classes - 1, "supervision": supervision,
+                        "with_boxes": config.head.name == "bap"})
     spec = TrainSpec(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                      optimizer=config.optimizer, head_lr_multiplier=config.head_lr_multiplier,
                      build_model=partial(build_classifier, config, num_classes - 1),
-                     build_objective=partial(build_classifier_objective, config), num_rows=len(records))
-    return {**export_model(fit(spec, config.workers, {"train": dataset}, stage), stage), "images": len(records)}
+                     build_objective=partial(build_classifier_objective, config), train=source, where="train_cls")
+    return {**export_model(fit(spec, config.workers, stage), stage), "images": len(records)}

@@ -12,7 +12,6 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import ray
 from PIL import Image
 from torch import nn
 
@@ -31,13 +30,13 @@ from wsss_ray.models.card import ensure_model_card
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.training.checkpoint import export_model
 from wsss_ray.training.hooks import TrainHook
-from wsss_ray.training.ingest import augment_rng, epoch_seeded_dataset, steps_per_epoch
+from wsss_ray.training.ingest import RowSource, augment_rng, steps_per_epoch
 from wsss_ray.training.loop import TrainSpec, fit
 
 
 def segmentation_sample(row: dict[str, Any], augment: AugmentConfig, maps: tuple[str, ...],
                         num_classes: int, padding: dict[str, int]) -> dict[str, Any]:
-    """Ray Data map: the image and its ``maps``, scaled, cropped and flipped together (one draw per row and
+    """Ray Data map (per row of a block): the image and its ``maps``, scaled, cropped and flipped together (one draw per row and
     epoch, from the row's ``augment_seed``). ``padding`` is what a crop's padding holds in each map
     (:func:`~wsss_ray.methods.registry.map_padding`: label maps ignore it, weights and counts are zero there)."""
     image = read_image(row["image_uri"])
@@ -85,23 +84,21 @@ def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: S
         raise ValueError(f"train_seg.loss {config.loss.name!r} needs {missing} in every record; the pseudo-label "
                          "generator that produces them is not the one this pipeline ran")
     workers = config.workers.num_workers
-    batch_size, steps = steps_per_epoch(len(records), config.batch_size, workers)
+    batch_size, steps = steps_per_epoch(len(records), config.batch_size, workers, "train_seg")
     methods = " + ".join(filter(None, [config.loss.name, config.corrector and "OuT", config.early_learning and "RE"]))
-    log("train_seg", f"{len(records)} images, {config.model.name} with {methods}, {workers} workers × batch "
-                     f"{batch_size}, {steps} steps/epoch, {config.epochs} epochs → {stage.uri}")
-    datasets = {"train": epoch_seeded_dataset(
-        records, config.seed, segmentation_sample,
-        {"augment": config.augment, "maps": maps, "num_classes": num_classes, "padding": map_padding()})}
-    val = [r for r in val_records or [] if r["mask_uri"]]
-    if val and config.val_every:
-        datasets["val"] = ray.data.from_items(val).map(val_sample)
+    log("train_seg", f"{len(records)} images, {config.model.name} with {methods}, batch {config.batch_size} = "
+                     f"{workers} workers × {batch_size}, {steps} steps/epoch, {config.epochs} epochs → {stage.uri}")
+    train = RowSource(records, segmentation_sample,
+                      {"augment": config.augment, "maps": maps, "num_classes": num_classes, "padding": map_padding()})
+    val_rows = [r for r in val_records or [] if r["mask_uri"]]
+    val = RowSource(val_rows, val_sample) if val_rows and config.val_every else None
     spec = TrainSpec(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                      optimizer=config.optimizer, head_lr_multiplier=config.head_lr_multiplier,
                      build_model=partial(build_segmentation_model, config.model, num_classes),
-                     build_objective=partial(_objective, config, num_classes), num_rows=len(records),
-                     build_hooks=partial(_hooks, config), sync_bn=config.model.sync_bn, num_classes=num_classes,
-                     val_every=config.val_every if "val" in datasets else 0)
-    result = fit(spec, config.workers, datasets, stage, callbacks)
+                     build_objective=partial(_objective, config, num_classes), train=train, where="train_seg",
+                     val=val, build_hooks=partial(_hooks, config), sync_bn=config.model.sync_bn,
+                     num_classes=num_classes, val_every=config.val_every if val else 0)
+    result = fit(spec, config.workers, stage, callbacks)
     summary = {**export_model(result, stage), "images": len(records)}
     if class_names is not None:
         summary["model_card_uri"] = ensure_model_card(stage.uri, config.model, class_names, overwrite=True)

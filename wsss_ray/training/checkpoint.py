@@ -27,6 +27,15 @@ MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.pt", "optimizer.pt", "state.json
 OBJECTIVE_FILE = "objective.pt"
 
 
+def latest_epoch() -> int:
+    """The first epoch to run: 0, or the epoch after the run's latest checkpoint (what ``restore`` returns)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory, open(os.path.join(directory, STATE_FILE)) as f:
+        return int(json.load(f)["epoch"]) + 1
+
+
 def restore(step: torch.nn.Module, optimizer: torch.optim.Optimizer,
             extras: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
     """Load the run's latest checkpoint if there is one; returns (first epoch to run, history so far).

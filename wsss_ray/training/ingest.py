@@ -1,64 +1,176 @@
-"""Ray Data ingest for training: the per-epoch reshuffled, reseeded rows, batch sizes, batches on the device."""
+"""Ray Data ingest for training: each epoch's seeded order and crops, the global batch split over the workers,
+and the batches on the device.
+
+Every worker streams its own rows through one Ray Data pipeline (``from_items`` → ``map_batches``) that spans
+the rest of the run, so the map tasks of epoch e+1 run while epoch e trains and nothing is shuffled all-to-all.
+Which rows a worker sees, in which order, and each row's augmentation seed are computed up front from
+``(seed, epoch)`` alone (see :func:`epoch_plan`): the run repeats exactly, a run resumed at epoch e sees epoch e's
+draws, and the data order does not depend on the worker count (global batch k is the same rows for any W).
+"""
 
 from __future__ import annotations
 
-import copy
+import math
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
+from wsss_ray.core.config import ConfigError
 from wsss_ray.core.inference import normalize
 
-# Blocks of the training rows: enough map tasks in flight for any cluster, and independent of its size.
-TRAIN_BLOCKS = 200
+# Rows per block (one actor call): Ray Data's cost per block (the executor's scheduling round, the object
+# store put and get, the Arrow conversion) is ~0.1 s on a loaded 2-CPU machine whatever the block holds,
+# against ~1 ms a row to decode and crop at 128², so blocks must be large (measured: 16-row blocks delivered
+# ~125 rows/s at 128² and at 320² alike). Blocks run across epoch ends (one stream for the run), so a small
+# dataset needs no smaller blocks; the first batch waits for one block (~0.1 s at 128² on a quiet CPU).
+ROWS_PER_TASK = 128
+# Batches each worker keeps decoded ahead of its training step; val rows decoded ahead of the prediction.
+PREFETCH_BATCHES = 4
+VAL_AHEAD = 4
 
 
-def epoch_seeded_dataset(records: list[dict[str, Any]], seed: int, sample: Any,
-                         fn_kwargs: dict[str, Any]) -> ray.data.Dataset:
-    """Training rows in a new order every epoch, each mapped by ``sample`` with its own augmentation seed.
+@dataclass(frozen=True)
+class RowSource:
+    """Training rows and the function that maps one row (with its ``augment_seed``) to a sample dict.
 
-    Ray Data executes a dataset afresh for every epoch, and ``reseed_after_execution`` mixes that execution's
-    index into the shuffle's seed and into each row's ``augment_seed`` (read by :func:`augment_rng`). So every
-    epoch sees a new order and new crops, as with torchvision's ``RandomSampler``, and two runs with the same
-    ``seed`` see the same ones: a sweep's trials and a rerun of one config differ only by their hyperparameters.
-    That needs the rows to reach the workers in order, which ``fit`` asks of the ingest (:func:`ordered_ingest`).
-    A run resumed from a checkpoint (or after a worker failure) starts again from epoch 0's draws, because the
-    restarted split coordinator counts executions from 0.
+    ``sample`` runs in Ray workers (a module-level function or a closure Ray can pickle). Each training worker's
+    stream maps its rows in ``actors`` Ray Data actors of ``task_cpus`` CPUs (``fit`` sizes them to fit beside
+    the trainers): long-lived processes, as a DataLoader's workers, rather than tasks, whose worker processes Ray
+    may retire between tasks and start again (seconds each, to import torch: measured, see docs/benchmarks.md).
     """
-    from ray.data.expressions import random as random_column
 
-    reseeded = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
-    # The shuffle and the per-row seeds depend on the block layout; Ray's automatic block count follows the
-    # cluster's CPUs (and a trial's placement group), so fix it to repeat on any cluster.
-    return (ray.data.from_items(records, override_num_blocks=max(1, min(len(records), TRAIN_BLOCKS)))
-            .random_shuffle(seed=reseeded)
-            .with_column("augment_seed", random_column(seed=seed, reseed_after_execution=True))
-            .map(sample, fn_kwargs=fn_kwargs))
+    records: list[dict[str, Any]]
+    sample: Callable[..., dict[str, Any]]
+    fn_kwargs: dict[str, Any] = field(default_factory=dict)
+    task_cpus: float = 1.0
+    actors: int = 1
+
+
+def check_global_batch(batch_size: int, workers: int, where: str) -> None:
+    """``batch_size`` is the global batch: it must split evenly over ``workers`` (ConfigError naming the field)."""
+    if batch_size % workers:
+        raise ConfigError(f"{where}.batch_size: {batch_size} is not divisible by {where}.workers.num_workers "
+                          f"({workers}); batch_size is the global batch, split evenly over the workers")
+
+
+def steps_per_epoch(num_rows: int, batch_size: int, num_workers: int, where: str = "train") -> tuple[int, int]:
+    """(per-worker batch, steps per epoch) for the global ``batch_size``: b = B / W and S = N // B (drop_last),
+    the same S for every worker count."""
+    check_global_batch(batch_size, num_workers, where)
+    if num_rows < batch_size:
+        raise ConfigError(f"{where}.batch_size: the global batch {batch_size} exceeds the {num_rows} training rows")
+    return batch_size // num_workers, num_rows // batch_size
+
+
+def epoch_plan(num_rows: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, augment seeds) of one epoch: a permutation of the row indices and one 63-bit seed per row index,
+    both drawn from ``(seed, epoch)`` only, so every epoch has a new order and new crops and runs repeat."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(num_rows), rng.integers(0, 2**63 - 1, size=num_rows, dtype=np.int64)
+
+
+def worker_indices(order: np.ndarray, steps: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """Rank ``rank``'s rows of one epoch: its slice ``[kB + r·b, kB + (r+1)·b)`` of every global batch k."""
+    per_worker = batch_size // world
+    batches = order[:steps * batch_size].reshape(steps, world, per_worker)
+    return batches[:, rank].reshape(-1)
 
 
 def augment_rng(row: dict[str, Any]) -> np.random.Generator:
-    """The generator for one row's augmentation, seeded by the ``augment_seed`` column (a float in [0, 1) with
-    53 random bits) that :func:`epoch_seeded_dataset` adds."""
-    return np.random.default_rng(int(row["augment_seed"] * 2**53))
+    """The generator for one row's augmentation, from the ``augment_seed`` that :func:`epoch_plan` drew."""
+    return np.random.default_rng(int(row["augment_seed"]))
 
 
-def ordered_ingest() -> ray.data.ExecutionOptions:
-    """Ray Train's ingest options with ``preserve_order``: the training rows reach the workers in the seeded
-    order of ``epoch_seeded_dataset`` (else in whichever order the map tasks finish), so runs repeat."""
-    # A copy of the driver's options, as DataConfig.default_ingest_options would give (without its deprecated
-    # exclude_resources argument, which warns in every trial).
-    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
-    options.preserve_order = True
-    return options
+class _SampleBlock:
+    """Ray Data map_batches actor: ``sample`` on every row of an Arrow block, stacked into numpy columns."""
+
+    def __init__(self, sample: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any]) -> None:
+        self.sample, self.fn_kwargs = sample, fn_kwargs
+
+    def __call__(self, block: Any) -> dict[str, np.ndarray]:
+        samples = [self.sample(row, **self.fn_kwargs) for row in block.to_pylist()]
+        return {key: np.stack([s[key] for s in samples]) if isinstance(samples[0][key], np.ndarray)
+                else np.array([s[key] for s in samples], dtype=object) for key in samples[0]}
 
 
-def steps_per_epoch(num_rows: int, batch_size: int, num_workers: int) -> tuple[int, int]:
-    """(per-worker batch size, steps per epoch) with ``drop_last``; the batch shrinks for tiny datasets."""
-    per_worker = max(1, num_rows // num_workers)
-    batch = min(batch_size, per_worker)
-    return batch, max(1, per_worker // batch)
+def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_size: int, rank: int,
+                 world: int) -> Iterator[dict[str, np.ndarray]]:
+    """This worker's batches (of ``batch_size / world`` rows) for ``epochs``, ``steps`` per epoch, in order.
+
+    One Ray Data execution for all the epochs: the rows of every epoch are laid out up front (their order and
+    seeds from :func:`epoch_plan`) and mapped by ``source.actors`` actors in blocks of ``ROWS_PER_TASK`` rows;
+    ``preserve_order`` keeps the laid-out order (cheap with one map operator: a finished block waits at most for
+    the blocks before it). The actors start once per run, not once per epoch.
+    """
+    items: list[dict[str, Any]] = []
+    for epoch in epochs:
+        order, seeds = epoch_plan(len(source.records), seed, epoch)
+        items += [{**source.records[i], "augment_seed": int(seeds[i])}
+                  for i in worker_indices(order, steps, batch_size, rank, world)]
+    if not items:
+        return iter(())
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    dataset = (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / ROWS_PER_TASK))
+               .map_batches(_SampleBlock, batch_size=None, batch_format="pyarrow", num_cpus=source.task_cpus,
+                            concurrency=source.actors,
+                            fn_constructor_kwargs={"sample": source.sample, "fn_kwargs": source.fn_kwargs}))
+    return _Ahead(iter(dataset.iter_batches(batch_size=batch_size // world, batch_format="numpy", drop_last=True,
+                                            prefetch_batches=PREFETCH_BATCHES)))
+
+
+class _Ahead(Iterator[Any]):
+    """Pulls ``source`` in a thread from now on: the stream's actors start (seconds: a process importing torch)
+    while the trainer builds its model and restores, not at the first step; errors surface at ``next``."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any]) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        threading.Thread(target=self._pull, args=(source,), daemon=True).start()
+
+    def _pull(self, source: Iterator[Any]) -> None:
+        try:
+            for item in source:
+                self._queue.put(item)
+            self._queue.put(self._END)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer's thread
+            self._queue.put(error)
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def val_stream(source: RowSource, rank: int, world: int) -> Iterator[dict[str, Any]]:
+    """Rank ``rank``'s share of the val rows (row i on rank i mod world), one row at a time (their own sizes).
+
+    Decoded in this worker by two threads, a few rows ahead (PIL and zlib release the GIL): val rows are not
+    augmented, so there is nothing to seed, and a Ray Data pipeline per validation would start its processes
+    again every epoch, which costs more than decoding a worker's share of the images (measured).
+    """
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: deque[Future[dict[str, Any]]] = deque()
+        for row in source.records[rank::world]:
+            pending.append(pool.submit(source.sample, row, **source.fn_kwargs))
+            if len(pending) > VAL_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:

@@ -15,16 +15,17 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 
@@ -35,13 +36,16 @@ from wsss_ray.core.metrics import TorchConfusionMatrix
 from wsss_ray.core.ray_utils import cluster_cpus, want_gpu
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
-from wsss_ray.training.checkpoint import report_epoch, restore
+from wsss_ray.training.checkpoint import latest_epoch, report_epoch, restore
 from wsss_ray.training.console import EpochLines
 from wsss_ray.training.hooks import TrainHook
-from wsss_ray.training.ingest import ordered_ingest, steps_per_epoch, to_device
+from wsss_ray.training.ingest import RowSource, shard_stream, steps_per_epoch, to_device, val_stream
 from wsss_ray.training.optim import build_optimizer, set_lr
 from wsss_ray.training.step import TrainStep
 from wsss_ray.training.tensorboard import TensorBoardLog
+
+# Ingest actors per training worker at most (a DataLoader's usual worker count; more rarely pays on one GPU).
+MAX_INGEST_ACTORS = 8
 
 
 def no_hooks(model: nn.Module, stage_uri: str) -> list[TrainHook]:
@@ -54,8 +58,9 @@ class TrainSpec:
 
     The builders run in every worker after ``torch.manual_seed(seed)``, in this order: ``build_model()``,
     ``build_objective()`` (a component from the method registry), ``build_hooks(model, stage_uri)`` (OuT's
-    corrector, robust early-learning). ``num_classes`` and ``val_every`` > 0 turn on val mIoU (segmentation, with a
-    ``val`` dataset); ``threads`` and ``stage_uri`` are filled in by :func:`fit`.
+    corrector, robust early-learning). ``batch_size`` is the global batch (split over the workers; ``where``
+    names its config section in errors). ``num_classes`` and ``val_every`` > 0 turn on val mIoU (segmentation,
+    with ``val`` rows); ``threads`` and ``stage_uri`` are filled in by :func:`fit`.
     """
 
     epochs: int
@@ -65,7 +70,9 @@ class TrainSpec:
     head_lr_multiplier: float
     build_model: Callable[[], nn.Module]
     build_objective: Callable[[], nn.Module]
-    num_rows: int
+    train: RowSource
+    where: str = "train"
+    val: RowSource | None = None
     build_hooks: Callable[[nn.Module, str], list[TrainHook]] = no_hooks
     sync_bn: bool = False
     num_classes: int = 0
@@ -88,10 +95,10 @@ class WorkerRun:
     ddp_step: nn.Module  # what the forward runs through
     optimizer: torch.optim.Optimizer
     hooks: list[TrainHook]
-    shard: ray.data.DataIterator  # this worker's split of ``train``
+    shard: Iterator[dict[str, Any]]  # this worker's batches of ``train``, epoch after epoch
     device: torch.device
     world: int
-    batch_size: int
+    batch_size: int  # per worker
     steps: int
 
 
@@ -125,8 +132,9 @@ def _maybe_sync_bn(model: nn.Module, wanted: bool, device: torch.device) -> nn.M
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: build, restore, then train / validate / checkpoint each epoch.
 
-    Steps per epoch follow the live worker count, so an elastic group that grew or shrank keeps covering the
-    data once per epoch.
+    The global batch is split over the live worker count (checked again here: an elastic group may have
+    resized to a count that does not divide it), so an elastic group that grew or shrank trains on the same
+    batches, each epoch covering the data once.
     """
     spec: TrainSpec = loop_config["spec"]
     # DeepLab's image-pooling branch runs a 1x1 conv on a 1x1 map, whose gradient strides DDP reports as a
@@ -137,23 +145,29 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    # The ingest first: its actors start while the model is built and restored.
+    batch_size, steps = steps_per_epoch(len(spec.train.records), spec.batch_size, world, spec.where)
+    start_epoch = latest_epoch()
+    stream = shard_stream(spec.train, spec.seed, range(start_epoch, spec.epochs), steps, spec.batch_size, rank, world)
     model = _maybe_sync_bn(spec.build_model(), spec.sync_bn, device)
     step = TrainStep(model, spec.build_objective()).to(device)
     optimizer = build_optimizer(step.parameter_groups(), spec.optimizer, spec.head_lr_multiplier)
     hooks = spec.build_hooks(model, spec.stage_uri)
     extras = {name: state for hook in hooks for name, state in hook.checkpoint_state().items()}
-    start_epoch, history = restore(step, optimizer, extras)
+    restored_epoch, history = restore(step, optimizer, extras)
+    assert restored_epoch == start_epoch, (restored_epoch, start_epoch)
     for hook in hooks:
         hook.on_start(start_epoch, rank)
-    batch_size, steps = steps_per_epoch(spec.num_rows, spec.batch_size, world)
-    run = WorkerRun(spec, step, ray.train.torch.prepare_model(step), optimizer, hooks,
-                    ray.train.get_dataset_shard("train"), device, world, batch_size, steps)
+    if rank == 0:
+        print(f"{spec.where}: batch {spec.batch_size} global = {world} workers × {batch_size}", flush=True)
+    run = WorkerRun(spec, step, ray.train.torch.prepare_model(step), optimizer, hooks, stream, device, world,
+                    batch_size, steps)
     tensorboard = TensorBoardLog(storage.join(spec.stage_uri, "tensorboard")) if rank == 0 else None
     for epoch in range(start_epoch, spec.epochs):
         step.set_epoch(epoch)  # also after a restore: the objective's schedule follows the loop's epoch
         metrics = train_one_epoch(run, epoch)
         if spec.validates(epoch):
-            metrics["val_miou"] = validate(step.model, spec.num_classes, device)
+            metrics["val_miou"] = validate(step.model, spec, device)
         report_epoch(run.ddp_step, optimizer, epoch, history, metrics, extras, tensorboard)
 
 
@@ -166,10 +180,8 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
     run.ddp_step.train()
     total_steps = run.steps * run.spec.epochs
     timer, sums, count, lr = EpochTimer(), dict[str, float](), 0, 0.0
-    for i, raw in enumerate(run.shard.iter_batches(batch_size=run.batch_size, drop_last=True,
-                                                       batch_format="numpy")):
-        if i >= run.steps:  # an uneven split must not give one worker an extra (unsynchronised) step
-            break
+    for i in range(run.steps):  # every worker runs exactly ``steps`` steps (the stream holds exactly those rows)
+        raw = next(run.shard)
         lr = set_lr(run.optimizer, run.spec.optimizer, epoch * run.steps + i, total_steps, run.steps)
         batch = to_device(raw, run.device)
         terms: dict[str, Any] = {}
@@ -196,30 +208,29 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def validate(model: nn.Module, num_classes: int, device: torch.device) -> float:
+def validate(model: nn.Module, spec: TrainSpec, device: torch.device) -> float:
     """Val mIoU of a segmentation model from one confusion matrix summed over all workers.
 
-    Every worker reads the (unsplit) ``val`` dataset and predicts its own share of images (row i on rank
-    i mod world size), so each image counts exactly once whatever the worker count, then the matrices are
-    all-reduced: the dataset-level mIoU, not a mean of per-worker scores.
+    Every worker reads and predicts only its own share of the val rows (row i on rank i mod world size), so
+    each image counts exactly once whatever the worker count, then the matrices are all-reduced: the
+    dataset-level mIoU, not a mean of per-worker scores.
     """
+    assert spec.val is not None
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     model.eval()
-    confusion = TorchConfusionMatrix(num_classes, device)
-    # batch_size 1: val images keep their own sizes (no crop), as in the papers' evaluation.
-    for i, batch in enumerate(ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=1)):
-        if i % world != rank:
-            continue
-        image, target = normalize(batch["image"].to(device)), batch["label"].to(device).long()
+    confusion = TorchConfusionMatrix(spec.num_classes, device)
+    # One image at a time: val images keep their own sizes (no crop), as in the papers' evaluation.
+    for row in val_stream(spec.val, context.get_world_rank(), context.get_world_size()):
+        image = normalize(torch.from_numpy(np.asarray(row["image"]))[None].to(device))
+        target = torch.from_numpy(np.asarray(row["label"]))[None].to(device).long()
         with autocast(device):
             pred = model(image).argmax(1)
         confusion.update(target, pred)
     return confusion.all_reduce().miou()
 
 
-def fit(spec: TrainSpec, workers: WorkersConfig, datasets: dict[str, ray.data.Dataset],
-        stage: StageDir, callbacks: list[Any] | None = None) -> ray.train.Result:
+def fit(spec: TrainSpec, workers: WorkersConfig, stage: StageDir,
+        callbacks: list[Any] | None = None) -> ray.train.Result:
     """Run ``train_loop`` with DDP on Ray Train, checkpointing to the stage's storage.
 
     Without ``callbacks`` the driver prints one line per epoch (:mod:`wsss_ray.training.console`); callers that
@@ -230,15 +241,21 @@ def fit(spec: TrainSpec, workers: WorkersConfig, datasets: dict[str, ray.data.Da
     """
     use_gpu = want_gpu(workers.use_gpu)
     cpus = workers.cpus_per_worker if use_gpu else min(workers.cpus_per_worker, cluster_cpus() / workers.num_workers)
-    spec = dataclasses.replace(spec, threads=max(1, math.floor(cpus)), stage_uri=stage.uri)
+    # Every worker's ingest actors must fit beside the trainers (a 2-CPU machine with two 0.5-CPU workers
+    # leaves one 0.5-CPU actor per worker); at most one CPU each, as Ray's default for a task.
+    free = max(0.0, cluster_cpus() - cpus * workers.num_workers) / workers.num_workers
+    task_cpus = min(1.0, max(0.25, free))
+    actors = max(1, min(MAX_INGEST_ACTORS, math.floor(free / task_cpus)))
+    spec = dataclasses.replace(spec, threads=max(1, math.floor(cpus)), stage_uri=stage.uri,
+                               train=dataclasses.replace(spec.train, task_cpus=task_cpus, actors=actors))
     if callbacks is None:
         with EpochLines(stage.name, spec.epochs) as lines:
-            return _trainer(spec, workers, datasets, stage, [lines.callback], use_gpu, cpus).fit()
-    return _trainer(spec, workers, datasets, stage, callbacks, use_gpu, cpus).fit()
+            return _trainer(spec, workers, stage, [lines.callback], use_gpu, cpus).fit()
+    return _trainer(spec, workers, stage, callbacks, use_gpu, cpus).fit()
 
 
-def _trainer(spec: TrainSpec, workers: WorkersConfig, datasets: dict[str, ray.data.Dataset], stage: StageDir,
-             callbacks: list[Any], use_gpu: bool, cpus: float) -> TorchTrainer:
+def _trainer(spec: TrainSpec, workers: WorkersConfig, stage: StageDir, callbacks: list[Any], use_gpu: bool,
+             cpus: float) -> TorchTrainer:
     storage_path, filesystem = storage.train_storage(stage.path("ray_train"))
     # (min, max) makes the group elastic (Ray Train V2): it starts with what fits and resizes as nodes come and go.
     num_workers = workers.num_workers if workers.min_workers is None else (workers.min_workers, workers.num_workers)
@@ -255,7 +272,4 @@ def _trainer(spec: TrainSpec, workers: WorkersConfig, datasets: dict[str, ray.da
             failure_config=FailureConfig(max_failures=workers.max_failures),
             callbacks=callbacks,
         ),
-        datasets=datasets,
-        # Only the training data is split across workers; ``validate`` shares out the val rows itself.
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ordered_ingest()}),
     )

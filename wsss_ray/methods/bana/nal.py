@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.core.pixel_losses import check_label_map, masked_mean, pixel_log_probs, upcast
+from wsss_ray.core.pixel_losses import check_label_map, global_mean, masked_mean, pixel_log_probs, upcast
 
 
 def noise_aware_loss(logits: torch.Tensor, features: torch.Tensor, classifier_weight: torch.Tensor,
@@ -74,10 +74,9 @@ def noise_aware_loss(logits: torch.Tensor, features: torch.Tensor, classifier_we
         # D ≥ 0, and max_c D_c = 0 would need every W_c antiparallel to φ; the floor only avoids 0/0.
         sigma = (d_star / correlation.amax(dim=1).clamp_min(1e-12)) ** gamma
         sigma = torch.where(disagree, sigma, torch.zeros_like(sigma))
-        sigma_sum = sigma.sum()
-        sigma_norm = torch.where(sigma_sum > 0, sigma_sum, torch.ones_like(sigma_sum))
     weighted = torch.where(disagree, sigma * -log_h_star, torch.zeros_like(log_h_star))
-    loss_wce = weighted.sum() / sigma_norm
+    # Σσ of the global batch; 0 (nothing disagrees anywhere) divides by 1, not by a tiny positive floor.
+    loss_wce = global_mean(weighted.sum(), sigma.sum(), floor=torch.finfo(sigma.dtype).tiny)
     loss = loss_ce + lambda_wce * loss_wce
 
     agree_fraction = agree.sum().float() / labelled.sum().clamp_min(1).float()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.core.pixel_losses import global_mean
 
 __all__ = ["LoRM", "distance_entropy_loss", "partial_cross_entropy", "smoothed_cross_entropy"]
 
@@ -43,8 +44,7 @@ def _labelled_mean_ce(logits: torch.Tensor, target: torch.Tensor, label_smoothin
     target = target.long()
     total = F.cross_entropy(logits.to(_compute_dtype(logits)), target, ignore_index=IGNORE_LABEL,
                             label_smoothing=label_smoothing, reduction="sum")
-    count = (target != IGNORE_LABEL).sum()
-    return total / count.clamp(min=1)
+    return global_mean(total, (target != IGNORE_LABEL).sum())
 
 
 def partial_cross_entropy(logits: torch.Tensor, scribble: torch.Tensor) -> torch.Tensor:
@@ -152,9 +152,9 @@ class LoRM(nn.Module):
             squared = (flat - refined).square()  # (N, D, hw)
             if self.reduction == "all_nonzero":
                 # The count is a constant of the step (no gradient through it), as in the authors' code.
-                return squared.sum() / torch.count_nonzero(squared.detach()).clamp(min=1)
+                return global_mean(squared.sum(), torch.count_nonzero(squared.detach()))
             count = mask.sum() * flat.shape[1]
-            return (squared.sum(dim=1) * mask).sum() / count.clamp(min=1)
+            return global_mean((squared.sum(dim=1) * mask).sum(), count)
 
 
 def distance_entropy_loss(logits: torch.Tensor, dist_scribble: torch.Tensor,
@@ -193,7 +193,7 @@ def distance_entropy_loss(logits: torch.Tensor, dist_scribble: torch.Tensor,
 
     def weighted_mean(weights: torch.Tensor) -> torch.Tensor:
         weights = weights.to(dtype)
-        return (weights * entropy).sum() / (weights > 0).sum().clamp(min=1)
+        return global_mean((weights * entropy).sum(), (weights > 0).sum())
 
     loss_ds = weighted_mean(dist_scribble)
     loss_dc = weighted_mean(dist_boundary)

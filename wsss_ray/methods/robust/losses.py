@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_ray.core.labels import IGNORE_LABEL
-from wsss_ray.core.pixel_losses import check_label_map, masked_mean, pixel_log_probs
+from wsss_ray.core.pixel_losses import check_label_map, global_mean, masked_mean, pixel_log_probs
 from wsss_ray.methods.robust.config import CrossEntropyConfig
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -22,10 +22,11 @@ def cross_entropy(config: CrossEntropyConfig) -> Loss:
     """Pixel-wise CE over labelled pixels (255 ignored), optionally label-smoothed."""
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not (target != IGNORE_LABEL).any():
-            # Every pixel ignored: F.cross_entropy would return NaN; a zero keeps DDP's gradients in step.
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits, target.long(), ignore_index=IGNORE_LABEL, label_smoothing=config.label_smoothing)
+        # F.cross_entropy's mean is the sum over the labelled pixels / their count: taken over the global batch
+        # (and 0 with a gradient path when every pixel is ignored, where the mean would be NaN).
+        total = F.cross_entropy(logits, target.long(), ignore_index=IGNORE_LABEL,
+                                label_smoothing=config.label_smoothing, reduction="sum")
+        return global_mean(total, (target != IGNORE_LABEL).sum())
 
     return loss
 
