@@ -53,16 +53,20 @@ def pixel_log_probs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.T
 def global_mean(total: torch.Tensor, count: torch.Tensor, floor: float = 1.0) -> torch.Tensor:
     """``total / n`` as this worker's share of the global batch: ``W · total / all_reduce_sum(count)``.
 
-    ``n`` (no gradient) is ``count`` summed over the DDP workers and raised to ``floor`` when below it (an
-    empty selection gives 0 with a gradient path); one process (no process group) divides by its own count.
-    Every worker must call it the same number of times per step (the losses have no data-dependent branches).
+    ``n`` is ``count`` summed over the DDP workers and raised to ``floor`` when below it (an empty selection gives
+    0 with a gradient path); one process (no process group) divides by its own count. A pixel count carries no
+    gradient; a differentiable one (BANA's Σσ) keeps the gradient of this worker's share, while its value is the
+    global sum. Every worker must call it the same number of times per step (the losses have no data-dependent
+    branches).
     """
-    count = count.detach().to(total.dtype)
+    local = count.to(total.dtype)
+    summed = local.detach().clone()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world > 1:
-        count = count.clone()
-        dist.all_reduce(count)
-    return total * world / count.clamp_min(floor)
+        dist.all_reduce(summed)
+    if local.requires_grad:
+        summed = summed + (local - local.detach())
+    return total * world / summed.clamp_min(floor)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
