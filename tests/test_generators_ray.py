@@ -115,7 +115,9 @@ def test_scribble_generator_on_s3(trained: dict[str, Any], s3_prefix: str) -> No
         pseudo = maps[f"pseudo/{record['image_id']}"]
         on = scribble != 255
         assert np.array_equal(pseudo[on], scribble[on])
-        assert (maps[f"dist_scribble/{record['image_id']}"][on] == 255).all()
+        # d_s is measured to the foreground strokes only (CDSP's distancemp; issue 14 point 6): 1 on them
+        foreground = on & (scribble != 0)
+        assert (maps[f"dist_scribble/{record['image_id']}"][foreground] == 255).all()
         assert (maps[f"dist_boundary/{record['image_id']}"] <= 255).all()
 
 
