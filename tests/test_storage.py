@@ -205,3 +205,16 @@ def test_credentials_never_leak(s3_prefix: str, monkeypatch: pytest.MonkeyPatch)
         assert "s3://" in str(info.value)  # errors name the URI
     for text in texts:
         assert secret not in text and "SessionTokenValue" not in text
+
+
+def test_training_rows_keep_their_meaning_in_other_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The demo's dataset root is relative (data/toy-voc); Ray Train's workers run in other directories and decode
+    # the val rows themselves, so the rows a trainer gets name absolute local paths (object-store URIs as they are).
+    from wsss_ray.training.ingest import RowSource
+
+    monkeypatch.chdir(tmp_path)
+    rows = RowSource([{"image_uri": "data/a.jpg", "mask_uri": None, "label_uri": "s3://bucket/x.png",
+                       "image_id": "data/a"}], sample=dict)
+    assert rows.records == [{"image_uri": str(tmp_path / "data" / "a.jpg"), "mask_uri": None,
+                             "label_uri": "s3://bucket/x.png", "image_id": "data/a"}]
+    assert storage.absolute_uri("file:///x/y.png") == "file:///x/y.png"

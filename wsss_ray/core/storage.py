@@ -96,6 +96,15 @@ def _local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute_uri(uri: str | None) -> str | None:
+    """``uri`` with a relative local path made absolute against this process's working directory (object
+    store and ``file://`` URIs are already absolute). Rows built on the driver keep their meaning in Ray
+    workers, which run in other directories (Ray Train's workers do)."""
+    if uri is None or is_s3(uri) or _is_file_uri(uri) or os.path.isabs(uri):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def _s3_path(uri: str) -> str:
     """``bucket/key`` of an ``s3://`` URI (no leading or trailing slash)."""
     path = uri[len(_S3_SCHEME):].strip("/")

@@ -23,6 +23,7 @@ import numpy as np
 import ray
 import torch
 
+from wsss_ray.core import storage
 from wsss_ray.core.config import ConfigError
 from wsss_ray.core.inference import normalize
 
@@ -52,6 +53,13 @@ class RowSource:
     fn_kwargs: dict[str, Any] = field(default_factory=dict)
     task_cpus: float = 1.0
     actors: int = 1
+
+    def __post_init__(self) -> None:
+        # Relative local paths (a dataset root like data/toy-voc) mean the driver's directory; Ray Train's
+        # workers, which decode the val rows themselves, run elsewhere.
+        records = [{k: storage.absolute_uri(v) if k.endswith("_uri") and isinstance(v, str) else v
+                    for k, v in row.items()} for row in self.records]
+        object.__setattr__(self, "records", records)
 
 
 def check_global_batch(batch_size: int, workers: int, where: str) -> None:
