@@ -80,8 +80,9 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndar
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     rgb = as_rgb(image)
     lab = _resize_label(_as_label(label), rgb.shape[:2])
-    weight = np.where(lab == IGNORE_INDEX, alpha * 0.5, np.where(lab == 0, 0.0, alpha))[:, :, None]
-    out = rgb.astype(np.float32) * (1.0 - weight) + _CMAP[lab].astype(np.float32) * weight
+    # float32 throughout: a 12-megapixel photo (wsss-ray predict --overlay) stays ~150 MB per array
+    weight = np.where(lab == IGNORE_INDEX, alpha * 0.5, np.where(lab == 0, 0.0, alpha)).astype(np.float32)[:, :, None]
+    out = rgb.astype(np.float32) * (np.float32(1.0) - weight) + _CMAP[lab].astype(np.float32) * weight
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

@@ -39,9 +39,9 @@ from wsss_ray.core.inference import multiscale_probabilities
 from wsss_ray.core.items import ItemLoop, guarded
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import cluster_cpus, model_actor_pool, want_gpu
-from wsss_ray.data.classes import voc_palette
 from wsss_ray.data.image_io import decode_photo, encode_jpeg, encode_label_png
 from wsss_ray.models.card import MODEL_CARD, TrainedModel, ensure_model_card, resolve_model
+from wsss_ray.report.figures import overlay
 from wsss_ray.stages.evaluate import crf_postprocess
 from wsss_ray.stages.pseudo_labels import images_per_task
 
@@ -125,13 +125,6 @@ def working_size(height: int, width: int, max_side: int, min_size: int) -> tuple
     """The size the network sees: longer side ≤ ``max_side``, each side ≥ ``min_size`` (see the module doc)."""
     scale = min(1.0, max_side / max(height, width))
     return max(min_size, round(height * scale)), max(min_size, round(width * scale))
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image with the mask's palette colours blended in (background left as it is)."""
-    colours = np.asarray(voc_palette(), np.float32).reshape(256, 3)[mask]
-    blend = np.float32(1 - alpha) * image + np.float32(alpha) * colours  # float32: a 12 MP photo stays ~150 MB
-    return np.where((mask > 0)[..., None], blend.round().astype(np.uint8), image)
 
 
 def _failure(uri: str, reason: str | None) -> str | None:
