@@ -11,10 +11,15 @@ rerun resumes, instead of the image being recorded as bad for good.
 
 from __future__ import annotations
 
+import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+import pyarrow as pa
+
+from wsss_ray.core import storage
 from wsss_ray.core.progress import Progress
 from wsss_ray.core.records import FailureRow
 from wsss_ray.core.storage import StorageError
@@ -75,3 +80,24 @@ class ItemLoop:
     @property
     def rate(self) -> float:
         return self.progress.rate
+
+
+def write_rows_part(prefix_uri: str, table: pa.Table) -> str:
+    """Store a batch of finished rows as one more ``part-*.parquet`` under ``prefix_uri``; returns its URI.
+
+    Part names start with the write time, so listing them in name order replays the rows in the order they
+    were stored (what :func:`read_rows_parts` relies on), and end with a random suffix, so two writers never
+    collide.
+    """
+    uri = storage.join(prefix_uri, f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
+    storage.write_parquet(uri, table)
+    return uri
+
+
+def read_rows_parts(prefix_uri: str, key: str) -> list[dict[str, Any]]:
+    """Every stored row, the latest per ``key`` (a rerun that redid an item appended its new row)."""
+    rows: list[dict[str, Any]] = []
+    for uri in storage.list_files(prefix_uri, suffix=".parquet"):
+        rows.extend(storage.read_parquet(uri).to_pylist())
+    return list({row[key]: row for row in rows}.values())
+

@@ -22,7 +22,6 @@ import io
 import math
 import posixpath
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,7 +35,7 @@ from PIL import Image
 from wsss_ray.core import storage
 from wsss_ray.core.config import CrfConfig, config_hash
 from wsss_ray.core.inference import multiscale_probabilities
-from wsss_ray.core.items import ItemLoop, guarded
+from wsss_ray.core.items import ItemLoop, guarded, read_rows_parts, write_rows_part
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import cluster_cpus, model_actor_pool, want_gpu
 from wsss_ray.data.image_io import decode_photo, encode_jpeg, encode_label_png
@@ -232,10 +231,7 @@ def _table_row(row: dict[str, Any], out_uri: str) -> dict[str, Any]:
 
 def read_rows(out_uri: str) -> list[dict[str, Any]]:
     """The stored rows, the latest per image (a rerun retries failures and appends their new rows)."""
-    rows: list[dict[str, Any]] = []
-    for uri in storage.list_files(storage.join(out_uri, "rows"), suffix=".parquet"):
-        rows.extend(storage.read_parquet(uri).to_pylist())
-    return list({row["image"]: row for row in rows}.values())
+    return read_rows_parts(storage.join(out_uri, "rows"), "image")
 
 
 def _options_json(options: PredictOptions) -> dict[str, Any]:
@@ -313,8 +309,7 @@ def predict_images(model: str, inputs: str, out: str | None = None, *, options: 
 
 def _flush(out_uri: str, rows: list[dict[str, Any]]) -> None:
     if rows:
-        storage.write_parquet(storage.join(out_uri, "rows", f"part-{uuid.uuid4().hex[:12]}.parquet"),
-                              pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+        write_rows_part(storage.join(out_uri, "rows"), pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
         rows.clear()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import math
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 from wsss_ray.config import ClassifierTrainConfig, GeneratorConfig, PipelineConfig, PseudoLabelConfig
 from wsss_ray.core import storage
-from wsss_ray.core.items import ItemLoop, guarded
+from wsss_ray.core.items import ItemLoop, guarded, read_rows_parts, write_rows_part
 from wsss_ray.core.metrics import ConfusionMatrix
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import cluster_cpus, model_actor_pool, want_gpu
@@ -140,11 +139,7 @@ def _stats_table(rows: list[dict[str, Any]], outputs: tuple[str, ...]) -> pa.Tab
 
 
 def read_stats(stage: StageDir) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for uri in storage.list_files(stage.path("stats"), suffix=".parquet"):
-        rows.extend(storage.read_parquet(uri).to_pylist())
-    # A re-run may have recomputed an image; keep its latest row.
-    return list({row["image_id"]: row for row in rows}.values())
+    return read_rows_parts(stage.path("stats"), "image_id")
 
 
 def generate_pseudo_labels(
@@ -195,8 +190,7 @@ def generate_pseudo_labels(
 
 def _flush(stage: StageDir, rows: list[dict[str, Any]], labels: tuple[str, ...]) -> None:
     if rows:
-        storage.write_parquet(stage.path("stats", f"part-{uuid.uuid4().hex[:12]}.parquet"),
-                              _stats_table(rows, labels))
+        write_rows_part(stage.path("stats"), _stats_table(rows, labels))
         rows.clear()
 
 
