@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -185,31 +186,36 @@ def _plain_rank(rank: int, records: list[dict[str, Any]], config: SegTrainConfig
     loader = torch.utils.data.DataLoader(
         PlanDataset(records, sample_kwargs(crop), range(epochs), config.batch_size, rank, world), batch_size=batch,
         num_workers=loader_workers, drop_last=True, prefetch_factor=4)
-    batches, times = iter(loader), []
+    batches, times, waits = iter(loader), [], []
     for epoch in range(epochs):
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), 0.0
         for i in range(steps):
             set_lr(optimizer, config.optimizer, epoch * steps + i, steps * epochs, steps)
+            before = time.perf_counter()
+            raw = next(batches)
+            waited += time.perf_counter() - before
             with autocast(device):
-                loss, _ = ddp(to_device({k: v.numpy() for k, v in next(batches).items()}, device))
+                loss, _ = ddp(to_device({k: v.numpy() for k, v in raw.items()}, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        waits.append(waited / times[-1])
     dist.barrier()
     if rank == 0:
-        Path(out).write_text(str(times[-1]))
+        Path(out).write_text(json.dumps({"epoch_s": times[-1], "data_wait": waits[-1]}))
     dist.destroy_process_group()
 
 
-def plain_ddp(records: list[dict[str, Any]], root: Path, config: SegTrainConfig, loader_workers: int = 1) -> float:
-    """The plain DDP loop's last epoch in seconds (one spawned process per worker)."""
-    path = root / "plain_epoch.txt"
+def plain_ddp(records: list[dict[str, Any]], root: Path, config: SegTrainConfig,
+              loader_workers: int = 1) -> dict[str, float]:
+    """The plain DDP loop's last epoch: seconds and the share of it rank 0 waited on its DataLoader."""
+    path = root / "plain_epoch.json"
     mp.spawn(_plain_rank, args=(records, config, _free_port(), str(path), loader_workers),
              nprocs=config.workers.num_workers, join=True)
-    return float(path.read_text())
+    return json.loads(path.read_text())
 
 
 def _free_port() -> int:
@@ -226,9 +232,11 @@ def train_round(records: list[dict[str, Any]], root: Path, epochs: int, crop: in
     result = train_segmentation(records, stage, seg_config(epochs, crop), NUM_CLASSES)
     out["ray_wall"] = time.perf_counter() - start
     out["ray_epoch"] = (len(records) // 16) * 16 / result["history"][-1]["images_per_s"]
+    out["ray_wait"] = result["history"][-1]["data_wait"]
     start = time.perf_counter()
-    out["plain_epoch"] = plain_ddp(records, root, seg_config(epochs, crop))
+    plain = plain_ddp(records, root, seg_config(epochs, crop))
     out["plain_wall"] = time.perf_counter() - start
+    out["plain_epoch"], out["plain_wait"] = plain["epoch_s"], plain["data_wait"]
     return out
 
 
@@ -240,6 +248,7 @@ def bench_training(args: argparse.Namespace, root: Path) -> list[str]:
         med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
         lines.append(f"(b) train_seg {rows:5d} rows 128²: epoch {med['ray_epoch']:6.2f} s vs plain DDP "
                      f"{med['plain_epoch']:6.2f} s, ratio {med['ray_epoch'] / med['plain_epoch']:.2f}x (goal ≤ 1.15); "
+                     f"waiting on input {100 * med['ray_wait']:.0f}% vs {100 * med['plain_wait']:.0f}%; "
                      f"wall of {args.train_epochs} epochs {med['ray_wall']:6.1f} s vs {med['plain_wall']:6.1f} s")
         print(lines[-1], flush=True)
     return lines

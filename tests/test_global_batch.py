@@ -42,6 +42,18 @@ def test_config_checks_the_global_batch_for_every_worker_count() -> None:
                                                                                 "min_workers": 2}})
 
 
+def test_image_pooling_needs_two_images_per_worker() -> None:
+    """DeepLab-v3's pooled 1×1 map cannot be batch-normalised from one image: a config error, not a crash in the
+    workers. DeepLab-v2 has no image pooling, and one image per worker is allowed there."""
+    with pytest.raises(ValueError, match=r"train_seg\.batch_size: 2 over 2 workers \(train_seg\.workers\."
+                                         r"num_workers\) gives 1 image\(s\) per worker; the image-pooling "
+                                         r"BatchNorm of deeplab_v3 needs at least 2"):
+        SegTrainConfig.model_validate({"batch_size": 2, "workers": {"num_workers": 2}})
+    assert SegTrainConfig.model_validate({"batch_size": 4, "workers": {"num_workers": 2}})
+    assert SegTrainConfig.model_validate({"batch_size": 2, "model": {"name": "deeplab_v2"},
+                                          "workers": {"num_workers": 2}})
+
+
 def test_global_batches_do_not_depend_on_the_worker_count() -> None:
     order, seeds = epoch_plan(23, seed=3, epoch=1)
     assert sorted(order.tolist()) == list(range(23)) and len(set(seeds.tolist())) == 23

@@ -120,7 +120,7 @@ def test_default_console_shows_stages_not_ray_internals(pipeline_run: dict[str, 
         assert any("results: " in line for line in mine), stage  # where its results are
     # per-epoch lines from the driver (Ray Train callback), with throughput and an ETA before the last epoch
     for stage in ("train_cls", "train_seg"):
-        assert re.search(rf"^\[{stage}\] epoch 1/2: loss [0-9.e+-]+, .*[0-9.]+ images/s, ETA \S+$", text, LINES), stage
+        assert re.search(rf"^\[{stage}\] epoch 1/2: loss [0-9.e+-]+, .*[0-9.]+ images/s(, [0-9]+% waiting on input)?, ETA \S+$", text, LINES), stage
         assert re.search(rf"^\[{stage}\] epoch 2/2: .*last epoch$", text, LINES), stage
     assert re.search(r"^\[train_seg\] epoch 2/2: loss [0-9.e+-]+, val mIoU [0-9.]+, ", text, LINES)
     # per-image stages: count, throughput and (at the end) done

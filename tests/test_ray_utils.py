@@ -79,6 +79,10 @@ def test_epoch_line() -> None:
     # 3 epochs in 60 s of this run → 20 s each, 9 epochs left
     assert epoch_line(metrics, 12, 3, 60.0) == "epoch 3/12: loss 0.571, val mIoU 27.4, 8.0 images/s, ETA 3m00s"
     assert epoch_line({"epoch": 12, "loss": 0.1}, 12, 1, 5.0) == "epoch 12/12: loss 0.1, last epoch"
+    # the share of the epoch spent waiting on the input, from a tenth on
+    assert epoch_line({**metrics, "data_wait": 0.349}, 12, 3, 60.0) == \
+        "epoch 3/12: loss 0.571, val mIoU 27.4, 8.0 images/s, 35% waiting on input, ETA 3m00s"
+    assert epoch_line({**metrics, "data_wait": 0.05}, 12, 3, 60.0).endswith("8.0 images/s, ETA 3m00s")
 
 
 @pytest.mark.parametrize(("argv", "verbose"), [(["run"], False), (["run", "--verbose"], True),

@@ -150,7 +150,10 @@ class SegTrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _global_batch(self) -> SegTrainConfig:
-        self.workers.check_global_batch(self.batch_size, "train_seg")
+        # DeepLab-v3's image-pooling branch normalises a 1×1 map: BatchNorm in training mode needs two images.
+        pooled = self.model.name in ("deeplab_v3", "deeplab_v3plus") and not self.model.sync_bn
+        self.workers.check_global_batch(self.batch_size, "train_seg", 2 if pooled else 1,
+                                        f"the image-pooling BatchNorm of {self.model.name}")
         return self
 
 

@@ -163,9 +163,10 @@ class WorkersConfig(StrictModel):
             raise ValueError(f"min_workers ({self.min_workers}) must not exceed num_workers ({self.num_workers})")
         return self
 
-    def check_global_batch(self, batch_size: int, where: str) -> None:
+    def check_global_batch(self, batch_size: int, where: str, min_per_worker: int = 1, why: str = "") -> None:
         """``batch_size`` is the global batch, split evenly over the workers: it must divide by every worker
-        count the group can have (each of min_workers..num_workers when elastic)."""
+        count the group can have (each of min_workers..num_workers when elastic), and give each worker at least
+        ``min_per_worker`` images at the largest count (``why`` says what needs them)."""
         low = self.num_workers if self.min_workers is None else self.min_workers
         bad = [w for w in range(low, self.num_workers + 1) if batch_size % w]
         if bad:
@@ -173,6 +174,10 @@ class WorkersConfig(StrictModel):
                 f"the elastic worker counts {bad} of {where}.workers (min_workers..num_workers)"
             raise ConfigError(f"{where}.batch_size: {batch_size} is not divisible by {counts}; batch_size is the "
                               "global batch, split evenly over the workers")
+        if batch_size // self.num_workers < min_per_worker:
+            raise ConfigError(f"{where}.batch_size: {batch_size} over {self.num_workers} workers "
+                              f"({where}.workers.num_workers) gives {batch_size // self.num_workers} image(s) per "
+                              f"worker; {why} needs at least {min_per_worker}")
 
 
 class OptimizerConfig(StrictModel):

@@ -180,8 +180,11 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
     run.ddp_step.train()
     total_steps = run.steps * run.spec.epochs
     timer, sums, count, lr = EpochTimer(), dict[str, float](), 0, 0.0
+    waited = 0.0  # seconds blocked on the input (torchvision's references log it as "data" time)
     for i in range(run.steps):  # every worker runs exactly ``steps`` steps (the stream holds exactly those rows)
+        before = time.perf_counter()
         raw = next(run.shard)
+        waited += time.perf_counter() - before
         lr = set_lr(run.optimizer, run.spec.optimizer, epoch * run.steps + i, total_steps, run.steps)
         batch = to_device(raw, run.device)
         terms: dict[str, Any] = {}
@@ -202,7 +205,8 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
         count += 1
         timer.images += len(batch["image"])
     metrics = {key: mean_across_workers(total / max(count, 1), run.device) for key, total in sums.items()}
-    metrics.update(lr=lr, images_per_s=mean_across_workers(timer.throughput(), run.device) * run.world)
+    metrics.update(lr=lr, images_per_s=mean_across_workers(timer.throughput(), run.device) * run.world,
+                   data_wait=mean_across_workers(waited / max(time.perf_counter() - timer.start, 1e-9), run.device))
     metrics["world_size"] = run.world  # an elastic group's size per epoch (it changes as nodes come and go)
     return metrics
 
