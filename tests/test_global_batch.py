@@ -42,6 +42,17 @@ def test_config_checks_the_global_batch_for_every_worker_count() -> None:
                                                                                 "min_workers": 2}})
 
 
+def test_sync_bn_auto_is_on_for_several_cuda_workers_only() -> None:
+    """BatchNorm over the global batch where torch can (several CUDA workers): the default for both trainers."""
+    from wsss_ray.training.loop import uses_sync_bn
+
+    assert SegTrainConfig().model.sync_bn == "auto" and ClassifierTrainConfig().sync_bn == "auto"
+    assert uses_sync_bn("auto", 2, "cuda") and uses_sync_bn(True, 4, "cuda")
+    assert not uses_sync_bn("auto", 1, "cuda")  # one worker: plain BN is the same thing
+    assert not uses_sync_bn("auto", 2, "cpu") and not uses_sync_bn(True, 2, "cpu")  # gloo: no SyncBatchNorm
+    assert not uses_sync_bn(False, 2, "cuda")
+
+
 def test_image_pooling_needs_two_images_per_worker() -> None:
     """DeepLab-v3's pooled 1×1 map cannot be batch-normalised from one image: a config error, not a crash in the
     workers. DeepLab-v2 has no image pooling, and one image per worker is allowed there."""

@@ -72,6 +72,8 @@ class ClassifierTrainConfig(StrictModel):
     workers: WorkersConfig = WorkersConfig()
     # Seeds the initial weights, each epoch's shuffle and every crop: the same config trains the same way twice.
     seed: Annotated[int, Field(ge=0)] = 0
+    # SyncBatchNorm across several CUDA workers ("auto"), as train_seg.model.sync_bn.
+    sync_bn: bool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _head_matches_loss(self) -> ClassifierTrainConfig:
@@ -151,7 +153,7 @@ class SegTrainConfig(StrictModel):
     @model_validator(mode="after")
     def _global_batch(self) -> SegTrainConfig:
         # DeepLab-v3's image-pooling branch normalises a 1×1 map: BatchNorm in training mode needs two images.
-        pooled = self.model.name in ("deeplab_v3", "deeplab_v3plus") and not self.model.sync_bn
+        pooled = self.model.name in ("deeplab_v3", "deeplab_v3plus") and self.model.sync_bn is not True
         self.workers.check_global_batch(self.batch_size, "train_seg", 2 if pooled else 1,
                                         f"the image-pooling BatchNorm of {self.model.name}")
         return self

@@ -272,8 +272,10 @@ class SegModelConfig(StrictModel):
     name: Literal["deeplab_v2", "deeplab_v3", "deeplab_v3plus"] = "deeplab_v3"
     backbone: BackboneConfig = BackboneConfig(output_stride=16)
     aspp_channels: PositiveInt = 256
-    # Synchronised BatchNorm across DDP workers (small per-GPU batches); ignored with one worker.
-    sync_bn: bool = False
+    # Synchronised BatchNorm across DDP workers. "auto" (default): on with several CUDA workers, so BatchNorm sees
+    # the global batch and results do not depend on the worker count (issue 14 point 8); off on CPU, where torch
+    # has no SyncBatchNorm (gloo), and with one worker. true: also on CPU asked for (and reported unavailable).
+    sync_bn: bool | Literal["auto"] = "auto"
     # The final 1x1 classifier: ``conv`` = W·φ + b; ``cosine`` = cosine_scale · cos(φ, W_c), no bias (BANA's
     # segmenter, footnote 4 and stage3_vgg.py, TEMP 20). ``train_seg`` picks cosine for the NAL loss when the
     # config leaves it unset or says ``auto`` (wsss_ray.config.SegTrainConfig).

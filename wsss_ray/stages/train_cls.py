@@ -57,5 +57,6 @@ def train_classifier(records: list[dict[str, Any]], stage: StageDir, config: Cla
     spec = TrainSpec(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                      optimizer=config.optimizer, head_lr_multiplier=config.head_lr_multiplier,
                      build_model=partial(build_classifier, config, num_classes - 1),
-                     build_objective=partial(build_classifier_objective, config), train=source, where="train_cls")
+                     build_objective=partial(build_classifier_objective, config), train=source, where="train_cls",
+                     sync_bn=config.sync_bn)
     return {**export_model(fit(spec, config.workers, stage), stage), "images": len(records)}

@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import ray
@@ -74,7 +74,7 @@ class TrainSpec:
     where: str = "train"
     val: RowSource | None = None
     build_hooks: Callable[[nn.Module, str], list[TrainHook]] = no_hooks
-    sync_bn: bool = False
+    sync_bn: bool | Literal["auto"] = False
     num_classes: int = 0
     val_every: int = 0
     threads: int = 1
@@ -118,15 +118,19 @@ class EpochTimer:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
 
 
-def _maybe_sync_bn(model: nn.Module, wanted: bool, device: torch.device) -> nn.Module:
-    """SyncBatchNorm when asked for and it can work: several workers on CUDA (torch's SyncBN is GPU-only)."""
-    if not wanted or ray.train.get_context().get_world_size() == 1:
-        return model
-    if device.type != "cuda":
-        if ray.train.get_context().get_world_rank() == 0:
-            print("sync_bn: SyncBatchNorm needs CUDA; training on CPU keeps per-worker BatchNorm", flush=True)
-        return model
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def uses_sync_bn(wanted: bool | Literal["auto"], world: int, device_type: str) -> bool:
+    """Whether BatchNorm becomes SyncBatchNorm: asked for (``True`` or ``"auto"``) and able to work, i.e. several
+    workers on CUDA (torch's SyncBatchNorm is GPU-only; gloo on CPU has none)."""
+    return bool(wanted) and world > 1 and device_type == "cuda"
+
+
+def _maybe_sync_bn(model: nn.Module, wanted: bool | Literal["auto"], device: torch.device) -> nn.Module:
+    context = ray.train.get_context()
+    if uses_sync_bn(wanted, context.get_world_size(), device.type):
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if wanted is True and context.get_world_size() > 1 and context.get_world_rank() == 0:
+        print("sync_bn: SyncBatchNorm needs CUDA; training on CPU keeps per-worker BatchNorm", flush=True)
+    return model
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
