@@ -97,3 +97,21 @@ def test_cli_verbose_reaches_the_pipeline(monkeypatch: pytest.MonkeyPatch, argv:
     config = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml")
     assert cli.main([*argv, "--config", config]) == 0
     assert seen == [("evaluate" if argv[0] == "run" else "train_seg", verbose)]
+
+
+def test_epoch_console_survives_a_lost_queue() -> None:
+    """The epoch-line queue's actor can die with its node; the callback runs in Ray Train's controller, where an
+    exception would fail the whole run. It drops the lines instead (the faults tests lose that node for real)."""
+    from wsss_ray.training.console import EpochConsole
+
+    class LostQueue:
+        calls = 0
+
+        def put(self, item: str) -> None:
+            LostQueue.calls += 1
+            raise RuntimeError("ActorDiedError: the actor died because its node has died")
+
+    console = EpochConsole(4, LostQueue())  # type: ignore[arg-type]
+    for epoch in (1, 2):
+        console.after_report(None, [{"epoch": epoch, "loss": 1.0}], None)
+    assert LostQueue.calls == 1 and console.queue is None and console.epochs_run == 2
