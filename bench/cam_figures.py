@@ -111,8 +111,9 @@ def agreement_confusion(y_crf: np.ndarray, y_ret: np.ndarray, gt: np.ndarray,
 
 
 def zero_cam_in_boxes(cams: np.ndarray, labels: Sequence[int], box_masks: np.ndarray) -> np.ndarray:
-    """``(H, W)`` bool: pixels inside at least one box whose CAM is 0 for every class of the boxes holding them
-    (``cams`` (K, H, W) of ``labels``, ``box_masks`` (K, H, W) = pixels inside a box of ``labels[k]``)."""
+    """``(H, W)`` bool: pixels inside at least one box whose CAM is ≤ 0 (0 after the ReLU of BANA's u_c) for
+    every class of the boxes holding them (``cams`` (K, H, W) of ``labels``, ``box_masks`` (K, H, W) = pixels
+    inside a box of ``labels[k]``)."""
     cams, box_masks = np.asarray(cams), np.asarray(box_masks, bool)
     if cams.shape != box_masks.shape or len(labels) != cams.shape[0]:
         raise ValueError(f"cams {cams.shape}, box masks {box_masks.shape} and {len(labels)} labels disagree")
