@@ -116,3 +116,17 @@ def test_zero_cam_outcome_counts() -> None:
     gt = np.array([[0, 1, 0], [1, 255, 1]], np.uint8)
     # Zero and valid: (0,0) GT0/bg, (0,1) GT1/1, (1,0) GT1/bg, (1,2) GT1/2; (1,1) is ignored GT.
     assert zero_cam_outcome(zero, y_crf, gt) == {"pixels": 4, "background": 2, "correct": 2, "gt_background": 1}
+
+
+def test_mean_std_and_verdict_rule() -> None:
+    from classifier_report import mean_std, verdict
+
+    # Sample std of (0.5, 0.6, 0.7) = sqrt(((-0.1)^2 + 0 + 0.1^2) / 2) = 0.1.
+    mean, std = mean_std([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
+    assert mean_std([0.4, None]) == (0.4, mean_std([0.4])[1]) and np.isnan(mean_std([0.4])[1])
+    # Reproduced only when the gap exceeds twice the larger std; the opposite direction is "reversed".
+    assert verdict((0.9, 0.1), (0.6, 0.05)) == "reproduced"      # 0.3 > 0.2
+    assert verdict((0.7, 0.1), (0.6, 0.05)) == "not separated"   # 0.1 < 0.2
+    assert verdict((0.3, 0.01), (0.6, 0.1)) == "reversed"        # -0.3 < -0.2
+    assert verdict((0.7, float("nan")), (0.6, 0.0)) == "n/a"     # one seed: no std
