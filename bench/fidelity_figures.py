@@ -109,22 +109,18 @@ def auc_from_histograms(h_pos: np.ndarray, h_neg: np.ndarray) -> float:
     return float((h_neg * (above + 0.5 * h_pos)).sum() / (n_pos * n_neg))
 
 
-def nal_scores(logits: np.ndarray, features: np.ndarray, weight: np.ndarray, y_crf: np.ndarray,
-               gamma: float) -> dict[str, np.ndarray]:
-    """Per-pixel confidences of a segmenter's prediction for Y_crf's label c* (all at one resolution):
-    σ = (D_c*/max_c D_c)^γ with D_c = 1 + cos(φ, W_c) (BANA Eq. 11-12), the max softmax probability, and the
-    softmax probability of c*. ``logits`` (C, H, W), ``features`` φ (D, H, W), ``weight`` W (C, D)."""
-    logits, features, weight = (np.asarray(a, np.float64) for a in (logits, features, weight))
-    phi = features / np.maximum(np.linalg.norm(features, axis=0, keepdims=True), 1e-12)
-    w = weight / np.maximum(np.linalg.norm(weight, axis=1, keepdims=True), 1e-12)
-    correlation = 1.0 + np.einsum("dhw,cd->chw", phi, w)
-    star = np.where(np.asarray(y_crf) == IGNORE, 0, np.asarray(y_crf)).astype(np.int64)
-    d_star = np.take_along_axis(correlation, star[None], axis=0)[0]
+def nal_scores(logits: np.ndarray, cosine: np.ndarray, y_crf: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
+    """Per-pixel confidences of a segmenter's prediction for Y_crf's label c*, all (C, H, W) / (H, W) at one
+    resolution: σ = (D_c*/max_c D_c)^γ with D_c = 1 + cos(φ, W_c) (BANA Eqs. 11-12; ``cosine`` = cos(φ, W_c),
+    computed and resized as the loss does), the max softmax probability, and the softmax probability of c*."""
+    logits, cosine = np.asarray(logits, np.float64), np.asarray(cosine, np.float64)
+    correlation = 1.0 + cosine
+    star = np.where(np.asarray(y_crf) == IGNORE, 0, np.asarray(y_crf)).astype(np.int64)[None]
+    d_star = np.take_along_axis(correlation, star, axis=0)[0]
     sigma = (d_star / np.maximum(correlation.max(axis=0), 1e-12)) ** gamma
     shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
     probs = shifted / shifted.sum(axis=0, keepdims=True)
-    return {"sigma": sigma, "max_softmax": probs.max(axis=0),
-            "p_star": np.take_along_axis(probs, star[None], axis=0)[0]}
+    return {"sigma": sigma, "max_softmax": probs.max(axis=0), "p_star": np.take_along_axis(probs, star, axis=0)[0]}
 
 
 # ------------------------------------------------------------------------------------------------- MSPN
