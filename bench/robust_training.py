@@ -221,25 +221,27 @@ def run_fidelity(args: argparse.Namespace, records: list[dict[str, Any]], val: l
     interrupted bench still leaves its finished rows (``--report`` prints their tables)."""
     weights = None if args.no_pretrained else pretrained_backbone()
     results = []
-    for spec in fidelity_rows(args):
-        for seed in range(args.seeds):
-            config = SegTrainConfig.model_validate({**base_config(args, seed, weights), **spec["overrides"]})
-            rows = [{**r, "label_uri": r[f"{spec['label_key']}_uri"], "pseudo_uri": r["label_uri"]} for r in records]
-            name = f"{spec['row'][:40]}_s{seed}".replace(" ", "_").replace("/", "_")
-            stage = StageDir.create(str(out / "runs"), "train_seg", name)
-            started = time.perf_counter()
-            summary = train_row(rows, val, stage, config)
-            result = {**{k: spec[k] for k in ("row", "group", "baseline")}, "seed": seed,
-                      "val_miou": summary["history"][-1].get("val_miou"), "seconds": time.perf_counter() - started,
-                      **probe_model(config, summary["model_uri"], records)}
-            probe = Path(stage.uri) / "out_probe_rank0.json"
-            if probe.exists():
-                result["out_epochs"] = json.loads(probe.read_text())
-            results.append(result)
-            report["fidelity"] = results
-            (out / "robust_training.json").write_text(json.dumps(report, indent=1, default=str))
-            print(f"  {spec['row']:52s} seed {seed}: val mIoU {100 * (result['val_miou'] or float('nan')):5.1f}, "
-                  f"train {100 * result['train_miou']:5.1f} ({result['seconds']:.0f} s)", flush=True)
+    runs = [(spec, seed) for spec in fidelity_rows(args) for seed in range(args.seeds)]
+    if args.order == "seeds":  # every row once before any row twice: a cut-short bench still covers all rows
+        runs.sort(key=lambda run: run[1])
+    for spec, seed in runs:
+        config = SegTrainConfig.model_validate({**base_config(args, seed, weights), **spec["overrides"]})
+        rows = [{**r, "label_uri": r[f"{spec['label_key']}_uri"], "pseudo_uri": r["label_uri"]} for r in records]
+        name = f"{spec['row'][:40]}_s{seed}".replace(" ", "_").replace("/", "_")
+        stage = StageDir.create(str(out / "runs"), "train_seg", name)
+        started = time.perf_counter()
+        summary = train_row(rows, val, stage, config)
+        result = {**{k: spec[k] for k in ("row", "group", "baseline")}, "seed": seed,
+                  "val_miou": summary["history"][-1].get("val_miou"), "seconds": time.perf_counter() - started,
+                  **probe_model(config, summary["model_uri"], records)}
+        probe = Path(stage.uri) / "out_probe_rank0.json"
+        if probe.exists():
+            result["out_epochs"] = json.loads(probe.read_text())
+        results.append(result)
+        report["fidelity"] = results
+        (out / "robust_training.json").write_text(json.dumps(report, indent=1, default=str))
+        print(f"  {spec['row']:52s} seed {seed}: val mIoU {100 * (result['val_miou'] or float('nan')):5.1f}, "
+              f"train {100 * result['train_miou']:5.1f} ({result['seconds']:.0f} s)", flush=True)
     return results
 
 
@@ -262,6 +264,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--robust-losses", action="store_true", help="add the robust-loss rows (LS, SCE, ...)")
     parser.add_argument("--no-pretrained", action="store_true", help="train from scratch (smoke checks only)")
     parser.add_argument("--smoke", action="store_true", help="12 images at 64², 2 epochs, 1 seed, from scratch")
+    parser.add_argument("--order", choices=("rows", "seeds"), default="rows",
+                        help="run each row's seeds together (rows) or every row per seed (seeds)")
     parser.add_argument("--only", nargs="*", help="run only the fidelity rows containing one of these words")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--cost", action="store_true", help="also run the cost section (EMA teacher, DDP)")

@@ -86,18 +86,19 @@ def test_score_histograms_and_auc_by_hand() -> None:
 
 
 def test_nal_scores_sigma_and_softmax() -> None:
-    # Two classes, one pixel row of 2; φ parallel to W_0 at pixel 0, orthogonal to both at pixel 1.
-    weight = np.array([[1.0, 0.0], [0.0, 1.0]])
-    features = np.array([[[2.0, 0.0]], [[0.0, 0.0]]])  # (D=2, H=1, W=2); pixel 1 is φ = 0
-    features[:, 0, 1] = [1.0, -1.0]  # cos with W_0 = 1/√2, with W_1 = −1/√2
+    # Two classes, two pixels. Pixel 0: cos = (1, 0) → D = (2, 1); pixel 1: cos = (r, −r), r = 1/√2.
+    r = 1 / np.sqrt(2)
+    cosine = np.array([[[1.0, r]], [[0.0, -r]]])  # (C=2, H=1, W=2)
     logits = np.array([[[0.0, 1.0]], [[np.log(3.0), 1.0]]])  # pixel 0: p = (1/4, 3/4); pixel 1: (1/2, 1/2)
     y_crf = np.array([[1, 1]])
-    s = ff.nal_scores(logits, features, weight, y_crf, gamma=2.0)
-    # pixel 0: D = (2, 1), c* = 1 → (1/2)² = 1/4; pixel 1: D = (1 + 1/√2, 1 − 1/√2) → ((1 − r)/(1 + r))².
-    r = 1 / np.sqrt(2)
+    s = ff.nal_scores(logits, cosine, y_crf, gamma=2.0)
+    # c* = 1: pixel 0 (1/2)² = 1/4; pixel 1 ((1 − r)/(1 + r))².
     assert s["sigma"][0].tolist() == pytest.approx([0.25, ((1 - r) / (1 + r)) ** 2])
     assert s["max_softmax"][0].tolist() == pytest.approx([0.75, 0.5])
     assert s["p_star"][0].tolist() == pytest.approx([0.75, 0.5])
+    s0 = ff.nal_scores(logits, cosine, np.array([[0, 0]]), gamma=2.0)
+    assert s0["sigma"][0].tolist() == pytest.approx([1.0, 1.0]) and s0["p_star"][0].tolist() == pytest.approx(
+        [0.25, 0.5])
 
 
 def test_mspn_clean_counts_per_threshold() -> None:
