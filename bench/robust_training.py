@@ -118,17 +118,18 @@ def fidelity_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                  ("curriculum (ϵ 0.25)", "robust losses", {"loss": {"name": "curriculum"}}, "label", base),
                  ("robust early-learning (K 0.4)", "robust losses", {"early_learning": {"key_fraction": 0.4}},
                   "label", base)]
-    for strategy in ("replace", "ema", "nnss"):
-        rows.append((f"OuT {strategy} online", "OuT", {"corrector": {
-            "inflection_epoch": inflection, "strategy": strategy, "mode": "online", "ema_decay": decay}},
-            "label", base))
+    out = {strategy: (f"OuT {strategy} online", "OuT", {"corrector": {
+        "inflection_epoch": inflection, "strategy": strategy, "mode": "online", "ema_decay": decay}}, "label", base)
+        for strategy in ("replace", "ema", "nnss")}
     cdsp = "CDSP basic (partial CE + LS CE)"
-    rows += [("BANA: NAL (γ 7, λ 0.1)", "NAL", {"loss": {"name": "nal"}}, "label", base),
+    # Run order: each method next to its baseline, OuT's headline (NNSS) first, so that a bench cut short
+    # (``--order seeds``) has the pairs.
+    rows += [out["nnss"], ("BANA: NAL (γ 7, λ 0.1)", "NAL", {"loss": {"name": "nal"}}, "label", base),
              (cdsp, "CDSP", {"loss": {"name": "cdsp", "lorm": False, "distance": False}}, "label", None),
              ("CDSP + LoRM + DEL", "CDSP", {"loss": {"name": "cdsp", "lorm_channels": 16}}, "label", cdsp),
              ("MSPN: CE on the seed majority", "MSPN", {}, "majority", None),
              ("MSPN: hybrid (t 4)", "MSPN", {"loss": {"name": "mspn", "agreement": 4}}, "label",
-              "MSPN: CE on the seed majority")]
+              "MSPN: CE on the seed majority"), out["replace"], out["ema"]]
     keys = ("row", "group", "overrides", "label_key", "baseline")
     return [dict(zip(keys, r, strict=True)) for r in rows if not args.only or any(w in r[0] for w in args.only)]
 
