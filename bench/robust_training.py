@@ -31,6 +31,10 @@ Run it inside a loopback-only network namespace (it starts Ray):
    right from wrong Y_crf pixels on ~S; during OuT's runs, a hook after the corrector scores each batch's new
    labels against the pseudo-mask crop they replace and the clean crop (both carried as extra maps through the
    same crops), per epoch.
+   Budget: 10 rows × 3 seeds = 30 runs of ≈ 40 s each on 2 quiet cores (a step at 80² × 4 is 51 ms of CPU on
+   one thread), ≈ 20-25 min; the robust-loss rows (label smoothing, SCE, curriculum, early-learning) are behind
+   ``--robust-losses``. ``--order seeds`` runs every row once before any row twice; ``--report`` reprints the
+   tables of a finished or interrupted run's ``robust_training.json`` (rewritten after every run).
 3. Cost (``--cost``, ``bench/robust_cost.py``): OuT's EMA teacher step against the plain step, and the same DDP
    step on Ray Train vs plain ``torch.distributed``.
 """
