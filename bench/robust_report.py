@@ -45,16 +45,18 @@ def print_fidelity(args: argparse.Namespace, results: list[dict[str, Any]], sche
     rows = by_row(results)
     val = {name: mean_std([r["val_miou"] for r in runs]) for name, runs in rows.items()}
     steps = args.epochs * (args.num_train // args.batch)
-    print(f"\nval mIoU vs clean ground truth, mean ± std over {args.seeds} training seeds ({args.epochs} epochs × "
+    seeds = sorted({len(runs) for runs in rows.values()})
+    print(f"\nval mIoU vs clean ground truth, mean ± std over {'/'.join(map(str, seeds)) or 0} training seeds (of "
+          f"{args.seeds} asked) per row ({args.epochs} epochs × "
           f"{args.num_train // args.batch} steps = {steps} steps, batch {args.batch}, {args.num_train} images at "
           f"{args.size}², pretrained backbone: {not args.no_pretrained}; OuT v = {schedule[0]:.4f}, inflection "
           f"after {schedule[1]} epochs)")
-    print(f"{'method':52s} {'group':10s} {'val mIoU':>12s} {'train pred':>12s}  paper direction reproduced?")
+    print(f"{'method':52s} {'group':10s} {'n':>2s} {'val mIoU':>12s} {'train pred':>12s}  paper direction reproduced?")
     for name, runs in rows.items():
         base = runs[0]["baseline"]
         claim = verdict(val[name], val[base]) if base in val else ""
         train = mean_std([r["train_miou"] for r in runs])
-        print(f"{name:52s} {runs[0]['group']:10s} {_fmt(val[name]):>12s} {_fmt(train):>12s}  {claim}")
+        print(f"{name:52s} {runs[0]['group']:10s} {len(runs):2d} {_fmt(val[name]):>12s} {_fmt(train):>12s}  {claim}")
     print_rectification(rows)
     print_nal(rows)
     print_out(rows)
