@@ -46,7 +46,12 @@ def restore(step: torch.nn.Module, optimizer: torch.optim.Optimizer,
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
-    with checkpoint.as_directory() as directory:
+    # Each worker downloads its own copy: ``as_directory()`` shares one download per node, which a second worker
+    # can start again while the first is reading it (ray-project/ray#48726: a torn optimizer.pt in a 2-worker
+    # resume here).
+    with tempfile.TemporaryDirectory(prefix="restore-") as directory:
+        checkpoint.to_directory(directory)
+
         def load(name: str) -> Any:
             return torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
 
