@@ -51,8 +51,12 @@ S3_RETRIES = 8  # ~6.4 s of backoff per request (50 ms doubling): above the shor
 # Node death is noticed by the GCS's health checks: 1 s apart, 3 misses (Ray's defaults take ~15 s).
 HEAD_SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
                       "health_check_timeout_ms": 1000, "health_check_initial_delay_ms": 1000}
-# A worker group that cannot start (the lost node's resources not yet released) retries after this, not 60 s.
-START_TIMEOUT_S = "20"
+# A worker group that cannot be placed (sized on a view of the cluster that still has the lost node) retries
+# after this, not 60 s. Placing a group on free resources takes well under a second.
+START_TIMEOUT_S = "5"
+# Ray Train's controller polls its workers (reports, health, finished) this often; 2 s by default. Polling
+# faster ends each of the module's ~12 training runs sooner and notices a lost worker sooner.
+TRAIN_POLL_S = "0.5"
 RESULTS: list[tuple[str, str, str, int, int]] = []  # the table the module prints at the end
 
 
@@ -110,9 +114,24 @@ class Sim:
                 return node
         return None
 
+    @staticmethod
+    def refresh_reservations() -> None:
+        """Have Ray's AutoscalingCoordinator (the actor that hands Ray Train and Ray Data their share of the
+        nodes) re-read the cluster now. It does so every 20 s on its own (``TICK_INTERVAL_S``), so an elastic
+        group sees an added node up to 20 s late, and the short test run could end before that."""
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        ray.get(coordinator.get_reserved_resources.remote("wsss-ray-faults-test", recompute=True))
+
     def lose_node(self, node: Any) -> None:
-        """A node lost without warning (hardware failure, spot reclaim past its notice): SIGKILL, no draining."""
+        """A node lost without warning (hardware failure, spot reclaim past its notice): SIGKILL, no draining.
+        Returns once the GCS has marked it dead and the autoscaling coordinator has seen that: an elastic group
+        restarting on the coordinator's stale view asks for the lost node's workers too, and waits
+        ``START_TIMEOUT_S`` before it tries again with what is left."""
+        node_id = node.node_id
         self.cluster.remove_node(node, allow_graceful=False)
+        wait_for(lambda: not any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()), lambda: True, 60,
+                 "the GCS to mark the lost node dead")
+        self.refresh_reservations()
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +143,11 @@ def sim(s3_server: Any) -> Iterator[Sim]:
     proxy.up()
     # Raylets (and so every Ray worker) inherit this environment when their node starts: S3 through the proxy.
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", storage.RETRIES_VAR, "RAY_AUTH_MODE",
-                                            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")}
+                                            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                                            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
     os.environ.update({"AWS_ENDPOINT_URL": proxy.endpoint, storage.RETRIES_VAR: str(S3_RETRIES),
-                       "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": START_TIMEOUT_S})
+                       "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": START_TIMEOUT_S,
+                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S})
     # A short fresh temp dir of its own: Ray's socket paths have a length limit, and /tmp/ray is shared with
     # every other Ray cluster on the machine.
     temp_dir = tempfile.mkdtemp(prefix="rayf", dir="/tmp")
@@ -299,14 +320,18 @@ def test_elastic_training_shrinks_and_grows(sim: Sim, base: dict[str, Any], s3_s
     """train_seg with workers.min_workers=1, num_workers=2 (one 2-CPU worker per node). A node is killed after the
     first checkpoint: the group restarts from it with the one worker that still fits. A node is added back: the
     group grows to two again (Ray Train V2 checks every ``elastic_resize_monitor_interval_s``, 60 s by default,
-    shortened here to 2 s). Every epoch completes exactly once; the model is exported."""
+    shortened here to 1 s, once the autoscaling coordinator has seen the node: ``Sim.refresh_reservations``).
+    Every epoch completes exactly once; the model is exported."""
     from wsss_ray.stages.train_seg import train_segmentation
     from wsss_ray.training import loop
 
-    monkeypatch.setattr(loop, "ScalingConfig", partial(loop.ScalingConfig, elastic_resize_monitor_interval_s=2.0))
+    monkeypatch.setattr(loop, "ScalingConfig", partial(loop.ScalingConfig, elastic_resize_monitor_interval_s=1.0))
     config: PipelineConfig = base["config"]
+    # Enough epochs left after the node is added for the group to grow (~3 s) before the run ends: a 1-worker
+    # epoch of these 16 images takes ~1 s.
+    epochs = 10
     seg = config.train_seg.model_copy(update={
-        "epochs": 8, "batch_size": 4, "val_every": 0,
+        "epochs": epochs, "batch_size": 4, "val_every": 0,
         "workers": config.train_seg.workers.model_copy(update={"num_workers": 2, "min_workers": 1,
                                                               "max_failures": 3})})
     records = segmentation_records(base["records"], base["dirs"]["pseudo_labels"], config)
@@ -326,18 +351,19 @@ def test_elastic_training_shrinks_and_grows(sim: Sim, base: dict[str, Any], s3_s
     wait_for(lambda: last_epoch()["epoch"] > lost_after and last_epoch().get("world_size") == 1,
              thread.is_alive, 240, "an epoch with one worker after the loss")
     sim.add_node()
+    sim.refresh_reservations()
     thread.join(timeout=300)
     assert "error" not in out, out.get("error")
     history = out["result"]["history"]
     sizes = [h["world_size"] for h in history]
     print(f"world size per epoch: {sizes} (node lost after epoch {lost_after}, added after the first 1)", flush=True)
-    assert [h["epoch"] for h in history] == list(range(1, 9))  # resumed from checkpoints: each epoch once
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # resumed from checkpoints: each epoch once
     after = sizes[lost_after:]
     assert 2 in sizes[:lost_after] and 1 in after, sizes  # shrank when the node was lost
     assert 2 in after[after.index(1):], sizes  # grew back once a node was added
     assert storage.exists(out["result"]["model_uri"]) and len(out["result"]["model_sha256"]) == 64
     record("node lost, then one added", "train_seg (elastic 1-2 workers)", f"completed, world sizes {sizes}",
-           8 - len({h["epoch"] for h in history}), len(history) - len({h["epoch"] for h in history}))
+           epochs - len({h["epoch"] for h in history}), len(history) - len({h["epoch"] for h in history}))
 
 
 # ------------------------------------------------------------------------------------------------ 3. sweep
@@ -401,27 +427,15 @@ def test_sweep_trial_survives_a_lost_node(sim: Sim, base: dict[str, Any], tmp_pa
 
 def test_s3_outage_is_retried_and_a_long_one_fails_clearly(sim: Sim, base: dict[str, Any], s3_server: Any,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """The S3 endpoint goes away for 2 s mid pseudo-labelling and mid training: requests retry with backoff
-    and both stages complete with nothing lost or duplicated. An outage past the retry budget stops the stage
-    with an error naming the URI; a rerun resumes from the stored stats rows."""
+    """The S3 endpoint goes away for 2 s mid training: requests retry with backoff and the stage completes with
+    nothing lost or duplicated. An outage past the retry budget stops pseudo-labelling with an error naming the
+    URI; the rerun resumes from the stored stats rows and, through a 2 s outage of its own, completes."""
     import wsss_ray.stages.pseudo_labels as pseudo_stage
     from wsss_ray.stages.train_seg import train_segmentation
 
     records = base["records"]
     prefix = f"s3://{s3_server.bucket}/faults/outage"
     before = sim.proxy.connections
-
-    # -- short outage, pseudo_labels
-    stage = StageDir.create(prefix, "pseudo_labels", "short")
-    thread, out = in_thread(lambda: generate_pseudo_labels(records, stage, **pseudo_kwargs(base)))
-    wait_for(lambda: bool(pngs(stage)), thread.is_alive, 120, "the first mask")
-    sim.proxy.down()
-    time.sleep(2.0)
-    sim.proxy.up()
-    thread.join(timeout=300)
-    assert "error" not in out, out.get("error")
-    lost, duplicated = check_pseudo(stage, out["result"], records, base["dirs"]["pseudo_labels"])
-    record("S3 unreachable 2 s", "pseudo_labels", "completed (retried)", lost, duplicated)
 
     # -- short outage, train_seg (checkpoint and TensorBoard uploads every epoch)
     config: PipelineConfig = base["config"]
@@ -462,8 +476,19 @@ def test_s3_outage_is_retried_and_a_long_one_fails_clearly(sim: Sim, base: dict[
     assert re.search(r"s3://wsss-test/faults/\S+: cannot \w+", message), message[-2000:]
     done_before = set(raw_stats_ids(stage))
     assert 4 <= len(done_before) < len(records)
-    again = generate_pseudo_labels(records, stage, **pseudo_kwargs(base))
-    lost, duplicated = check_pseudo(stage, again, records, base["dirs"]["pseudo_labels"])
+
+    # -- the rerun, with a short outage mid-way: it resumes, retries through the outage and completes
+    masks_before = len(pngs(stage))
+    thread, out = in_thread(lambda: generate_pseudo_labels(records, stage, **pseudo_kwargs(base)))
+    wait_for(lambda: len(pngs(stage)) > masks_before, thread.is_alive, 120, "the rerun's first mask")
+    sim.proxy.down()
+    time.sleep(2.0)
+    assert thread.is_alive(), "the rerun was over before the outage ended"
+    sim.proxy.up()
+    thread.join(timeout=300)
+    assert "error" not in out, out.get("error")
+    lost, duplicated = check_pseudo(stage, out["result"], records, base["dirs"]["pseudo_labels"])
+    record("S3 unreachable 2 s", "pseudo_labels (the rerun)", "completed (retried)", lost, duplicated)
     uri = re.search(r"s3://\S+?: cannot \w+", message)
     record(f"S3 unreachable > budget (failed after {failed_after:.0f} s)", "pseudo_labels",
            f"clear error ({uri.group(0) if uri else '?'}); rerun resumed ({len(done_before)} done)", lost, duplicated)
