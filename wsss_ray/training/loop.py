@@ -74,7 +74,7 @@ class TrainSpec:
     where: str = "train"
     val: RowSource | None = None
     build_hooks: Callable[[nn.Module, str], list[TrainHook]] = no_hooks
-    sync_bn: bool | Literal["auto"] = False
+    sync_bn: bool | Literal["auto"] = "auto"
     num_classes: int = 0
     val_every: int = 0
     threads: int = 1
