@@ -73,15 +73,11 @@ from wsss_ray.core.inference import normalize
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import read_image, read_label
 from wsss_ray.data.toy import make_toy_dataset
-from wsss_ray.methods.registry import CORRECTORS, SEGMENTATION_OBJECTIVES, map_padding, segmentation_maps
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.models.weights import load_weights
 from wsss_ray.stages.ingest import build_manifest, load_manifest
-from wsss_ray.stages.train_seg import resolved_loss, segmentation_sample, val_sample
-from wsss_ray.training.checkpoint import export_model
+from wsss_ray.stages.train_seg import train_segmentation
 from wsss_ray.training.hooks import TrainHook
-from wsss_ray.training.ingest import RowSource
-from wsss_ray.training.loop import TrainSpec, fit
 
 # OuT's own schedule (Table 3 setting, R-50 VOC): 18 epochs × 1058 steps, v = 0.999, corrections after 4 epochs.
 OUT_EPOCHS, OUT_STEPS, OUT_DECAY, OUT_INFLECTION = 18, 1058, 0.999, 4
@@ -163,34 +159,17 @@ class OutProbe(TrainHook):
         return {}
 
 
-def bench_hooks(config: SegTrainConfig, model: torch.nn.Module, stage_uri: str) -> list[TrainHook]:
-    """train_seg's hooks (OuT's corrector only, in this bench) and the probe after it."""
-    if config.corrector is None:
-        return []
-    return [CORRECTORS.build(config.corrector, model, stage_uri), OutProbe(stage_uri, config.corrector.inflection_epoch)]
-
-
-def bench_objective(config: SegTrainConfig) -> torch.nn.Module:
-    width = 0  # LoRM's input width: the backbone's output channels (train_seg reads it the same way)
-    if config.loss.name == "cdsp" and config.loss.lorm:
-        width = build_segmentation_model(config.model, NUM_CLASSES).backbone.out_channels
-    return SEGMENTATION_OBJECTIVES.build(resolved_loss(config), NUM_CLASSES, width)
+def probe_hooks(config: SegTrainConfig, model: torch.nn.Module, stage_uri: str) -> list[TrainHook]:
+    """After train_seg's own hooks (OuT's corrector, in this bench): the probe of what it corrected."""
+    return [OutProbe(stage_uri, config.corrector.inflection_epoch)] if config.corrector is not None else []
 
 
 def train_row(rows: list[dict[str, Any]], val: list[dict[str, Any]], stage: StageDir,
               config: SegTrainConfig) -> dict[str, Any]:
-    """``stages.train_seg.train_segmentation`` with the same sample function, objective and hooks, plus
-    ``PROBE_MAPS`` carried through the crops and the probe hook (train_seg has no place for either)."""
-    maps = (*segmentation_maps(config.loss), *PROBE_MAPS)
-    train = RowSource(rows, segmentation_sample, {"augment": config.augment, "maps": maps,
-                                                  "num_classes": NUM_CLASSES, "padding": {**map_padding(), **PROBE_MAPS}})
-    spec = TrainSpec(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-                     optimizer=config.optimizer, head_lr_multiplier=config.head_lr_multiplier,
-                     build_model=partial(build_segmentation_model, config.model, NUM_CLASSES),
-                     build_objective=partial(bench_objective, config), train=train, where="train_seg",
-                     val=RowSource(val, val_sample), build_hooks=partial(bench_hooks, config),
-                     sync_bn=config.model.sync_bn, num_classes=NUM_CLASSES, val_every=config.val_every)
-    return export_model(fit(spec, config.workers, stage, []), stage)
+    """The ``train_seg`` stage, carrying ``PROBE_MAPS`` through the crops and the probe hook after OuT's."""
+    # No epoch lines (callbacks=[]): the bench prints one line per run.
+    return train_segmentation(rows, stage, config, NUM_CLASSES, val, callbacks=[], extra_maps=PROBE_MAPS,
+                              extra_hooks=partial(probe_hooks, config))
 
 
 @torch.no_grad()

@@ -184,13 +184,15 @@ def test_curriculum_objective_starts_at_its_epoch() -> None:
 
 def test_curriculum_inflection_start_follows_the_corrector() -> None:
     from wsss_ray.config import SegTrainConfig
-    from wsss_ray.stages.train_seg import resolved_loss
+    from wsss_ray.methods.registry import resolved_segmentation_loss
+
+    def start(config: SegTrainConfig) -> int:
+        return resolved_segmentation_loss(config.loss, config.corrector).start_epoch
 
     loss = {"name": "curriculum", "start_epoch": "inflection"}
-    assert resolved_loss(SegTrainConfig(loss=loss)).start_epoch == 4  # OuT's inflection epoch
-    with_corrector = SegTrainConfig(loss=loss, corrector={"name": "out", "inflection_epoch": 2})
-    assert resolved_loss(with_corrector).start_epoch == 2
-    assert resolved_loss(SegTrainConfig(loss={"name": "curriculum", "start_epoch": 7})).start_epoch == 7
+    assert start(SegTrainConfig(loss=loss)) == 4  # OuT's inflection epoch
+    assert start(SegTrainConfig(loss=loss, corrector={"name": "out", "inflection_epoch": 2})) == 2
+    assert start(SegTrainConfig(loss={"name": "curriculum", "start_epoch": 7})) == 7
 
 
 # --- robust early-learning ---------------------------------------------------------------------------------------
@@ -405,6 +407,24 @@ def test_mspn_each_term_hand_computed() -> None:
     assert torch.equal(logits.grad[..., 2], torch.zeros(1, 3, 1))  # the unknown pixel is in no term
 
 
+def test_mspn_terms_over_the_labelled_pixels() -> None:
+    """term_mean=labelled_pixels: every term's sum over its set, divided by the 3 labelled pixels (0, 1, 3)."""
+    logits, majority, agreement, proposed, present = _mspn_example()
+    loss, terms = mspn_hybrid_loss(logits, majority, agreement, proposed, present, agreement_threshold=4,
+                                   negative_labels="excluded_tags", term_mean="labelled_pixels")
+    pos = L2 / 3  # −log p_1 at pixel 0, the only clean one
+    neg = (L2 + math.log(4 / 3)) / 3  # class 2 at pixels 1 and 3
+    ind = math.log(4 / 3) / 3  # class 1 at pixel 1
+    pc = 2 * (-1.5 * L2) / 3  # Σ p log p at the two noisy pixels
+    assert terms["pos"].item() == pytest.approx(pos, rel=1e-6)
+    assert terms["neg"].item() == pytest.approx(neg, rel=1e-6)
+    assert terms["indirect"].item() == pytest.approx(ind, rel=1e-6)
+    assert terms["constraint"].item() == pytest.approx(pc, rel=1e-6)
+    assert loss.item() == pytest.approx(pos + neg + ind + 0.1 * pc, rel=1e-6)
+    with pytest.raises(ValueError, match="term_mean"):
+        mspn_hybrid_loss(logits, majority, agreement, proposed, present, term_mean="pixels")
+
+
 def test_mspn_threshold_and_weights() -> None:
     logits, majority, agreement, proposed, present = _mspn_example()
     # t = 3 makes pixel 3 clean: pos = (−log 1/2 − log 1/4)/2; only pixel 1 stays noisy.
@@ -529,6 +549,22 @@ def test_mspn_gradcheck() -> None:
     present = torch.tensor([[True, True, False], [True, False, True]])
     assert torch.autograd.gradcheck(
         lambda x: mspn_hybrid_loss(x, majority, agreement, proposed, present)[0], (logits,))
+
+
+def test_mspn_row_fields_pad_the_label_list_and_mark_the_label_set() -> None:
+    """The per-image fields MSPN's loss reads, added to each training sample (and only to MSPN's)."""
+    from wsss_ray.methods.mspn.config import MspnLossConfig
+    from wsss_ray.methods.registry import segmentation_row_fields
+    from wsss_ray.methods.robust.config import CrossEntropyConfig
+
+    fields = segmentation_row_fields(MspnLossConfig())
+    assert fields is not None and segmentation_row_fields(CrossEntropyConfig()) is None
+    out = fields({"label_list": [0, 3, 5]}, 6)
+    assert out["label_list"].tolist() == [0, 3, 5, -1, -1, -1, -1, -1]  # the 8 bits of ``proposed``
+    assert out["present"].tolist() == [True, False, False, True, False, True]
+    many = fields({"label_list": list(range(10))}, 12)  # labels past the eighth have no bit, but are present
+    assert many["label_list"].tolist() == list(range(8))
+    assert many["present"].tolist() == [True] * 10 + [False] * 2
 
 
 def test_decode_proposed() -> None:

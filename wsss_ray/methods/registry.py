@@ -8,6 +8,7 @@ declared on their classes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -104,6 +105,27 @@ def build_segmentation_objective(config: BaseModel, num_classes: int, feature_ch
 def segmentation_maps(loss: BaseModel) -> tuple[str, ...]:
     """The per-pixel maps the objective of ``loss`` reads (what the data pipeline must load and crop)."""
     return SEGMENTATION_OBJECTIVES[loss.name].maps
+
+
+def segmentation_row_fields(loss: BaseModel) -> Callable[[Mapping[str, Any], int], dict[str, Any]] | None:
+    """The objective's per-image fields besides its maps (MSPN's label set), computed from a training row and
+    ``num_classes`` in the data pipeline; None if it reads none."""
+    return getattr(SEGMENTATION_OBJECTIVES[loss.name].build, "row_fields", None)
+
+
+def segmentation_feature_source(loss: BaseModel) -> str | None:
+    """Which of the segmenter's features the objective projects (``backbone`` or ``head``), so that the trainer
+    can pass their width; None for an objective that reads only the logits."""
+    source = getattr(SEGMENTATION_OBJECTIVES[loss.name].build, "feature_source", None)
+    return source(loss) if source else None
+
+
+def resolved_segmentation_loss(loss: BaseModel, corrector: OutCorrectorConfig | None) -> BaseModel:
+    """``loss`` with the curriculum's ``start_epoch: inflection`` replaced by the corrector's inflection epoch,
+    or OuT's default one without a corrector (the epoch from which OuT finds the net memorising noise)."""
+    if getattr(loss, "start_epoch", None) == "inflection":
+        return loss.model_copy(update={"start_epoch": (corrector or OutCorrectorConfig()).inflection_epoch})
+    return loss
 
 
 def map_padding() -> dict[str, int]:

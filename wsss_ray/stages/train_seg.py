@@ -3,15 +3,16 @@
 Each training row names the image and the per-pixel maps its objective reads (``<map>_uri``: the pseudo-mask
 ``label``, BANA's ``retrieved``, CDSP's ``scribble`` and distance maps, MSPN's vote). The Ray Data map crops them
 all with one random :class:`~wsss_ray.data.transforms.CropGeometry`, which travels with the batch so OuT's
-cumulative corrector can carry corrected masks at full resolution.
+cumulative corrector can carry corrected masks at full resolution. What a method needs beyond its maps (per-image
+fields, the width of the features it projects, hooks) it declares on its component (``methods/registry.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
-import numpy as np
 from PIL import Image
 from torch import nn
 
@@ -22,9 +23,15 @@ from wsss_ray.core.progress import log
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import read_image, read_label
 from wsss_ray.data.transforms import apply_geometry, random_geometry
-from wsss_ray.methods.mspn.seeds import MAX_PROPOSAL_LABELS
-from wsss_ray.methods.out.config import OutCorrectorConfig
-from wsss_ray.methods.registry import CORRECTORS, SEGMENTATION_OBJECTIVES, map_padding, segmentation_maps
+from wsss_ray.methods.registry import (
+    CORRECTORS,
+    SEGMENTATION_OBJECTIVES,
+    map_padding,
+    resolved_segmentation_loss,
+    segmentation_feature_source,
+    segmentation_maps,
+    segmentation_row_fields,
+)
 from wsss_ray.methods.robust.early_learning import EarlyLearning
 from wsss_ray.models.card import ensure_model_card
 from wsss_ray.models.deeplab import build_segmentation_model
@@ -34,11 +41,14 @@ from wsss_ray.training.ingest import RowSource, augment_rng, steps_per_epoch
 from wsss_ray.training.loop import TrainSpec, fit
 
 
-def segmentation_sample(row: dict[str, Any], augment: AugmentConfig, maps: tuple[str, ...],
-                        num_classes: int, padding: dict[str, int]) -> dict[str, Any]:
-    """Ray Data map (per row of a block): the image and its ``maps``, scaled, cropped and flipped together (one draw per row and
-    epoch, from the row's ``augment_seed``). ``padding`` is what a crop's padding holds in each map
-    (:func:`~wsss_ray.methods.registry.map_padding`: label maps ignore it, weights and counts are zero there)."""
+def segmentation_sample(row: dict[str, Any], augment: AugmentConfig, maps: tuple[str, ...], num_classes: int,
+                        padding: dict[str, int],
+                        row_fields: Callable[[Mapping[str, Any], int], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Ray Data map (per row of a block): the image and its ``maps``, scaled, cropped and flipped together (one
+    draw per row and epoch, from the row's ``augment_seed``). ``padding`` is what a crop's padding holds in each
+    map (:func:`~wsss_ray.methods.registry.map_padding`: label maps ignore it, weights and counts are zero
+    there); ``row_fields`` adds the objective's per-image fields
+    (:func:`~wsss_ray.methods.registry.segmentation_row_fields`)."""
     image = read_image(row["image_uri"])
     geometry = random_geometry(image.shape[:2], augment.crop_size, (augment.scale_min, augment.scale_max),
                                augment.flip, augment_rng(row))
@@ -51,14 +61,8 @@ def segmentation_sample(row: dict[str, Any], augment: AugmentConfig, maps: tuple
         if array.shape != image.shape[:2]:
             raise BadItemError(uri, f"{name} map {array.shape} differs from image {image.shape[:2]}")
         sample[name] = apply_geometry(array, geometry, padding[name])
-    if "label_list" in row:
-        # The image's label set (background first), for MSPN: bit k of ``proposed`` stands for label_list[k].
-        labels = [int(v) for v in row["label_list"]]
-        padded = np.full(MAX_PROPOSAL_LABELS, -1, np.int64)
-        padded[:min(len(labels), MAX_PROPOSAL_LABELS)] = labels[:MAX_PROPOSAL_LABELS]
-        present = np.zeros(num_classes, np.bool_)
-        present[labels] = True
-        sample.update(label_list=padded, present=present)
+    if row_fields is not None:
+        sample.update(row_fields(row, num_classes))
     return sample
 
 
@@ -69,15 +73,19 @@ def val_sample(row: dict[str, Any]) -> dict[str, Any]:
 
 def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: SegTrainConfig,
                        num_classes: int, val_records: list[dict[str, Any]] | None = None,
-                       callbacks: list[Any] | None = None, class_names: list[str] | None = None) -> dict[str, Any]:
+                       callbacks: list[Any] | None = None, class_names: list[str] | None = None, *,
+                       extra_maps: Mapping[str, int] | None = None,
+                       extra_hooks: Callable[[nn.Module, str], list[TrainHook]] | None = None) -> dict[str, Any]:
     """Train on rows carrying ``image_uri`` and the ``<map>_uri`` of every map the loss reads; export ``model.pt``.
 
     With ``val_records`` (manifest rows with ground truth) and ``config.val_every`` > 0, val mIoU is measured
     during training and reported with the epoch's metrics (curves in the report; what Tune's schedulers read).
     With ``class_names``, ``model.json`` (the card ``wsss-ray predict``/``export`` read) is written beside
-    ``model.pt`` as part of the stage, i.e. before the caller's ``_SUCCESS.json``.
+    ``model.pt`` as part of the stage, i.e. before the caller's ``_SUCCESS.json``. ``extra_maps`` (name →
+    crop padding) are more maps carried through the crops and ``extra_hooks(model, stage_uri)`` more hooks after
+    the config's: what a benchmark's probes read.
     """
-    maps = segmentation_maps(config.loss)
+    maps = (*segmentation_maps(config.loss), *(extra_maps or {}))
     # (``PipelineConfig`` has checked that a corrector's loss reads the pseudo-mask; the records are data.)
     missing = sorted({f"{m}_uri" for m in maps} - set(records[0])) if records else []
     if missing:
@@ -89,30 +97,22 @@ def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: S
     log("train_seg", f"{len(records)} images, {config.model.name} with {methods}, batch {config.batch_size} = "
                      f"{workers} workers × {batch_size}, {steps} steps/epoch, {config.epochs} epochs → {stage.uri}")
     train = RowSource(records, segmentation_sample,
-                      {"augment": config.augment, "maps": maps, "num_classes": num_classes, "padding": map_padding()})
+                      {"augment": config.augment, "maps": maps, "num_classes": num_classes,
+                       "padding": {**map_padding(), **(extra_maps or {})},
+                       "row_fields": segmentation_row_fields(config.loss)})
     val_rows = [r for r in val_records or [] if r["mask_uri"]]
     val = RowSource(val_rows, val_sample) if val_rows and config.val_every else None
     spec = TrainSpec(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                      optimizer=config.optimizer, head_lr_multiplier=config.head_lr_multiplier,
                      build_model=partial(build_segmentation_model, config.model, num_classes),
                      build_objective=partial(_objective, config, num_classes), train=train, where="train_seg",
-                     val=val, build_hooks=partial(_hooks, config), sync_bn=config.model.sync_bn,
+                     val=val, build_hooks=partial(_hooks, config, extra_hooks), sync_bn=config.model.sync_bn,
                      num_classes=num_classes, val_every=config.val_every if val else 0)
     result = fit(spec, config.workers, stage, callbacks)
     summary = {**export_model(result, stage), "images": len(records)}
     if class_names is not None:
         summary["model_card_uri"] = ensure_model_card(stage.uri, config.model, class_names, overwrite=True)
     return summary
-
-
-def resolved_loss(config: SegTrainConfig) -> Any:
-    """``train_seg.loss`` with ``start_epoch: inflection`` (curriculum) replaced by the corrector's inflection
-    epoch, or OuT's default one when there is no corrector."""
-    loss = config.loss
-    if getattr(loss, "start_epoch", None) == "inflection":
-        corrector = config.corrector or OutCorrectorConfig()
-        loss = loss.model_copy(update={"start_epoch": corrector.inflection_epoch})
-    return loss
 
 
 def _objective(config: SegTrainConfig, num_classes: int) -> nn.Module:
@@ -123,19 +123,20 @@ def _objective(config: SegTrainConfig, num_classes: int) -> nn.Module:
     # step). Kept as it was, and only for LoRM, so that every other objective's runs (the demo's cross_entropy
     # included) draw exactly what they drew before.
     width = 0
-    if config.loss.name == "cdsp" and config.loss.lorm:
+    source = segmentation_feature_source(config.loss)
+    if source is not None:
         throwaway = build_segmentation_model(config.model, num_classes)
-        width = (throwaway.backbone.out_channels if config.loss.lorm_features == "backbone"
-                 else throwaway.classifier_weight().shape[1])
-    return SEGMENTATION_OBJECTIVES.build(resolved_loss(config), num_classes, width)
+        width = throwaway.backbone.out_channels if source == "backbone" else throwaway.classifier_weight().shape[1]
+    return SEGMENTATION_OBJECTIVES.build(resolved_segmentation_loss(config.loss, config.corrector), num_classes, width)
 
 
-def _hooks(config: SegTrainConfig, model: nn.Module, stage_uri: str) -> list[TrainHook]:
+def _hooks(config: SegTrainConfig, extra: Callable[[nn.Module, str], list[TrainHook]] | None, model: nn.Module,
+           stage_uri: str) -> list[TrainHook]:
     """The training hooks of ``config``, in the order the loop calls them: OuT's corrector (edits the batch,
-    updates its teacher), then robust early-learning (edits the gradients)."""
+    updates its teacher), then robust early-learning (edits the gradients), then the caller's ``extra``."""
     hooks: list[TrainHook] = []
     if config.corrector is not None:
         hooks.append(CORRECTORS.build(config.corrector, model, stage_uri))
     if config.early_learning is not None:
         hooks.append(EarlyLearning(config.early_learning.key_fraction))
-    return hooks
+    return hooks + (extra(model, stage_uri) if extra else [])

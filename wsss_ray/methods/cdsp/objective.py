@@ -32,6 +32,12 @@ class CdspObjective(nn.Module):
 
     maps: ClassVar[tuple[str, ...]] = ("label", "scribble", "dist_scribble", "dist_boundary")
 
+    @staticmethod
+    def feature_source(config: CdspConfig) -> str | None:
+        """The segmenter's features LoRM projects (``backbone`` or ``head``: φ), None without LoRM: the trainer
+        passes their width as ``feature_channels``."""
+        return config.lorm_features if config.lorm else None
+
     def __init__(self, config: CdspConfig, num_classes: int, feature_channels: int) -> None:
         super().__init__()
         self.config = config

@@ -55,3 +55,6 @@ class MspnLossConfig(StrictModel):
     negative_labels: Literal["minority", "proposed_below_t", "excluded_tags"] = "minority"
     # L_ind's complementary labels: the image's labels no seed proposed (default), or every unproposed class.
     indirect_labels: Literal["present_unproposed", "all_unproposed"] = "present_unproposed"
+    # Each term averaged over its own set (own_set, as NLNL / JNPL average theirs), or every term's sum over the
+    # labelled pixels (labelled_pixels: a pixel weighs the same in whichever set). The paper is illegible here.
+    term_mean: Literal["own_set", "labelled_pixels"] = "own_set"

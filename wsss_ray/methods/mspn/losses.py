@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from wsss_ray.core.pixel_losses import check_label_map, masked_mean, pixel_log_probs
+from wsss_ray.core.pixel_losses import check_label_map, global_mean, masked_mean, pixel_log_probs
 
 # Floor of 1 − p_c inside log(1 − p_c): p_c → 1 would otherwise give log 0 = −inf (MSPN negative learning).
 _ONE_MINUS_P_MIN = 1e-6
@@ -13,6 +13,7 @@ _ONE_MINUS_P_MIN = 1e-6
 
 NEGATIVE_LABELS = ("minority", "proposed_below_t", "excluded_tags")
 INDIRECT_LABELS = ("present_unproposed", "all_unproposed")
+TERM_MEANS = ("own_set", "labelled_pixels")
 
 
 def negative_sets(noisy: torch.Tensor, majority: torch.Tensor, proposed: torch.Tensor, present: torch.Tensor,
@@ -58,7 +59,8 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
                      present: torch.Tensor, agreement_threshold: int = 4, negative_weight: float = 1.0,
                      indirect_weight: float = 1.0, constraint_weight: float = 0.1,
                      negative_labels: str = "minority", indirect_labels: str = "present_unproposed",
-                     unlisted: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     unlisted: torch.Tensor | None = None,
+                     term_mean: str = "own_set") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MSPN positive-negative hybrid learning on multi-seed votes: ``L = L_pos + w_neg·L_neg + w_ind·L_ind +
     w_pc·L_pc``.
 
@@ -78,6 +80,10 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
       (Pereyra et al. 2017) as the prediction constraint; minimising it keeps noisy pixels from becoming
       over-confident.
     * ``1 − p_c`` is floored at 1e-6 inside the log; an empty set contributes exactly 0 with a gradient path.
+    * ``term_mean``: each term is a mean over its own set (``own_set``, default: how NLNL and JNPL average
+      their positive and negative terms), or every term's sum is divided by the number of labelled pixels
+      (clean + noisy, ``labelled_pixels``), so each pixel weighs the same whichever set it falls in and a term
+      shrinks with its set. Which one MSPN uses the illegible paper does not say.
 
     Args:
         logits: (N, C, H, W) segmentation scores.
@@ -92,6 +98,7 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
         negative_labels: minority | proposed_below_t | excluded_tags (:func:`negative_sets`).
         indirect_labels: present_unproposed | all_unproposed.
         unlisted: (N, C) bool, labels with no proposal bit (in neither proposal-based set); None = none.
+        term_mean: own_set | labelled_pixels.
 
     Returns:
         (L, terms) with terms "pos", "neg", "indirect", "constraint" and "clean_fraction" (clean pixels / pixels
@@ -105,6 +112,8 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
         raise ValueError(f"present must be (N, C) = {tuple(logits.shape[:2])}, got {tuple(present.shape)}")
     if agreement_threshold < 1:
         raise ValueError(f"agreement_threshold must be >= 1, got {agreement_threshold}")
+    if term_mean not in TERM_MEANS:
+        raise ValueError(f"term_mean must be one of {TERM_MEANS}, got {term_mean!r}")
 
     log_p, log_p_major, has_major = pixel_log_probs(logits, majority)
     p = log_p.exp()
@@ -114,18 +123,24 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
     clean = has_major & (agreement >= agreement_threshold)
     unknown = ~has_major & (agreement == 0) & ~proposed.any(dim=1)
     noisy = ~clean & ~unknown
+    labelled = (~unknown).sum()
 
-    loss_pos = masked_mean(-log_p_major, clean)
+    def mean(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        if term_mean == "own_set":
+            return masked_mean(values, members)
+        return global_mean(torch.where(members, values, torch.zeros_like(values)).sum(), labelled)
+
+    loss_pos = mean(-log_p_major, clean)
 
     neg_log = -torch.log((1.0 - p).clamp_min(_ONE_MINUS_P_MIN))  # −log(1 − p_c), (N, C, H, W)
     negative, indirect = negative_sets(noisy, majority, proposed, present, negative_labels, indirect_labels,
                                        unlisted)
-    loss_neg = masked_mean(neg_log, negative)
-    loss_ind = masked_mean(neg_log, indirect)
+    loss_neg = mean(neg_log, negative)
+    loss_ind = mean(neg_log, indirect)
 
     # p·log p with log-softmax (finite even where p underflows to 0, where the product is then 0).
     neg_entropy = (p * log_p).sum(dim=1)
-    loss_pc = masked_mean(neg_entropy, noisy)
+    loss_pc = mean(neg_entropy, noisy)
 
     loss = loss_pos + negative_weight * loss_neg + indirect_weight * loss_ind + constraint_weight * loss_pc
     clean_fraction = clean.sum().float() / (~unknown).sum().clamp_min(1).float()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from wsss_ray.methods.mspn.config import MspnLossConfig
 from wsss_ray.methods.mspn.losses import decode_proposed, mspn_hybrid_loss
+from wsss_ray.methods.mspn.seeds import MAX_PROPOSAL_LABELS
 
 Terms = dict[str, torch.Tensor]
 
@@ -17,6 +20,18 @@ class MspnObjective(nn.Module):
     """MSPN positive–negative hybrid learning over the seeds' vote (majority, agreement, proposals)."""
 
     maps: ClassVar[tuple[str, ...]] = ("majority", "agreement", "proposed")
+
+    @staticmethod
+    def row_fields(row: Mapping[str, Any], num_classes: int) -> dict[str, np.ndarray]:
+        """What the loss reads per image besides the maps, from the training row's ``label_list`` (the image's
+        label set, background first): ``label_list`` padded with -1 to the proposal bitmask's width (bit k of
+        ``proposed`` stands for ``label_list[k]``) and ``present``, its (num_classes,) indicator."""
+        labels = [int(v) for v in row["label_list"]]
+        padded = np.full(MAX_PROPOSAL_LABELS, -1, np.int64)
+        padded[:min(len(labels), MAX_PROPOSAL_LABELS)] = labels[:MAX_PROPOSAL_LABELS]
+        present = np.zeros(num_classes, np.bool_)
+        present[labels] = True
+        return {"label_list": padded, "present": present}
 
     def __init__(self, config: MspnLossConfig, num_classes: int, feature_channels: int = 0) -> None:
         super().__init__()
@@ -40,4 +55,4 @@ class MspnObjective(nn.Module):
                                 proposed, present, agreement_threshold=cfg.agreement,
                                 negative_weight=cfg.negative_weight, indirect_weight=cfg.indirect_weight,
                                 constraint_weight=cfg.constraint_weight, negative_labels=cfg.negative_labels,
-                                indirect_labels=cfg.indirect_labels, unlisted=unlisted)
+                                indirect_labels=cfg.indirect_labels, unlisted=unlisted, term_mean=cfg.term_mean)
