@@ -117,6 +117,21 @@ def test_global_denominator(monkeypatch: pytest.MonkeyPatch) -> None:
     assert float(masked_mean(values, torch.tensor([True, True, True, False]))) == pytest.approx(2 * 3.0 / 4)
 
 
+def test_epoch_metrics_are_averaged_over_the_workers_in_one_all_reduce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The epoch's metrics (python floats and tensors alike) go out as one vector in key order; each comes back
+    as the mean of the two workers' values."""
+    from wsss_ray.training.loop import means_across_workers
+
+    mine = {"loss": torch.tensor(2.0), "data_wait": 0.5, "images_per_s": 10.0}
+    assert means_across_workers(mine, torch.device("cpu")) == {"loss": 2.0, "data_wait": 0.5, "images_per_s": 10.0}
+    workers = _TwoWorkers(monkeypatch)
+    calls = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor: (calls.append(tensor.shape), workers.all_reduce(tensor)))
+    workers.other = torch.tensor([1.5, 30.0, 4.0], dtype=torch.float64)  # data_wait, images_per_s, loss
+    assert means_across_workers(mine, torch.device("cpu")) == {"loss": 3.0, "data_wait": 1.0, "images_per_s": 20.0}
+    assert calls == [torch.Size([3])]
+
+
 def _epoch(rank: int, world: int, port: int, out: str) -> None:
     """One epoch of DeepLab (BN in eval mode) on this rank's slices of the global batches (DDP when world > 1)."""
     import os

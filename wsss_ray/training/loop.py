@@ -102,12 +102,15 @@ class WorkerRun:
     steps: int
 
 
-def mean_across_workers(value: float, device: torch.device) -> float:
+def means_across_workers(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the workers, in one all-reduce of one vector (every worker must pass the same
+    keys, as every worker runs the same steps and hooks); one process returns them as they are."""
+    keys = sorted(values)
+    vector = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
     if dist.is_available() and dist.is_initialized():
-        tensor = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return float(tensor.item()) / dist.get_world_size()
-    return value
+        dist.all_reduce(vector)
+        vector /= dist.get_world_size()
+    return dict(zip(keys, vector.tolist(), strict=True))
 
 
 class EpochTimer:
@@ -203,15 +206,17 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
         run.optimizer.step()
         for hook in run.hooks:
             hook.after_step(run.step.model)
-        logged = {"loss": loss.detach(), **{f"loss_{k}": v for k, v in loss_terms.items()}, **terms}
+        logged = {"loss": loss, **{f"loss_{k}": v for k, v in loss_terms.items()}, **terms}
         for key, value in logged.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
+            # Summed where they are (a tensor on the GPU stays there): no host sync per step and term.
+            sums[key] = sums.get(key, 0.0) + (value.detach().double() if isinstance(value, torch.Tensor) else value)
         count += 1
         timer.images += len(batch["image"])
-    metrics = {key: mean_across_workers(total / max(count, 1), run.device) for key, total in sums.items()}
-    metrics.update(lr=lr, images_per_s=mean_across_workers(timer.throughput(), run.device) * run.world,
-                   data_wait=mean_across_workers(waited / max(time.perf_counter() - timer.start, 1e-9), run.device))
-    metrics["world_size"] = run.world  # an elastic group's size per epoch (it changes as nodes come and go)
+    seconds = max(time.perf_counter() - timer.start, 1e-9)
+    metrics = means_across_workers({**{key: total / max(count, 1) for key, total in sums.items()},
+                                    "images_per_s": timer.throughput(), "data_wait": waited / seconds}, run.device)
+    metrics["images_per_s"] *= run.world  # the workers' mean rate × their number: the group's rate
+    metrics.update(lr=lr, world_size=run.world)  # an elastic group's size per epoch (it changes as nodes go and come)
     return metrics
 
 
