@@ -26,6 +26,7 @@ from wsss_ray.methods.ktse.ssr import (
     foreground_mask,
     inter_class_loss,
     max_norm,
+    peak_norm,
     rectified_up,
     split_cross_entropy,
     ssr_cross_entropy,
@@ -129,6 +130,31 @@ def test_max_norm_is_authors_min_max() -> None:
     # A map whose minimum is positive is shifted: [2, 4] → [0, ≈1].
     shifted = max_norm(t([[[[2.0, 4.0]]]]))[0, 0, 0].tolist()
     assert shifted == pytest.approx([0.0, (2 - 1e-5) / (2 + 1e-5)], abs=1e-7)
+
+
+def test_peak_norm_is_eq_1() -> None:
+    """A = ReLU(F)/max(F) (Eq. 1): [1, 3, −4, 2] → [1/3, 1, 0, 2/3]; a map positive everywhere keeps its floor;
+    a map with no positive value is 0."""
+    maps = t([[[[1.0, 3.0, -4.0, 2.0]], [[2.0, 4.0, 4.0, 2.0]], [[-1.0, -2.0, -1.0, -3.0]]]])
+    expected = [[x / (3 + 1e-5) for x in (1.0, 3.0, 0.0, 2.0)], [x / (4 + 1e-5) for x in (2.0, 4.0, 4.0, 2.0)],
+                [0.0] * 4]
+    assert torch.allclose(peak_norm(maps)[0, :, 0], t(expected), atol=1e-7)
+
+
+def test_ssr_label_thresholds_eq_1() -> None:
+    """One image, tag 1, feature resolution; class 1's map [2, 4, 1]. Ŷ from Eq. 1's A = [0.5, 1, 0.25]: the
+    first two pixels > β_h (0.3) → class 1, the third between β_l (0.15) and β_h → 255 (unsure). The former
+    reading (min_max, A ≈ [1/3, 1, 0]) makes the third pixel background: stretching a map that is positive
+    everywhere moves its weakest pixels to background."""
+    f_a = t([[[[0.0, 0.0, 0.0]], [[2.0, 4.0, 1.0]]]])
+    present = torch.tensor([[True]])
+    labels = {}
+    for norm in ("max", "min_max"):
+        objective = KtseObjective(KtseLossConfig(ce_resolution="feature", label_norm=norm))
+        labels[norm], _, _ = objective._ssr(f_a, present, f_a[:, 1:])
+    assert labels["max"].tolist() == [[[1, 1, 255]]]
+    assert labels["min_max"].tolist() == [[[1, 1, 0]]]
+    assert KtseLossConfig().label_norm == "max"
 
 
 # --------------------------------------------------------------------------------------------------- SSR

@@ -39,6 +39,10 @@ class KtseLossConfig(StrictModel):
     # its CE, the threshold of the inter-class loss's mask M^f (max CAM > β_o) and that loss's weight.
     beta_h: Fraction = 0.3
     beta_l: Fraction = 0.15
+    # The anchor CAM Ŷ is thresholded on: "max" = Eq. 1, ReLU(F)/max(F) (paper; the authors' Ŷ divides by the max
+    # as well); "min_max" = (x − min)/(max − min), what the authors use for M^f and MGA's mask (our former
+    # reading for Ŷ too: it stretches a map that is positive everywhere, so fewer pixels pass β_h).
+    label_norm: Literal["max", "min_max"] = "max"
     omega_fg: NonNegativeFloat = 0.0125
     beta_o: Fraction = 0.2
     lambda_inter: NonNegativeFloat = 0.005

@@ -190,7 +190,10 @@ class KtseObjective(nn.Module):
         config = self.config
         on_input = config.ce_resolution == "input"
         cam = cam_input if on_input else anchor_cam(f_a[:, 1:], None)
-        label = ssr_pseudo_label(cam, present, config.beta_h, config.beta_l)
+        # Ŷ from Eq. 1's A (authors' refine_cams_with_bkg_v2 too); M^f below from the min-max CAM (authors).
+        label_size = cam.shape[-2:] if on_input else None
+        label_cam = cam if config.label_norm == "min_max" else anchor_cam(f_a[:, 1:], label_size, config.label_norm)
+        label = ssr_pseudo_label(label_cam, present, config.beta_h, config.beta_l)
         logits = rectified_up(f_a, cam.shape[-2:]) if on_input else f_a
         ce = ssr_cross_entropy(logits, label, present, config.omega_fg, config.fg_weighting)
         # L_inter's maps: the CE's up(ReLU(F)) (authors), or features its own ReLU may or may not rectify.

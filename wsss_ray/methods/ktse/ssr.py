@@ -38,14 +38,29 @@ def max_norm(maps: torch.Tensor) -> torch.Tensor:
     return F.relu(x - low - EPS) / (high - low + EPS)
 
 
-def anchor_cam(f_fg: torch.Tensor, size: tuple[int, int] | torch.Size | None) -> torch.Tensor:
-    """A (N, C, ·, ·): the max-normalised foreground CAM, upsampled to ``size`` first (None: feature resolution).
+def peak_norm(maps: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 per image and channel of (N, K, h, w): A = ReLU(F)/max(F), as ReLU(F)/(max ReLU(F) + ε).
+
+    The authors' Ŷ (``refine_cams_with_bkg_v2``) divides by max + 1e-5 the same way. Unlike :func:`max_norm` a
+    map that is positive everywhere keeps its floor ([2, 4] → [0.5, 1]); a map with no positive value is 0.
+    """
+    x = F.relu(maps)
+    return x / (x.amax((2, 3), keepdim=True) + EPS)
+
+
+NORMS = {"max": peak_norm, "min_max": max_norm}
+
+
+def anchor_cam(f_fg: torch.Tensor, size: tuple[int, int] | torch.Size | None,
+               norm: str = "min_max") -> torch.Tensor:
+    """A (N, C, ·, ·): the normalised foreground CAM (``norm``: ``max`` = :func:`peak_norm`, Eq. 1; ``min_max``
+    = :func:`max_norm`), upsampled to ``size`` first (None: feature resolution).
 
     No gradient: A only selects pixels and targets (Ŷ, M^f, MGA's erasing).
     """
     with torch.no_grad():
         f_fg = f_fg.float()
-        return max_norm(f_fg if size is None else rectified_up(f_fg, size))
+        return NORMS[norm](f_fg if size is None else rectified_up(f_fg, size))
 
 
 def present_peak(cam: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
