@@ -103,6 +103,26 @@ def test_ktse_head_shapes_and_cams() -> None:
     assert head(torch.randn(1, 8, 3, 5)).shape == (1, 2)
 
 
+def test_gpp_pools_the_foreground_channels_only() -> None:
+    """Authors' cam2logit(cam_seg[:, 1:]): the logits do not depend on the background channel F_0, and the gates
+    see the C foreground channels; gpp_channels="all" (former reading) gates all C+1."""
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 4, 4)
+    head = KtseHead(8, 2, KtseHeadConfig())
+    assert head.gates[0].positive.in_channels == 2 * 2
+    before = head(features)
+    with torch.no_grad():
+        head.classifier.weight[0].mul_(-3.0)  # another background channel
+    assert torch.equal(head(features), before)
+    torch.manual_seed(0)
+    former = KtseHead(8, 2, KtseHeadConfig(gpp_channels="all"))
+    assert former.gates[0].positive.in_channels == 2 * 3
+    before = former(features)
+    with torch.no_grad():
+        former.classifier.weight[0].mul_(-3.0)
+    assert not torch.allclose(former(features), before)  # the gates read F_0
+
+
 def ce(logits: list[float], k: int) -> float:
     """Softmax cross-entropy of one pixel, written out."""
     return math.log(sum(math.exp(v) for v in logits)) - logits[k]

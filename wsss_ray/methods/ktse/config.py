@@ -18,6 +18,10 @@ class KtseHeadConfig(StrictModel):
     name: Literal["ktse"] = "ktse"
     # Pyramid levels of GPP: the feature map is pooled over 1x1, 2x2, ... grids and the levels are gated.
     pyramid: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4]  # noqa: RUF012 - a pydantic field
+    # The channels GPP pools and gates: the C foreground ones (authors: ``cam2logit(cam_seg[:, 1:])``, so the
+    # background channel learns from SSR's CE alone), or all C+1 (our former reading; the gates then see the
+    # background channel and L_cls reaches it through them).
+    gpp_channels: Literal["foreground", "all"] = "foreground"
 
 
 class KtseLossConfig(StrictModel):

@@ -12,10 +12,11 @@ and KTSE's losses can compare them between branches. Image logits q^c come from 
 3. pooling: q = GAP(ReLU(F)·ReLU(G)) − GAP(ReLU(−F)·ReLU(−G)), G the fused pyramid — the pyramid weights
    each pixel's contribution of the CAM to the image decision, separately for evidence for and against a class.
 
-Our reading where KTSE is silent: the GPP is AEFT's (its paper and public code), run on all C+1 channels (the
-gates see the background channel too), with the pyramid levels taken from the config (AEFT uses 2, 4, 8, 16 on
-a stride-8 ResNet-38; our default 1, 2, 4 suits the coarser stride-16 maps), a single level meaning no gate
-(G = P_s); the foreground logits are channels 1..C of q (the background logit has no image-level label).
+The GPP is AEFT's (its paper and public code) run on the C foreground channels, as the authors' code does
+(``gpp_channels: foreground``; ``all`` is our former reading: all C+1 channels, gates seeing the background
+one, the foreground logits then channels 1..C of q). Our reading where KTSE is silent: the pyramid levels come
+from the config (AEFT and the KTSE code use 2, 4, 8, 16 on a stride-8 ResNet-38; our default 1, 2, 4 suits the
+coarser stride-16 maps), a single level meaning no gate (G = P_s).
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ class KtseHead(nn.Module):
         super().__init__()
         self.num_foreground = num_foreground
         self.pyramid = list(config.pyramid)
+        # Channels of F that GPP sees: from 1 (the foreground ones) or from 0 (all, background included).
+        self.first_pooled = 1 if config.gpp_channels == "foreground" else 0
         self.classifier = nn.Conv2d(in_channels, num_foreground + 1, 1, bias=False)
-        self.gates = nn.ModuleList(GatedFusion(num_foreground + 1) for _ in self.pyramid[1:])
+        self.gates = nn.ModuleList(GatedFusion(num_foreground + 1 - self.first_pooled) for _ in self.pyramid[1:])
 
     def cam_features(self, features: torch.Tensor) -> torch.Tensor:
         """CAM features F (N, C+1, h, w): the un-rectified class maps KTSE's losses compare."""
@@ -89,11 +92,12 @@ class KtseHead(nn.Module):
 
         Lets a training objective reuse the F it already has instead of running the head twice.
         """
-        levels = self.pyramid_maps(cam_features)
+        pooled = cam_features[:, self.first_pooled:]
+        levels = self.pyramid_maps(pooled)
         gated = levels[0]
         for gate, level in zip(self.gates, levels[1:], strict=True):
             gated = gate(gated, level)
-        return gpp_pool(cam_features, gated)[:, 1:]
+        return gpp_pool(pooled, gated)[:, 1 - self.first_pooled:]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Foreground image logits (N, C) for the multi-label soft margin loss."""
