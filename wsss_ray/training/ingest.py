@@ -130,7 +130,7 @@ def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_
     context.enable_progress_bars = False
     dataset = (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / ROWS_PER_TASK))
                .map_batches(_SampleBlock, batch_size=None, batch_format="pyarrow", num_cpus=source.task_cpus,
-                            concurrency=source.actors,
+                            compute=ray.data.ActorPoolStrategy(size=source.actors),
                             fn_constructor_kwargs={"sample": source.sample, "fn_kwargs": source.fn_kwargs}))
     return _Ahead(iter(dataset.iter_batches(batch_size=batch_size // world, batch_format="numpy", drop_last=True,
                                             prefetch_batches=PREFETCH_BATCHES)))
