@@ -119,7 +119,10 @@ class Sim:
         """Have Ray's AutoscalingCoordinator (the actor that hands Ray Train and Ray Data their share of the
         nodes) re-read the cluster now. It does so every 20 s on its own (``TICK_INTERVAL_S``), so an elastic
         group sees an added node up to 20 s late, and the short test run could end before that."""
-        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        try:
+            coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        except ValueError:  # not started yet (no Ray Data or elastic Train run so far): nothing to refresh
+            return
         ray.get(coordinator.get_reserved_resources.remote("wsss-ray-faults-test", recompute=True))
 
     def lose_node(self, node: Any) -> None:
@@ -478,12 +481,14 @@ def test_s3_outage_is_retried_and_a_long_one_fails_clearly(sim: Sim, base: dict[
     assert 4 <= len(done_before) < len(records)
 
     # -- the rerun, with a short outage mid-way: it resumes, retries through the outage and completes
-    masks_before = len(pngs(stage))
+    # The outage starts at the rerun's first mask of an image the failed run never wrote, while the rerun is
+    # still running: it cannot finish without S3 (its masks, stats and summary are stored there).
+    masks_before = set(pngs(stage))
     thread, out = in_thread(lambda: generate_pseudo_labels(records, stage, **pseudo_kwargs(base)))
-    wait_for(lambda: len(pngs(stage)) > masks_before, thread.is_alive, 120, "the rerun's first mask")
+    wait_for(lambda: bool(set(pngs(stage)) - masks_before), thread.is_alive, 120, "the rerun's first new mask")
+    assert thread.is_alive(), "the rerun was over before the outage"
     sim.proxy.down()
     time.sleep(2.0)
-    assert thread.is_alive(), "the rerun was over before the outage ended"
     sim.proxy.up()
     thread.join(timeout=300)
     assert "error" not in out, out.get("error")

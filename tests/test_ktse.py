@@ -23,6 +23,7 @@ from wsss_ray.methods.ktse.losses import (
     stack_pairs,
 )
 from wsss_ray.methods.ktse.ssr import (
+    anchor_cam,
     foreground_mask,
     inter_class_loss,
     max_norm,
@@ -168,12 +169,15 @@ def test_ssr_label_thresholds_eq_1() -> None:
     everywhere moves its weakest pixels to background."""
     f_a = t([[[[0.0, 0.0, 0.0]], [[2.0, 4.0, 1.0]]]])
     present = torch.tensor([[True]])
-    labels = {}
-    for norm in ("max", "min_max"):
-        objective = KtseObjective(KtseLossConfig(ce_resolution="feature", label_norm=norm))
-        labels[norm], _, _ = objective._ssr(f_a, present, f_a[:, 1:])
-    assert labels["max"].tolist() == [[[1, 1, 255]]]
-    assert labels["min_max"].tolist() == [[[1, 1, 0]]]
+    # At the crop's resolution (here the feature map's own size, so the upsampling is the identity) or at the
+    # feature map's: the same labels.
+    for resolution in ("feature", "input"):
+        labels = {}
+        for norm in ("max", "min_max"):
+            objective = KtseObjective(KtseLossConfig(ce_resolution=resolution, label_norm=norm))
+            labels[norm], _, _ = objective._ssr(f_a, present, anchor_cam(f_a[:, 1:], (1, 3)))
+        assert labels["max"].tolist() == [[[1, 1, 255]]], resolution
+        assert labels["min_max"].tolist() == [[[1, 1, 0]]], resolution
     assert KtseLossConfig().label_norm == "max"
 
 

@@ -3,8 +3,10 @@
 Each training row names the image and the per-pixel maps its objective reads (``<map>_uri``: the pseudo-mask
 ``label``, BANA's ``retrieved``, CDSP's ``scribble`` and distance maps, MSPN's vote). The Ray Data map crops them
 all with one random :class:`~wsss_ray.data.transforms.CropGeometry`, which travels with the batch so OuT's
-cumulative corrector can carry corrected masks at full resolution. What a method needs beyond its maps (per-image
-fields, the width of the features it projects, hooks) it declares on its component (``methods/registry.py``).
+cumulative corrector can carry corrected masks at full resolution. What an objective needs beyond its maps
+(per-image fields, the width of the features it projects) it declares on its component and the stage reads it
+through ``methods/registry.py``; the training hooks (OuT's corrector, robust early-learning) come from their
+config sections.
 """
 
 from __future__ import annotations
@@ -87,10 +89,13 @@ def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: S
     """
     maps = (*segmentation_maps(config.loss), *(extra_maps or {}))
     # (``PipelineConfig`` has checked that a corrector's loss reads the pseudo-mask; the records are data.)
-    missing = sorted({f"{m}_uri" for m in maps} - set(records[0])) if records else []
+    missing = sorted({f"{m}_uri" for m in segmentation_maps(config.loss)} - set(records[0])) if records else []
     if missing:
         raise ValueError(f"train_seg.loss {config.loss.name!r} needs {missing} in every record; the pseudo-label "
                          "generator that produces them is not the one this pipeline ran")
+    extra = sorted({f"{m}_uri" for m in extra_maps or {}} - set(records[0])) if records else []
+    if extra:
+        raise ValueError(f"train_segmentation: extra_maps need {extra} in every record")
     workers = config.workers.num_workers
     batch_size, steps = steps_per_epoch(len(records), config.batch_size, workers, "train_seg")
     methods = " + ".join(filter(None, [config.loss.name, config.corrector and "OuT", config.early_learning and "RE"]))

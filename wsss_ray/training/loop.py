@@ -105,12 +105,13 @@ class WorkerRun:
 def means_across_workers(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
     """Each value averaged over the workers, in one all-reduce of one vector (every worker must pass the same
     keys, as every worker runs the same steps and hooks); one process returns them as they are."""
-    keys = sorted(values)
+    keys = sorted(values)  # the vector's layout: the same on every worker
     vector = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(vector)
         vector /= dist.get_world_size()
-    return dict(zip(keys, vector.tolist(), strict=True))
+    means = dict(zip(keys, vector.tolist(), strict=True))
+    return {key: means[key] for key in values}  # in the caller's order (loss first in the epoch line and logs)
 
 
 class EpochTimer:
@@ -186,7 +187,7 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
     """
     run.ddp_step.train()
     total_steps = run.steps * run.spec.epochs
-    timer, sums, count, lr = EpochTimer(), dict[str, float](), 0, 0.0
+    timer, sums, count, lr = EpochTimer(), dict[str, float | torch.Tensor](), 0, 0.0
     waited = 0.0  # seconds blocked on the input (torchvision's references log it as "data" time)
     for i in range(run.steps):  # every worker runs exactly ``steps`` steps (the stream holds exactly those rows)
         before = time.perf_counter()

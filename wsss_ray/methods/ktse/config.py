@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -22,6 +22,10 @@ class KtseHeadConfig(StrictModel):
     # background channel learns from SSR's CE alone), or all C+1 (our former reading; the gates then see the
     # background channel and L_cls reaches it through them).
     gpp_channels: Literal["foreground", "all"] = "foreground"
+
+    # A stage key leaves out an option added later while it holds the value that reproduces the earlier models
+    # (``core.config.key_dump``): those trained before it keep their keys.
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"gpp_channels": "all"}
 
 
 class KtseLossConfig(StrictModel):
@@ -78,6 +82,9 @@ class KtseLossConfig(StrictModel):
     local_scale: Annotated[float, Field(gt=0.0)] = 1.0
     # MGA: the most discriminative region (normalised CAM ≥ this) is erased for the masked branch.
     erase_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.6
+
+    # Added later, at the value that reproduces the earlier models: left out of the stage key (``key_dump``).
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"label_norm": "min_max"}
 
     @model_validator(mode="after")
     def _thresholds(self) -> KtseLossConfig:

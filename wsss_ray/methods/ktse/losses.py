@@ -32,6 +32,7 @@ from torch import nn
 
 from wsss_ray.methods.ktse.config import KtseLossConfig
 from wsss_ray.methods.ktse.ssr import (
+    NORMS,
     anchor_cam,
     foreground_mask,
     inter_class_loss,
@@ -190,11 +191,16 @@ class KtseObjective(nn.Module):
         config = self.config
         on_input = config.ce_resolution == "input"
         cam = cam_input if on_input else anchor_cam(f_a[:, 1:], None)
-        # Ŷ from Eq. 1's A (authors' refine_cams_with_bkg_v2 too); M^f below from the min-max CAM (authors).
-        label_size = cam.shape[-2:] if on_input else None
-        label_cam = cam if config.label_norm == "min_max" else anchor_cam(f_a[:, 1:], label_size, config.label_norm)
-        label = ssr_pseudo_label(label_cam, present, config.beta_h, config.beta_l)
         logits = rectified_up(f_a, cam.shape[-2:]) if on_input else f_a
+        # Ŷ from Eq. 1's A (authors' refine_cams_with_bkg_v2 too); M^f below from the min-max CAM (authors). At
+        # the crop's resolution the foreground channels of ``logits`` are already up(ReLU(F)): normalise those.
+        if config.label_norm == "min_max":
+            label_cam = cam
+        elif on_input:
+            label_cam = NORMS[config.label_norm](logits[:, 1:].detach())
+        else:
+            label_cam = anchor_cam(f_a[:, 1:], None, config.label_norm)
+        label = ssr_pseudo_label(label_cam, present, config.beta_h, config.beta_l)
         ce = ssr_cross_entropy(logits, label, present, config.omega_fg, config.fg_weighting)
         # L_inter's maps: the CE's up(ReLU(F)) (authors), or features its own ReLU may or may not rectify.
         inter_maps = (logits if config.inter_on_relu else _resize(f_a, cam.shape[-2:])) if on_input else f_a

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -58,3 +58,6 @@ class MspnLossConfig(StrictModel):
     # Each term averaged over its own set (own_set, as NLNL / JNPL average theirs), or every term's sum over the
     # labelled pixels (labelled_pixels: a pixel weighs the same in whichever set). The paper is illegible here.
     term_mean: Literal["own_set", "labelled_pixels"] = "own_set"
+
+    # Added after stage keys were published, at the value that reproduces earlier models: left out of the key.
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"term_mean": "own_set"}

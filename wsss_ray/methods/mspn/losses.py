@@ -3,6 +3,8 @@ per-pixel bitmask of proposed labels the pseudo-label stage stores. Conventions:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from wsss_ray.core.pixel_losses import check_label_map, global_mean, masked_mean, pixel_log_probs
@@ -60,7 +62,8 @@ def mspn_hybrid_loss(logits: torch.Tensor, majority: torch.Tensor, agreement: to
                      indirect_weight: float = 1.0, constraint_weight: float = 0.1,
                      negative_labels: str = "minority", indirect_labels: str = "present_unproposed",
                      unlisted: torch.Tensor | None = None,
-                     term_mean: str = "own_set") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     term_mean: Literal["own_set", "labelled_pixels"] = "own_set",
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MSPN positive-negative hybrid learning on multi-seed votes: ``L = L_pos + w_neg·L_neg + w_ind·L_ind +
     w_pc·L_pc``.
 
