@@ -89,13 +89,12 @@ def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: S
     """
     maps = (*segmentation_maps(config.loss), *(extra_maps or {}))
     # (``PipelineConfig`` has checked that a corrector's loss reads the pseudo-mask; the records are data.)
-    missing = sorted({f"{m}_uri" for m in segmentation_maps(config.loss)} - set(records[0])) if records else []
-    if missing:
+    have = set(records[0]) if records else {f"{m}_uri" for m in maps}
+    if missing := sorted({f"{m}_uri" for m in segmentation_maps(config.loss)} - have):
         raise ValueError(f"train_seg.loss {config.loss.name!r} needs {missing} in every record; the pseudo-label "
                          "generator that produces them is not the one this pipeline ran")
-    extra = sorted({f"{m}_uri" for m in extra_maps or {}} - set(records[0])) if records else []
-    if extra:
-        raise ValueError(f"train_segmentation: extra_maps need {extra} in every record")
+    if missing := sorted({f"{m}_uri" for m in extra_maps or {}} - have):
+        raise ValueError(f"train_segmentation: extra_maps need {missing} in every record")
     workers = config.workers.num_workers
     batch_size, steps = steps_per_epoch(len(records), config.batch_size, workers, "train_seg")
     methods = " + ".join(filter(None, [config.loss.name, config.corrector and "OuT", config.early_learning and "RE"]))

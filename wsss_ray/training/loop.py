@@ -118,8 +118,11 @@ class EpochTimer:
     def __init__(self) -> None:
         self.start, self.images = time.perf_counter(), 0
 
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
     def throughput(self) -> float:
-        return self.images / max(time.perf_counter() - self.start, 1e-9)
+        return self.images / self.seconds()
 
 
 def uses_sync_bn(wanted: bool | Literal["auto"], world: int, device_type: str) -> bool:
@@ -213,9 +216,9 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
             sums[key] = sums.get(key, 0.0) + (value.detach().double() if isinstance(value, torch.Tensor) else value)
         count += 1
         timer.images += len(batch["image"])
-    seconds = max(time.perf_counter() - timer.start, 1e-9)
     metrics = means_across_workers({**{key: total / max(count, 1) for key, total in sums.items()},
-                                    "images_per_s": timer.throughput(), "data_wait": waited / seconds}, run.device)
+                                    "images_per_s": timer.throughput(), "data_wait": waited / timer.seconds()},
+                                   run.device)
     metrics["images_per_s"] *= run.world  # the workers' mean rate × their number: the group's rate
     metrics.update(lr=lr, world_size=run.world)  # an elastic group's size per epoch (it changes as nodes go and come)
     return metrics
