@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import boto3
 import moto.server as moto_server
@@ -25,6 +26,41 @@ _S3_ENV = {
 }
 # Variables that would otherwise redirect or re-authenticate the S3 client away from the test server.
 _S3_ENV_CLEARED = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_PROFILE")
+
+
+# Ray's AF_UNIX socket paths (<cluster temp dir>/session_<time>_<pid>/sockets/plasma_store.N, 63 characters
+# below the cluster's temp dir) must stay under the kernel's 107: each cluster's temp dir is at most 44 long.
+_MAX_TEMP_BASE = 24
+_SESSION_ROOT: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give this test session a Ray temp root of its own, made here, before anything can start Ray.
+
+    Ray writes ``<RAY_TMPDIR, else TMPDIR, else /tmp>/ray/ray_current_cluster`` even for a cluster given its own
+    temp dir (``ray.cluster_utils.Cluster``, ``ray start``): on a machine where Ray never ran that folder does not
+    exist and the write fails; where it does exist, it is shared with every other Ray on the machine. Pointing
+    ``RAY_TMPDIR`` at a folder this session creates (and removes) means the tests read and write no Ray state they
+    did not make. Subprocesses (``ray start``, ``wsss-ray`` CLI runs) inherit it.
+    """
+    global _SESSION_ROOT
+    base = tempfile.gettempdir()
+    if len(base) > _MAX_TEMP_BASE:  # a deep TMPDIR would push Ray's socket paths past the kernel's limit
+        base = "/tmp"
+    _SESSION_ROOT = Path(tempfile.mkdtemp(prefix="wsss-", dir=base))
+    (_SESSION_ROOT / "ray").mkdir()
+    os.environ["RAY_TMPDIR"] = str(_SESSION_ROOT)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_ROOT is not None:
+        shutil.rmtree(_SESSION_ROOT, ignore_errors=True)
+
+
+def ray_temp_dir() -> str:
+    """A fresh, short temp dir for one Ray cluster (head ``temp_dir``), inside this session's Ray root."""
+    assert _SESSION_ROOT is not None, "pytest_configure has not run"
+    return tempfile.mkdtemp(prefix="c", dir=_SESSION_ROOT)
 
 
 @dataclass(frozen=True)
@@ -80,11 +116,11 @@ def s3_prefix(s3_server: S3Server) -> str:
 def ray_cluster(s3_server: S3Server) -> Iterator[None]:
     """A real local Ray cluster with 2 CPUs, started after the S3 variables are set so its workers inherit them.
 
-    Token auth is switched off for this private test cluster, and Ray's temp dir is a short fresh folder
-    (socket paths have a length limit, and a stale ``ray_current_cluster`` file must not be picked up).
+    Token auth is switched off for this private test cluster, and Ray's temp dir is a short fresh folder of the
+    session's own (socket paths have a length limit, and a stale ``ray_current_cluster`` must not be picked up).
     """
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    temp_dir = ray_temp_dir()
     # The state API pinned to this cluster's dashboard: other Ray clusters on the machine must not confuse
     # Ray Train's placement-group cleaner (see wsss_ray.core.ray_utils.pin_state_api).
     # As the CLI's default console (init_ray without --verbose): workers' output stays in Ray's log files and

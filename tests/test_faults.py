@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from typing import Any
 import pytest
 import ray
 import yaml
+from conftest import ray_temp_dir
 from faults_proxy import TcpProxy
 from ray.cluster_utils import Cluster
 
@@ -151,9 +151,8 @@ def sim(s3_server: Any) -> Iterator[Sim]:
     os.environ.update({"AWS_ENDPOINT_URL": proxy.endpoint, storage.RETRIES_VAR: str(S3_RETRIES),
                        "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": START_TIMEOUT_S,
                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S})
-    # A short fresh temp dir of its own: Ray's socket paths have a length limit, and /tmp/ray is shared with
-    # every other Ray cluster on the machine.
-    temp_dir = tempfile.mkdtemp(prefix="rayf", dir="/tmp")
+    # A short fresh temp dir of its own in the session's Ray root (conftest): socket paths have a length limit.
+    temp_dir = ray_temp_dir()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "_system_config": HEAD_SYSTEM_CONFIG, "temp_dir": temp_dir})
     try:

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +33,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from conftest import ray_temp_dir
 
 from wsss_ray.config import load_config
 from wsss_ray.core import storage
@@ -124,7 +124,7 @@ def ray_head(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     processes (and so the job's driver and workers) inherit the AWS variables pointing at the test S3."""
     home = tmp_path_factory.mktemp("ray-home")
     # Short and fresh: Ray's socket paths have a length limit, and no stale ray_current_cluster may be found.
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    temp_dir = ray_temp_dir()
     port, dashboard_port = _free_port(), _free_port()
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1",
            # The job's entrypoint is a shell command: `python` must be the venv's, as on a cluster image.

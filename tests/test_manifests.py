@@ -19,13 +19,11 @@ from wsss_ray.kuberay import ManifestError, validate_document, validate_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+CRD_DIR = kuberay.DEFAULT_CRD_DIR  # vendored in the package: a missing schema fails these tests, never skips them
 # Files a RayJob entrypoint names before they exist. Existence is checked for every other path; drop entries here
 # once they land (the sweep's jobs/run_sweep.py and tuning/label_smoothing.yaml have).
 PENDING_PATHS: tuple[str, ...] = ()
 LAUNCHER = "cluster-launcher.yaml"
-
-pytestmark = pytest.mark.skipif(not CRD_DIR.is_dir(), reason=f"KubeRay CRDs not found at {CRD_DIR}")
 
 
 @functools.cache
@@ -142,7 +140,7 @@ def test_runtime_env_excludes_drop_local_state_but_not_the_package() -> None:
     assert list(kuberay.runtime_env_problems(runtime_env)) == []
     assert _messages(validate_file(REPO / "jobs" / "runtime_env.yaml", crd_dir=CRD_DIR, repo_root=REPO)) == []
     # Ray matches excludes with its vendored pathspec; use the very same matcher.
-    pathspec = pytest.importorskip("ray._private.thirdparty.pathspec")
+    from ray._private.thirdparty import pathspec
     spec = pathspec.PathSpec.from_lines("gitwildmatch", runtime_env["excludes"])
     for dropped in (".venv/bin/python", "data/toy-voc/x.jpg", "results/demo/metrics.json", ".git/HEAD"):
         assert spec.match_file(dropped), dropped
@@ -309,3 +307,16 @@ def test_cli_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     bad.write_text(yaml.safe_dump_all([_load("secret-example.yaml"), cluster]), encoding="utf-8")
     assert kuberay.main([str(bad), "--crd-dir", str(CRD_DIR)]) == 1
     assert f"{bad}[1]: spec.workerGroupSpecs[0].replicas: 'two' is not of type 'integer'" in capsys.readouterr().err
+
+
+def test_the_crds_ship_with_the_package_and_a_missing_one_fails(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # The default schema folder is inside the package (with KubeRay's licence and the commit it comes from), so a
+    # clone or install with nothing beside it validates; a folder without the CRDs is an error, never a skip.
+    assert CRD_DIR == Path(kuberay.__file__).resolve().parent / "crds"
+    for name in (*kuberay.CRD_FILES.values(), "LICENSE", "README.md"):
+        assert (CRD_DIR / name).is_file(), name
+    assert "Apache License" in (CRD_DIR / "LICENSE").read_text(encoding="utf-8")
+    assert "feeaf72" in (CRD_DIR / "README.md").read_text(encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match=f"KubeRay CRD for RayCluster not found at {tmp_path}"):
+        validate_document(_load("raycluster.yaml"), source="x.yaml", crd_dir=tmp_path, repo_root=REPO)

@@ -78,7 +78,9 @@ def ray_logs_dir() -> str:
 
         return str(global_worker.node.get_logs_dir_path())
     except Exception:  # noqa: BLE001 - only a pointer for people; never fail a run over it
-        return "/tmp/ray/session_latest/logs"
+        # Ray's own rule for its default temp folder (RAY_TMPDIR, else TMPDIR on Linux, else /tmp).
+        base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        return os.path.join(base, "ray", "session_latest", "logs")
 
 
 def pin_state_api() -> int:

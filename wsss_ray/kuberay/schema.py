@@ -20,8 +20,8 @@ import yaml
 YAML_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# CI and the dev machines keep the shared material (CRDs, notes) beside the clone.
-DEFAULT_CRD_DIR = REPO_ROOT.parent / "shared" / "kuberay-crds"
+# KubeRay's CRDs ship inside the package (crds/README.md says which commit), so every clone and install has them.
+DEFAULT_CRD_DIR = Path(__file__).resolve().parent / "crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 RAY_API_VERSION = "ray.io/v1"
 # Fields of ObjectMeta that may appear in a top-level ``metadata``: the CRD schema declares it only as
