@@ -28,9 +28,12 @@ _S3_ENV = {
 _S3_ENV_CLEARED = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_PROFILE")
 
 
-# Ray's AF_UNIX socket paths (<cluster temp dir>/session_<time>_<pid>/sockets/plasma_store.N, 63 characters
-# below the cluster's temp dir) must stay under the kernel's 107: each cluster's temp dir is at most 44 long.
-_MAX_TEMP_BASE = 24
+# Ray's AF_UNIX socket paths must stay under the kernel's 107 characters. The longest lies 76 below a cluster's
+# temp dir (/session_<date>_<time>_<usec>_<pid>/sockets/dash_PlatformEventsHead), so a cluster's temp dir is at
+# most 31 long: <base>/wXXXXXXXX/cXXXXXXXX leaves 11 for the base. A longer TMPDIR (a CI's fresh mktemp -d)
+# gets the session's Ray root under /tmp instead: still a folder this session makes and removes.
+_MAX_TEMP_BASE = 11
+TEST_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 _SESSION_ROOT: Path | None = None
 
 
@@ -47,9 +50,15 @@ def pytest_configure(config: pytest.Config) -> None:
     base = tempfile.gettempdir()
     if len(base) > _MAX_TEMP_BASE:  # a deep TMPDIR would push Ray's socket paths past the kernel's limit
         base = "/tmp"
-    _SESSION_ROOT = Path(tempfile.mkdtemp(prefix="wsss-", dir=base))
+    _SESSION_ROOT = Path(tempfile.mkdtemp(prefix="w", dir=base))
     (_SESSION_ROOT / "ray").mkdir()
     os.environ["RAY_TMPDIR"] = str(_SESSION_ROOT)
+    # Test-only Ray Train settings, inherited by every cluster the tests start (the library keeps Ray's defaults):
+    # the controller polls its workers every 0.5 s instead of 2 s, so each of the suite's ~50 short fits ends (and
+    # a lost worker is noticed) sooner; and no preemption watcher actor per fit, since nothing drains the tests'
+    # nodes (it is one more process to start per fit on 2 cores).
+    for name, value in TEST_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -219,6 +219,10 @@ def test_same_seed_trains_the_same_way(ray_cluster: None, toy: dict[str, Any], t
     assert runs[0]["model_sha256"] == runs[1]["model_sha256"]
 
 
+# One worker: the chains check that each paper's components feed each other through the real stages; two-worker
+# DDP is covered by the runs above, and a second worker process per fit doubles the chains' start-up.
+CHAIN_WORKERS = {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 0}
+
 # Each paper's chain through the real stages: the classifier it needs, its generator, the loss reading that
 # generator's outputs (what the demo_*.yaml configs run, at test size).
 CHAINS = {
@@ -246,11 +250,11 @@ def test_paper_chain_runs_through_the_pipeline(ray_cluster: None, toy: dict[str,
         "output": str(tmp_path / "out"),
         "dataset": {"root": str(toy["root"] / "voc"), "train_split": "train", "val_split": "val",
                     **sections.get("dataset", {})},
-        "train_cls": {"backbone": small, "epochs": 1, "batch_size": 4, "augment": AUGMENT, "workers": WORKERS,
+        "train_cls": {"backbone": small, "epochs": 1, "batch_size": 4, "augment": AUGMENT, "workers": CHAIN_WORKERS,
                       **sections.get("train_cls", {})},
         "pseudo_labels": sections["pseudo_labels"],
         "train_seg": {"model": {"backbone": small, "aspp_channels": 8, **sections["train_seg"].get("model", {})},
-                      "epochs": 1, "batch_size": 4, "augment": AUGMENT, "workers": WORKERS,
+                      "epochs": 1, "batch_size": 4, "augment": AUGMENT, "workers": CHAIN_WORKERS,
                       "loss": sections["train_seg"]["loss"]},
     }
     summaries = run_pipeline(parse_config(base, source=chain), until="train_seg")
