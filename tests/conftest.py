@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import moto.server as moto_server
@@ -144,6 +147,85 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def tiny_pipeline(root: str, output: str) -> dict[str, Any]:
+    """The tiny pipeline config (resnet_tiny, 64 px, 2 epochs, two 0.5-CPU workers) the reference run uses."""
+    small_backbone = {"name": "resnet_tiny", "output_stride": 16}
+    workers = {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0}
+    augment = {"crop_size": 64, "scale_min": 0.9, "scale_max": 1.1}
+    return {
+        "name": "tiny",
+        "output": output,
+        "dataset": {"format": "voc", "root": root, "train_split": "train", "val_split": "val"},
+        "train_cls": {"backbone": small_backbone, "epochs": 2, "batch_size": 4, "workers": workers,
+                      "augment": augment},
+        "pseudo_labels": {"generator": {"scales": [1.0], "bg_score": 0.2}},
+        "train_seg": {"model": {"backbone": small_backbone, "aspp_channels": 16}, "epochs": 2, "batch_size": 4,
+                      "workers": workers, "augment": augment},
+        "evaluate": {"num_samples": 2},
+    }
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(ray_cluster: None, s3_server: S3Server,
+                       tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One tiny run of the whole pipeline, dataset and outputs on the loopback S3, made once per session.
+
+    Generated VOC data (16 train, 6 val) with one truncated JPEG, which must be reported and skipped. test_pipeline
+    checks its outputs and console; test_sweep's base config shares its dataset, classifier and pseudo-label
+    sections and output, so the sweeps' shared inputs are these very stages (skipped there as finished).
+    """
+    from wsss_ray.config import parse_config
+    from wsss_ray.core import storage
+    from wsss_ray.data.toy import make_toy_dataset
+    from wsss_ray.pipeline import run_pipeline
+
+    data = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(str(data), fmt="voc", num_train=16, num_val=6, image_size=64, num_classes=3, seed=3)
+    ids = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    corrupt = ids[5]
+    jpeg = data / "JPEGImages" / f"{corrupt}.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:200])  # truncated: must be reported and skipped, not fatal
+    root = f"s3://{s3_server.bucket}/datasets/toy"
+    storage.upload_dir(str(data), root)
+    sections = tiny_pipeline(root, f"s3://{s3_server.bucket}/runs/tiny")
+    config = parse_config(sections, source="tiny")
+    start = time.monotonic()
+    with console_output() as console:
+        summaries = run_pipeline(config)
+    first = time.monotonic() - start
+    return {"config": config, "sections": sections, "summaries": summaries, "corrupt": corrupt, "seconds": first,
+            "ids": ids, "console": console["text"]}
+
+
+@contextlib.contextmanager
+def console_output() -> Iterator[dict[str, str]]:
+    """What the process writes to its stdout and stderr file descriptors meanwhile (Ray's log monitor too),
+    in ``["text"]`` once the block has ended."""
+    captured: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "console.txt"
+        saved = [os.dup(1), os.dup(2)]
+        # Both levels: the file descriptors (what Ray's log monitor and C++ write) and sys.stdout/sys.stderr,
+        # which pytest's capture replaces with objects that bypass the descriptors. Append mode: one file, two
+        # writers, no overwriting.
+        with path.open("ab") as sink, path.open("a", buffering=1, errors="replace") as text, \
+                contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            sys.__stdout__.flush()
+            sys.__stderr__.flush()
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                text.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                for fd in saved:
+                    os.close(fd)
+        captured["text"] = path.read_text(errors="replace")
+        sys.stderr.write(captured["text"])  # still shown by pytest on a failure
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

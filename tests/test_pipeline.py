@@ -1,20 +1,15 @@
 """The whole pipeline on a real local Ray cluster, with every output on the loopback S3 server.
 
-One tiny run (generated VOC data with one corrupt image) is shared by the tests below: they check the stage
-outputs in S3, the report, skipping on re-run, resuming a half-done pseudo-labelling stage, and that the
-stage's CRF output equals a direct pydensecrf call on the same CAMs.
+One tiny run (generated VOC data with one corrupt image; conftest's session ``reference_pipeline``) is shared by
+the tests below: they check the stage outputs in S3, the report, skipping on re-run, resuming a half-done
+pseudo-labelling stage, and that the stage's CRF output equals a direct pydensecrf call on the same CAMs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import re
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +19,11 @@ from conftest import kill_worker_when
 from pydensecrf import densecrf
 from pydensecrf.utils import unary_from_softmax
 
-from wsss_ray.config import PipelineConfig, parse_config
 from wsss_ray.core import storage
 from wsss_ray.core.inference import multiscale_cams
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
 from wsss_ray.data.image_io import read_image, read_label
-from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.pipeline import STAGE_DOES, run_pipeline, stage_dirs
 from wsss_ray.stages.ingest import load_manifest
 from wsss_ray.stages.pseudo_labels import generate_pseudo_labels, load_classifier, read_stats
@@ -38,69 +31,10 @@ from wsss_ray.stages.pseudo_labels import generate_pseudo_labels, load_classifie
 pytestmark = pytest.mark.integration
 
 
-def tiny_config(root: str, output: str) -> PipelineConfig:
-    small_backbone = {"name": "resnet_tiny", "output_stride": 16}
-    workers = {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0}
-    return parse_config({
-        "name": "tiny",
-        "output": output,
-        "dataset": {"format": "voc", "root": root, "train_split": "train", "val_split": "val"},
-        "train_cls": {"backbone": small_backbone, "epochs": 2, "batch_size": 4, "workers": workers,
-                      "augment": {"crop_size": 64, "scale_min": 0.9, "scale_max": 1.1}},
-        "pseudo_labels": {"generator": {"scales": [1.0], "bg_score": 0.2}},
-        "train_seg": {"model": {"backbone": small_backbone, "aspp_channels": 16}, "epochs": 2, "batch_size": 4,
-                      "workers": workers, "augment": {"crop_size": 64, "scale_min": 0.9, "scale_max": 1.1}},
-        "evaluate": {"num_samples": 2},
-    }, source="tiny")
-
-
 @pytest.fixture(scope="module")
-def pipeline_run(ray_cluster: None, s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    data = tmp_path_factory.mktemp("toy")
-    make_toy_dataset(str(data), fmt="voc", num_train=16, num_val=6, image_size=64, num_classes=3, seed=3)
-    ids = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
-    corrupt = ids[5]
-    jpeg = data / "JPEGImages" / f"{corrupt}.jpg"
-    jpeg.write_bytes(jpeg.read_bytes()[:200])  # truncated: must be reported and skipped, not fatal
-    root = f"s3://{s3_server.bucket}/datasets/toy"
-    storage.upload_dir(str(data), root)
-    output = f"s3://{s3_server.bucket}/runs/tiny"
-    config = tiny_config(root, output)
-    start = time.monotonic()
-    with console_output() as console:
-        summaries = run_pipeline(config)
-    first = time.monotonic() - start
-    return {"config": config, "summaries": summaries, "corrupt": corrupt, "seconds": first, "ids": ids,
-            "console": console["text"]}
-
-
-@contextlib.contextmanager
-def console_output() -> Iterator[dict[str, str]]:
-    """What the process writes to its stdout and stderr file descriptors meanwhile (Ray's log monitor too),
-    in ``["text"]`` once the block has ended."""
-    captured: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "console.txt"
-        saved = [os.dup(1), os.dup(2)]
-        # Both levels: the file descriptors (what Ray's log monitor and C++ write) and sys.stdout/sys.stderr,
-        # which pytest's capture replaces with objects that bypass the descriptors. Append mode: one file, two
-        # writers, no overwriting.
-        with path.open("ab") as sink, path.open("a", buffering=1, errors="replace") as text, \
-                contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-            sys.__stdout__.flush()
-            sys.__stderr__.flush()
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            try:
-                yield captured
-            finally:
-                text.flush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-                for fd in saved:
-                    os.close(fd)
-        captured["text"] = path.read_text(errors="replace")
-        sys.stderr.write(captured["text"])  # still shown by pytest on a failure
+def pipeline_run(reference_pipeline: dict[str, Any]) -> dict[str, Any]:
+    """The session's tiny reference run (conftest), made on first use; test_sweep builds on the same stages."""
+    return reference_pipeline
 
 
 LINES = re.MULTILINE

@@ -1,8 +1,9 @@
 """Ray Tune sweeps: space validation, an end-to-end sweep on the loopback S3, and resuming (also after a kill);
 pseudo_labels trials and relabel_train_seg trials (relabel, then train) on the same tiny data.
 
-The sweeps share one tiny base config (resnet_tiny, 64 px toy data, 2 epochs) whose pipeline inputs are made
-once; each sweep is a different space name below the same output, so only its trials run.
+The sweeps share one tiny base config (resnet_tiny, 64 px toy data, 2 epochs) whose pipeline inputs are the
+session's reference run (conftest), made once; each sweep is a different space name below the same output, so
+only its trials run.
 """
 
 from __future__ import annotations
@@ -22,25 +23,22 @@ import yaml
 
 from wsss_ray.config import ConfigError
 from wsss_ray.core import storage
-from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.tuning.space import TRIAL_METRICS, load_space
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_base(root: str, output: str) -> dict[str, Any]:
+def tiny_base(reference: dict[str, Any]) -> dict[str, Any]:
+    """The reference run's dataset, classifier, pseudo-label sections and output (conftest), so the sweeps' shared
+    inputs are its finished stages; the trial section (train_seg) is the sweeps' own."""
+    sections = reference["sections"]
     small_backbone = {"name": "resnet_tiny", "output_stride": 16}
-    augment = {"crop_size": 64, "scale_min": 0.9, "scale_max": 1.1}
     return {
+        **{key: sections[key] for key in ("output", "dataset", "train_cls", "pseudo_labels")},
         "name": "tiny-sweep",
-        "output": output,
-        "dataset": {"format": "voc", "root": root, "train_split": "train", "val_split": "val"},
-        "train_cls": {"backbone": small_backbone, "epochs": 1, "batch_size": 4, "augment": augment,
-                      "workers": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 0}},
-        "pseudo_labels": {"generator": {"scales": [1.0], "bg_score": 0.2}},
         # One 0.5-CPU worker: with the trial driver's share, one CPU stays free for Ray Data's ingest.
         "train_seg": {"model": {"backbone": small_backbone, "aspp_channels": 16}, "epochs": 2, "batch_size": 4,
-                      "optimizer": {"lr": 0.02}, "augment": augment,
+                      "optimizer": {"lr": 0.02}, "augment": sections["train_seg"]["augment"],
                       "workers": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 1}},
     }
 
@@ -53,13 +51,9 @@ def write_space(directory: Path, base: Path, **fields: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_config(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> Path:
-    data = tmp_path_factory.mktemp("toy")
-    make_toy_dataset(str(data), fmt="voc", num_train=12, num_val=4, image_size=64, num_classes=3, seed=5)
-    root = f"s3://{s3_server.bucket}/datasets/sweep-toy"
-    storage.upload_dir(str(data), root)
+def base_config(tmp_path_factory: pytest.TempPathFactory, reference_pipeline: dict[str, Any]) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "base.yaml"
-    path.write_text(yaml.safe_dump(tiny_base(root, f"s3://{s3_server.bucket}/runs/sweep")))
+    path.write_text(yaml.safe_dump(tiny_base(reference_pipeline)))
     return path
 
 
@@ -172,7 +166,7 @@ def sweep_run(ray_cluster: None, base_config: Path, tmp_path_factory: pytest.Tem
 def test_sweep_results_on_s3(sweep_run: dict[str, Any], s3_server: Any) -> None:
     results = sweep_run["results"]
     sweep_uri = results["experiment_uri"]
-    assert sweep_uri == f"s3://{s3_server.bucket}/runs/sweep/sweeps/ls"
+    assert sweep_uri == f"s3://{s3_server.bucket}/runs/tiny/sweeps/ls"  # the reference run's output
     stored = storage.read_json(storage.join(sweep_uri, "results.json"))
     assert len(stored["trials"]) == 2
     assert sorted(t["params"]["train_seg.loss.label_smoothing"] for t in stored["trials"]) == [0.0, 0.2]
