@@ -289,3 +289,43 @@ def test_predict_rayjob_runs_the_cli_with_the_shared_cluster() -> None:
     assert (python, script) == ("python", "jobs/predict.py")
     parsed = build_parser().parse_args(["predict", *args])  # exits (fails) on an option the CLI does not take
     assert parsed.model.startswith("s3://") and parsed.input.startswith("s3://") and parsed.out.startswith("s3://")
+
+
+def test_crf_rerun_into_the_same_out_refuses_or_starts_clean(trained: dict[str, Any], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A --crf run into an --out that holds masks without CRF: refused (the folder keeps its masks and its
+    predict.json), or with --overwrite CRF masks for every image, as a fresh folder gets. predict.json always
+    describes the masks present; a rerun with the same model and options resumes."""
+    listing = tmp_path / "val.txt"
+    listing.write_text("\n".join(r["image_uri"] for r in trained["val"]) + "\n")
+    out = tmp_path / "pred"
+    command = ["predict", "--model", trained["stage"].uri, "--input", str(listing), "--gpu", "no"]
+
+    def masks(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / "masks").rglob("*.png"))}
+
+    def recorded_crf(folder: Path) -> Any:
+        return json.loads((folder / "predict.json").read_text())["options"]["crf"]
+
+    assert main([*command, "--out", str(out)]) == 0
+    plain = masks(out)
+    assert len(plain) == len(trained["val"]) and recorded_crf(out) is None
+    written = {p: p.stat().st_mtime_ns for p in (out / "masks").rglob("*.png")}
+    capsys.readouterr()
+    assert main([*command, "--out", str(out), "--crf"]) == 2
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        f"predict: --out: {out}: its masks come from another run: crf off → on",
+        "  fix: give another --out, or --overwrite to delete its masks and start clean"]
+    assert masks(out) == plain and recorded_crf(out) is None
+
+    assert main([*command, "--out", str(tmp_path / "fresh"), "--crf"]) == 0
+    fresh = masks(tmp_path / "fresh")
+    # The tiny model is so sure of the toy images that the CRF may keep their masks: what tells a clean CRF run
+    # from a resumed one is that every mask is written again (and none is skipped), with the fresh run's bytes.
+    assert main([*command, "--out", str(out), "--crf", "--overwrite"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["skipped_done"], summary["predicted"]) == (0, len(plain))
+    assert masks(out) == fresh and recorded_crf(out) == CrfConfig().model_dump()
+    assert all(p.stat().st_mtime_ns != mtime for p, mtime in written.items())  # every mask written again
+    assert main([*command, "--out", str(out), "--crf"]) == 0  # same model and options: resumes
+    assert json.loads((out / "summary.json").read_text())["skipped_done"] == len(plain)
