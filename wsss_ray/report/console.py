@@ -9,9 +9,16 @@ import numpy as np
 from wsss_ray.core import storage
 
 
+def column_order(name: str) -> tuple[int, str]:
+    """The IoU table's column order: pseudo-masks (train), then the segmentation, then the rest (background
+    only). Fixed, not the dict's: a rerun reads the scores back from JSON written with sorted keys."""
+    rank = 0 if name.endswith("(train)") else 1 if name.startswith("segmentation") else 2
+    return rank, name
+
+
 def format_iou_table(per_class: dict[str, dict[str, float | None] | None], names: list[str]) -> str:
     """Plain-text table: one row per class that is scored anywhere, one column per scored mask set."""
-    columns = {k: v for k, v in per_class.items() if v}  # in the order metrics.json lists them
+    columns = {k: per_class[k] for k in sorted(per_class, key=column_order) if per_class[k]}
     classes = [c for c in names if any(col.get(c) is not None for col in columns.values())]
     width = max([len(c) for c in classes] + [5])
     header = f"{'class':<{width}}  " + "  ".join(f"{name:>24}" for name in columns)
