@@ -365,3 +365,37 @@ def test_storage_failure_is_found_behind_rays_wrappers() -> None:
     text = RuntimeError("Training failed:\n  ...\nwsss_ray.core.storage.StorageError: s3://b/ckpt: cannot write (x)")
     assert storage_failure(text) == "s3://b/ckpt: cannot write (x)"
     assert storage_failure(ValueError("a bug")) is None
+
+
+def test_stage_commands_and_sweeps_check_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage command and a sweep (through its base config, with --set) stop at the same problems as ``run``."""
+    monkeypatch.setenv("WSSS_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.setenv("WSSS_DATA", "/nonexistent")
+    demo = str(REPO / "jobs" / "configs" / "demo.yaml")
+    assert main(["train-cls", "--config", demo, "--set", "dataset.generate=null"]) == 2
+    assert capsys.readouterr().err.splitlines()[1] == f"{demo}: dataset.root: /nonexistent: does not exist"
+    space = tmp_path / "space.yaml"
+    space.write_text(f"name: s\nbase_config: {demo}\ntrial: train_seg\nmetric: val_miou\nmode: max\n"
+                     "params:\n  train_seg.loss.label_smoothing: {grid: [0.0, 0.1]}\n")
+    assert main(["sweep", "--space", str(space), "--set", "dataset.generate=null"]) == 2
+    assert capsys.readouterr().err.splitlines()[:2] == [
+        f"pre-flight: 1 problem with {space}; nothing was started:",
+        f"{space}: dataset.root: /nonexistent: does not exist"]
+
+
+def test_predict_model_on_an_unreachable_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    port = _free_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    (tmp_path / "a.png").write_bytes(b"")
+    assert main(["predict", "--model", "s3://models/train_seg-x", "--input", str(tmp_path), "--out",
+                 str(tmp_path / "pred")]) == 2
+    lines = [re.sub(r"after \d+ ms", "after N ms", line) for line in capsys.readouterr().err.splitlines()]
+    assert lines == [
+        "pre-flight: 1 problem with predict; nothing was started:",
+        (f"predict: --model: s3://models/train_seg-x: cannot reach the S3 endpoint http://127.0.0.1:{port} "
+        f"(AWS_ENDPOINT_URL): Failed to connect to 127.0.0.1:{port} after N ms: Could not connect to server"),
+        ("  fix: check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network; `wsss-ray config check "
+        "--offline` skips the S3 checks")]

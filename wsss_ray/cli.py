@@ -20,6 +20,24 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config field, e.g. --set train_seg.epochs=2 (repeatable)")
 
 
+def _add_predict_args(predict: argparse.ArgumentParser) -> None:
+    predict.add_argument("--model", required=True, help="train_seg-* stage folder or its model.pt (local or s3://)")
+    predict.add_argument("--input", required=True,
+                         help="folder, bucket prefix, glob ('s3://b/x/*.jpg') or .txt file of image URIs")
+    predict.add_argument("--out", default=None, help="output folder (default: predict-<hash> beside the model)")
+    predict.add_argument("--crf", action="store_true", help="DenseCRF post-processing (default parameters)")
+    predict.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference scales")
+    predict.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    predict.add_argument("--overlay", action="store_true", help="also write overlays/<name>.jpg")
+    predict.add_argument("--max-side", type=int, default=1024, help="longest side the network sees (pixels)")
+    predict.add_argument("--min-size", type=int, default=64, help="shortest side the network sees (pixels)")
+    predict.add_argument("--max-actors", type=int, default=4, help="model actors at most")
+    predict.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
+                         help="run the model on GPUs (auto: when the cluster has any)")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="--out holds masks of another model or other options: delete them and start clean")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss-ray", description="Weakly supervised segmentation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,23 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a field of the space's base config (repeatable)")
     sweep.add_argument("--no-resume", dest="resume", action="store_false",
                        help="delete an earlier sweep of the same name and start over")
-    predict = sub.add_parser("predict", help="segment images with a trained model (a train_seg-* folder)")
-    predict.add_argument("--model", required=True, help="train_seg-* stage folder or its model.pt (local or s3://)")
-    predict.add_argument("--input", required=True,
-                         help="folder, bucket prefix, glob ('s3://b/x/*.jpg') or .txt file of image URIs")
-    predict.add_argument("--out", default=None, help="output folder (default: predict-<hash> beside the model)")
-    predict.add_argument("--crf", action="store_true", help="DenseCRF post-processing (default parameters)")
-    predict.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference scales")
-    predict.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    predict.add_argument("--overlay", action="store_true", help="also write overlays/<name>.jpg")
-    predict.add_argument("--max-side", type=int, default=1024, help="longest side the network sees (pixels)")
-    predict.add_argument("--min-size", type=int, default=64, help="shortest side the network sees (pixels)")
-    predict.add_argument("--max-actors", type=int, default=4, help="model actors at most")
-    predict.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
-                         help="run the model on GPUs (auto: when the cluster has any)")
-    predict.add_argument("--overwrite", action="store_true",
-                         help="--out holds masks of another model or other options: delete them and start clean")
-
+    _add_predict_args(sub.add_parser("predict", help="segment images with a trained model (a train_seg-* folder)"))
     export = sub.add_parser("export", help="export a trained model as TorchScript and ONNX, with model.json")
     export.add_argument("--model", required=True, help="train_seg-* stage folder or its model.pt (local or s3://)")
     export.add_argument("--out", required=True, help="output folder (local or s3://)")

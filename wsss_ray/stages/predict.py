@@ -297,6 +297,22 @@ def clear_outputs(out_uri: str) -> None:
         storage.delete(storage.join(out_uri, entry))
 
 
+def _claim_output(out_uri: str, trained: TrainedModel, sha: str, inputs: str, options: PredictOptions,
+                  overwrite: bool) -> None:
+    """Make ``out_uri`` this run's: refuse (or, with ``overwrite``, clear) another run's masks there, then record
+    the model and options in ``predict.json``."""
+    conflict = output_conflict(out_uri, sha, options)
+    if conflict and not overwrite:
+        raise PredictOutputConflict(f"--out {out_uri}: {conflict}; give another --out, or --overwrite to delete "
+                                    "its masks and start clean")
+    if conflict:
+        log("predict", f"--overwrite: deleting the earlier run's outputs in {out_uri} ({conflict})")
+        clear_outputs(out_uri)
+    storage.write_json(storage.join(out_uri, "predict.json"), {
+        "model": trained.weights_uri, "model_sha256": sha, "input": inputs, "options": _options_json(options)})
+    storage.write_json(storage.join(out_uri, MODEL_CARD), trained.card)
+
+
 def predict_images(model: str, inputs: str, out: str | None = None, *, options: PredictOptions | None = None,
                    max_actors: int = 4, use_gpu: bool | str = "auto", overwrite: bool = False) -> dict[str, Any]:
     """Predict every image ``inputs`` names with the model at ``model``; returns the summary.
@@ -313,17 +329,8 @@ def predict_images(model: str, inputs: str, out: str | None = None, *, options: 
     uris, root = resolve_inputs(inputs)
     if not uris:
         raise FileNotFoundError(f"--input {inputs}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
-    conflict = output_conflict(out_uri, sha, options)
-    if conflict and not overwrite:
-        raise PredictOutputConflict(f"--out {out_uri}: {conflict}; give another --out, or --overwrite to delete "
-                                    "its masks and start clean")
-    if conflict:
-        log("predict", f"--overwrite: deleting the earlier run's outputs in {out_uri} ({conflict})")
-        clear_outputs(out_uri)
+    _claim_output(out_uri, trained, sha, inputs, options, overwrite)
     names = output_names(uris, root)
-    storage.write_json(storage.join(out_uri, "predict.json"), {
-        "model": trained.weights_uri, "model_sha256": sha, "input": inputs, "options": _options_json(options)})
-    storage.write_json(storage.join(out_uri, MODEL_CARD), trained.card)
     done = {r["image"] for r in read_rows(out_uri) if r["failure"] is None}
     todo = [{"image": u, "name": n} for u, n in zip(uris, names) if u not in done]
     log("predict", f"{len(uris)} images, {len(uris) - len(todo)} already done, {len(todo)} to do → {out_uri}")
