@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         failure = storage_failure(error)
         if failure is None or getattr(args, "verbose", False):
             raise
-        print(f"{args.command}: storage error: {failure}\nFinished work is kept; a rerun resumes "
-              "(--verbose shows the traceback).", file=sys.stderr)
+        hint = " (--verbose shows the traceback)" if hasattr(args, "verbose") else ""
+        print(f"{args.command}: storage error: {failure}\nFinished work is kept; a rerun resumes{hint}.",
+              file=sys.stderr)
         return 1
 
 
