@@ -399,3 +399,27 @@ def test_predict_model_on_an_unreachable_store(tmp_path: Path, monkeypatch: pyte
         f"(AWS_ENDPOINT_URL): Failed to connect to 127.0.0.1:{port} after N ms: Could not connect to server"),
         ("  fix: check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network; `wsss-ray config check "
         "--offline` skips the S3 checks")]
+
+
+def test_a_new_check_is_one_function_in_the_list(tmp_path: Path) -> None:
+    """How the GPU check (issue 22) joins: a function ``(config, options) -> problems`` in CONFIG_CHECKS. A check
+    that fails on a bug of its own becomes one problem; the others still report theirs."""
+    from wsss_ray.config import parse_config
+    from wsss_ray.preflight import CONFIG_CHECKS, PreflightOptions, Problem, format_report, preflight
+
+    config = parse_config({"output": str(tmp_path / "out"), "dataset": {"root": "/nonexistent"},
+                           "train_cls": {"backbone": {"name": "resnet_tiny"}},
+                           "train_seg": {"model": {"backbone": {"name": "resnet_tiny"}}}})
+
+    def check_gpus(config: object, options: PreflightOptions) -> list[Problem]:
+        return [Problem("train_seg.workers.use_gpu", "the cluster", "2 GPUs asked for, 0 there", "set use_gpu: false")]
+
+    def broken(config: object, options: PreflightOptions) -> list[Problem]:
+        raise KeyError("GPU")
+
+    report = preflight(config, checks=[*CONFIG_CHECKS, check_gpus, broken])
+    lines = format_report(report, "cfg.yaml").splitlines()
+    assert [line.split(": ")[1] for line in lines[1::2]] == ["dataset.root", "train_seg.workers.use_gpu",
+                                                             "<pre-flight>"]
+    assert lines[5].startswith("cfg.yaml: <pre-flight>: broken: the check itself failed: KeyError: 'GPU' "
+                               "(test_preflight.py:")
