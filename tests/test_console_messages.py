@@ -65,3 +65,18 @@ def test_iou_chart_uses_its_width_and_shows_the_whole_legend() -> None:
     assert height > width * 0.6  # room below the axes for the legend (two rows)
     drawn = (image[int(0.2 * height): int(0.6 * height)] < 250).any(axis=0)  # the band of the bars
     assert drawn[: width // 3].mean() > 0.5, "the left third of the plot is empty"
+
+
+def test_results_read_back_sorted_print_as_the_first_run(capsys: pytest.CaptureFixture[str]) -> None:
+    from wsss_ray.report.console import print_results
+
+    metrics = {"per_class_iou": SCORES, "val_miou": 0.7, "background_only_miou": 0.35,
+               "pseudo_mask_miou": {"pseudo": 0.2, "cam": 0.17},
+               "failed_images": {"ingest": 1, "pseudo_labels": 0, "evaluate": 2}, "failures_uri": "f.parquet"}
+    outputs = []
+    for run in (metrics, {**metrics, "pseudo_mask_miou": {"cam": 0.17, "pseudo": 0.2},
+                          "failed_images": dict(sorted(metrics["failed_images"].items()))}):
+        print_results({"evaluate": {"metrics": run, "report_uri": "report.html"}}, ["background", "cat"], "out", 3.0)
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert "failed images: ingest 1, pseudo_labels 0, evaluate 2 (list: f.parquet)" in outputs[0]

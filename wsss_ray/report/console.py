@@ -66,8 +66,12 @@ def print_results(summaries: dict[str, Any], names: list[str], output: str, seco
     print("\n" + format_iou_table(metrics["per_class_iou"], names))
     print(f"\nsegmentation val mIoU {100 * metrics['val_miou']:.1f} "
           f"(background only: {100 * metrics['background_only_miou']:.1f}); pseudo-masks: "
-          + ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics["pseudo_mask_miou"].items()))
-    print(f"failed images: {metrics['failed_images']} (list: {metrics['failures_uri']})")
+          + ", ".join(f"{k} {100 * v:.1f}" for k, v in sorted(metrics["pseudo_mask_miou"].items())))
+    # In pipeline order, not the dict's: a rerun reads them back from JSON written with sorted keys.
+    failed = metrics["failed_images"]
+    order = [k for k in ("ingest", "pseudo_labels", "evaluate") if k in failed] + sorted(
+        k for k in failed if k not in ("ingest", "pseudo_labels", "evaluate"))
+    print(f"failed images: {', '.join(f'{k} {failed[k]}' for k in order)} (list: {metrics['failures_uri']})")
     print(f"pipeline finished in {seconds:.0f}s")
     print(f"metrics: {storage.join(output, 'metrics.json')}")
     print(f"report:  {evaluate['report_uri']}")
