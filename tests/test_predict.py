@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -250,9 +251,19 @@ print(json.load(open(sys.argv[1] + "/model.json"))["input"]["layout"])
 """
 
 
-def test_export_round_trips_without_wsss_ray(trained: dict[str, Any], tmp_path: Path) -> None:
+def test_export_round_trips_without_wsss_ray(trained: dict[str, Any], tmp_path: Path,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "export"
-    assert main(["export", "--model", trained["stage"].uri, "--out", str(out)]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", "--model", trained["stage"].uri, "--out", str(out)]) == 0
+    # Quiet: the written files as JSON on stdout, one line on stderr; not the exporters' ~20 lines of warnings,
+    # progress prints and log lines.
+    printed = capfd.readouterr()
+    assert [str(w.message) for w in caught] == []
+    assert set(json.loads(printed.out)) >= {"torchscript", "card"}
+    assert [line for line in printed.err.splitlines() if not line.startswith("[20")] == [
+        line for line in printed.err.splitlines() if line.startswith("[export] ")]  # (Ray's own lines aside)
     card = json.loads((out / "model.json").read_text())
     assert card["classes"] == VOC_CLASSES and card["input"]["height"] == "dynamic"
     assert card["normalization"]["mean"] == [0.485, 0.456, 0.406]

@@ -233,12 +233,19 @@ def s3_config(tmp_path: Path, output: str) -> Path:
     return cfg
 
 
-def test_s3_output_with_wrong_credentials(authenticating_s3: str, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_s3_output_and_weights_with_wrong_credentials(authenticating_s3: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     cfg = s3_config(tmp_path, "s3://locked/wsss/demo")
+    cfg.write_text(cfg.read_text().replace("{backbone: {name: resnet_tiny}}",
+                                           "{backbone: {name: resnet_tiny, weights: 's3://locked/tiny.pt'}}", 1))
     code, lines = check(capsys, str(cfg))
     assert code == 2
-    assert lines[1:] == [
+    assert lines[1:3] == [
+        (f"{cfg}: train_cls.backbone.weights: s3://locked/tiny.pt: the S3 endpoint {authenticating_s3} "
+         "(AWS_ENDPOINT_URL) refused the credentials: ACCESS_DENIED (HeadObject)"),
+        ("  fix: set RESNET_TINY_WEIGHTS (read by jobs/configs) or train_cls.backbone.weights to a torchvision "
+         "resnet_tiny ImageNet state dict, local or s3://; see docs/reproduce.md")]
+    assert lines[3:] == [
         (f"{cfg}: output: s3://locked/wsss/demo: the S3 endpoint {authenticating_s3} (AWS_ENDPOINT_URL) refused the "
         "credentials: The AWS Access Key Id you provided does not exist in our records."),
         ("  fix: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary keys) to "

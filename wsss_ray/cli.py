@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("config", help="config utilities").add_subparsers(dest="action", required=True)
-    check_parser = check.add_parser("check", help="validate a config file without running anything")
+    check_parser = check.add_parser("check", help="validate a config file and check what it points at (data, "
+                                    "weights, output), without running anything")
     check_parser.add_argument("file")
     check_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check_parser.add_argument("--print", action="store_true", help="print the config with all defaults filled in")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import posixpath
+
 from wsss_ray.core import storage
 from wsss_ray.models.card import TrainedModel, resolve_model
 from wsss_ray.preflight import probe
@@ -54,7 +56,9 @@ def predict_problems(model: str, inputs: str, out: str | None, options: PredictO
     masks of another model or other options (an error unless ``overwrite``)."""
     trained, problems = _model(model)
     problems += _inputs(inputs)
-    where = out or model.rstrip("/").rsplit("/", 2 if model.rstrip("/").endswith(".pt") else 1)[0]
+    folder = model.rstrip("/")
+    folder = posixpath.dirname(folder) if folder.endswith(".pt") else folder
+    where = out or posixpath.dirname(folder) or "."  # the default: predict-<hash> beside the stage folder
     problems += output_problems("--out", where, PreflightOptions())
     if trained is not None and out and not problems and not overwrite:
         conflict = output_conflict(out.rstrip("/"), model_sha256(trained), options)

@@ -50,6 +50,8 @@ def explain_s3_error(error: OSError) -> Unreachable:
         return Unreachable(f"cannot reach the S3 endpoint {endpoint_name()}: {detail}",
                            "check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network; "
                            "`wsss-ray config check --offline` skips the S3 checks")
+    if detail == "No response body." and code:  # a HEAD request's error carries only its code
+        detail = f"{code.group(1)} ({text.split(' during ', 1)[-1].split(' operation', 1)[0]})"
     if any(name in text.upper() for name in _CREDENTIAL_ERRORS):
         return Unreachable(f"the S3 endpoint {endpoint_name()} refused the credentials: {detail}",
                            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
