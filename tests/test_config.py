@@ -98,7 +98,11 @@ def test_config_hash_tracks_changes(tmp_path: Path) -> None:
 
 
 def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["config", "check", str(write(tmp_path, MINIMAL))]) == 0
+    # What the config points at must exist too (the pre-flight step, tests/test_preflight.py): a dataset generated
+    # on first use, and the default ResNet-50/101 declared to train from scratch.
+    ready = (f"output: {tmp_path}/out\ndataset: {{root: {tmp_path}/voc, generate: {{}}}}\n"
+             "train_cls: {backbone: {weights: none}}\ntrain_seg: {model: {backbone: {weights: none}}}\n")
+    assert main(["config", "check", str(write(tmp_path, ready))]) == 0
     assert main(["config", "check", str(write(tmp_path, MINIMAL + "ray: {num_cpus: 0}\n"))]) == 2
     err = capsys.readouterr().err
     assert "ray.num_cpus" in err and "greater than or equal to 1" in err

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -250,9 +251,19 @@ print(json.load(open(sys.argv[1] + "/model.json"))["input"]["layout"])
 """
 
 
-def test_export_round_trips_without_wsss_ray(trained: dict[str, Any], tmp_path: Path) -> None:
+def test_export_round_trips_without_wsss_ray(trained: dict[str, Any], tmp_path: Path,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "export"
-    assert main(["export", "--model", trained["stage"].uri, "--out", str(out)]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", "--model", trained["stage"].uri, "--out", str(out)]) == 0
+    # Quiet: the written files as JSON on stdout, one line on stderr; not the exporters' ~20 lines of warnings,
+    # progress prints and log lines.
+    printed = capfd.readouterr()
+    assert [str(w.message) for w in caught] == []
+    assert set(json.loads(printed.out)) >= {"torchscript", "card"}
+    assert [line for line in printed.err.splitlines() if not line.startswith("[20")] == [
+        line for line in printed.err.splitlines() if line.startswith("[export] ")]  # (Ray's own lines aside)
     card = json.loads((out / "model.json").read_text())
     assert card["classes"] == VOC_CLASSES and card["input"]["height"] == "dynamic"
     assert card["normalization"]["mean"] == [0.485, 0.456, 0.406]
@@ -289,3 +300,43 @@ def test_predict_rayjob_runs_the_cli_with_the_shared_cluster() -> None:
     assert (python, script) == ("python", "jobs/predict.py")
     parsed = build_parser().parse_args(["predict", *args])  # exits (fails) on an option the CLI does not take
     assert parsed.model.startswith("s3://") and parsed.input.startswith("s3://") and parsed.out.startswith("s3://")
+
+
+def test_crf_rerun_into_the_same_out_refuses_or_starts_clean(trained: dict[str, Any], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A --crf run into an --out that holds masks without CRF: refused (the folder keeps its masks and its
+    predict.json), or with --overwrite CRF masks for every image, as a fresh folder gets. predict.json always
+    describes the masks present; a rerun with the same model and options resumes."""
+    listing = tmp_path / "val.txt"
+    listing.write_text("\n".join(r["image_uri"] for r in trained["val"]) + "\n")
+    out = tmp_path / "pred"
+    command = ["predict", "--model", trained["stage"].uri, "--input", str(listing), "--gpu", "no"]
+
+    def masks(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / "masks").rglob("*.png"))}
+
+    def recorded_crf(folder: Path) -> Any:
+        return json.loads((folder / "predict.json").read_text())["options"]["crf"]
+
+    assert main([*command, "--out", str(out)]) == 0
+    plain = masks(out)
+    assert len(plain) == len(trained["val"]) and recorded_crf(out) is None
+    written = {p: p.stat().st_mtime_ns for p in (out / "masks").rglob("*.png")}
+    capsys.readouterr()
+    assert main([*command, "--out", str(out), "--crf"]) == 2
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        f"predict: --out: {out}: its masks come from another run: crf off → on",
+        "  fix: give another --out, or --overwrite to delete its masks and start clean"]
+    assert masks(out) == plain and recorded_crf(out) is None
+
+    assert main([*command, "--out", str(tmp_path / "fresh"), "--crf"]) == 0
+    fresh = masks(tmp_path / "fresh")
+    # The tiny model is so sure of the toy images that the CRF may keep their masks: what tells a clean CRF run
+    # from a resumed one is that every mask is written again (and none is skipped), with the fresh run's bytes.
+    assert main([*command, "--out", str(out), "--crf", "--overwrite"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["skipped_done"], summary["predicted"]) == (0, len(plain))
+    assert masks(out) == fresh and recorded_crf(out) == CrfConfig().model_dump()
+    assert all(p.stat().st_mtime_ns != mtime for p, mtime in written.items())  # every mask written again
+    assert main([*command, "--out", str(out), "--crf"]) == 0  # same model and options: resumes
+    assert json.loads((out / "summary.json").read_text())["skipped_done"] == len(plain)

@@ -257,7 +257,7 @@ def _expand_env(value: Any, where: str, source: str) -> Any:
 def _apply_override(data: dict[str, Any], override: str, source: str) -> None:
     """Apply one ``dotted.key=value`` override; the value is parsed as YAML (``2``, ``true``, ``[1, 2]``)."""
     if "=" not in override:
-        raise ConfigError(f"{source}: override {override!r} is not of the form key.path=value")
+        raise ConfigError(f"{source}: not of the form key.path=value")
     path, raw = override.split("=", 1)
     keys = path.strip().split(".")
     node = data
@@ -271,18 +271,24 @@ def _apply_override(data: dict[str, Any], override: str, source: str) -> None:
 
 
 
-def parse_config(data: Any, source: str = "<config>", overrides: list[str] | None = None) -> PipelineConfig:
-    """Validate a mapping (already read from YAML) into a :class:`PipelineConfig`."""
+def parse_config(data: Any, source: str = "<config>", overrides: list[str] | None = None,
+                 override_source: str | None = None) -> PipelineConfig:
+    """Validate a mapping (already read from YAML) into a :class:`PipelineConfig`.
+
+    With ``override_source`` (``--set``), an error in a field an override set names the override, not ``source``.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     data = json.loads(json.dumps(data))  # deep copy; YAML gives JSON-compatible values here
     for override in overrides or []:
-        _apply_override(data, override, source)
+        _apply_override(data, override, f"{override_source} {override}" if override_source else source)
     data = _expand_env(data, "", source)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_errors(source, error)) from None
+        sources = {o.split("=", 1)[0].strip(): f"{override_source} {o}" for o in overrides or []} \
+            if override_source else {}
+        raise ConfigError(format_errors(source, error, sources)) from None
 
 
 def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -331,5 +337,5 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read and validate a YAML config; ``overrides`` are ``dotted.key=value`` strings applied first."""
-    return parse_config(_read_yaml(Path(path)), str(path), overrides)
+    return parse_config(_read_yaml(Path(path)), str(path), overrides, override_source="--set")
 

@@ -10,9 +10,13 @@ input layout), so the files are usable without wsss-ray:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,10 +60,10 @@ def export_model(model: str, out: str, *, onnx: bool = True) -> dict[str, Any]:
     net = LogitsOnly(trained.build("cpu")).eval()
     example = torch.randn(*EXAMPLE_SIZE)
     written: dict[str, Any] = {}
-    with torch.no_grad():
-        traced = torch.jit.trace(net, example)
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
+    with torch.no_grad(), quiet_exporters():
+        traced = torch.jit.trace(net, example)
+        torch.jit.save(traced, buffer)
     storage.write_bytes(storage.join(out, TORCHSCRIPT_FILE), buffer.getvalue())
     written["torchscript"] = storage.join(out, TORCHSCRIPT_FILE)
 
@@ -85,12 +89,27 @@ def export_model(model: str, out: str, *, onnx: bool = True) -> dict[str, Any]:
     return written
 
 
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """Silence the exporters' own chatter (~20 lines: torch.jit's deprecation warnings, the ONNX exporter's
+    progress prints and its "torchvision is not installed" log lines); a failure still raises with its message."""
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        onnx_logger.setLevel(level)
+
+
 def _onnx_bytes(net: torch.nn.Module, example: torch.Tensor) -> bytes:
     batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), quiet_exporters():
         path = os.path.join(tmp, ONNX_FILE)
         torch.onnx.export(net, (example,), path, input_names=["images"], output_names=["logits"],
                           dynamic_shapes={"images": {0: batch, 2: height, 3: width}}, dynamo=True,
-                          external_data=False)
+                          external_data=False, verbose=False)
         with open(path, "rb") as f:
             return f.read()

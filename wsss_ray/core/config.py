@@ -287,10 +287,14 @@ class SegModelConfig(StrictModel):
     KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"classifier": "conv", "cosine_scale": 20.0}
 
 
-def format_errors(source: str, error: ValidationError) -> str:
+def format_errors(source: str, error: ValidationError, sources: dict[str, str] | None = None) -> str:
+    """One line per error: ``<source>: <dotted field>: <message>, got <value>``. ``sources`` maps a dotted field
+    prefix to the source that set it (``--set key=value``), named instead of ``source`` for errors below it."""
     lines = []
     for err in error.errors():
         field = ".".join(str(part) for part in err["loc"] if part not in COMPONENT_TAGS) or "<root>"
+        where = next((label for prefix, label in (sources or {}).items()
+                      if field == prefix or field.startswith(prefix + ".")), source)
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown field"
@@ -299,7 +303,7 @@ def format_errors(source: str, error: ValidationError) -> str:
             message = f"unknown {err['ctx']['tag']!r}; expected one of {err['ctx']['expected_tags']}"
         got = err.get("input")
         shown = "" if err["type"] == "missing" or isinstance(got, dict) else f", got {json.dumps(got, default=str)}"
-        lines.append(f"{source}: {field}: {message}{shown}")
+        lines.append(f"{where}: {field}: {message}{shown}")
     return "\n".join(lines)
 
 

@@ -25,6 +25,10 @@ def cluster_address(config: RayConfig) -> str | None:
     return config.address or os.environ.get("RAY_ADDRESS")
 
 
+# Said once per run, before the line it explains: Ray Data's model actor pools are created with the model as a
+# constructor argument and restart on failure, which Ray's C++ core reports at error level in every run.
+CXX_NOTE = ("a line \"core_worker.cc ... has constructor arguments in the object store and max_restarts > 0\" "
+            "may follow: it is Ray's C++ core noting that the model actor pools restart with their model; expected")
 # Ray's driver-side loggers: at the default verbosity only their errors reach the console.
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.util")
 
@@ -57,6 +61,9 @@ def init_ray(config: RayConfig, verbose: bool = False) -> None:
     quiet_ray_logging(verbose)  # Ray's libraries' loggers (ray.data, ray.train, ray.tune)
     if not verbose:
         log("ray", f"Ray's own logs: {ray_logs_dir()} (--verbose shows them here)")
+        # Ray's C++ core prints its error-level lines to the driver's stderr whatever the Python settings (only
+        # RAY_BACKEND_LOG_LEVEL, which every Ray process inherits, would hide them, from the log files too).
+        log("ray", CXX_NOTE)
     # Ray Data's per-operator progress bars are noisy in logs; our stages print their own progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
 

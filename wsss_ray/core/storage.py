@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from wsss_ray.core.s3_retry import RETRIES_VAR, RetryingS3FileSystem, s3_retries
+from wsss_ray.core.s3_settings import s3_kwargs
 
 __all__ = [
     "RETRIES_VAR", "StorageError", "copy_to_local", "delete", "exists", "is_s3", "join", "list_files",
@@ -113,17 +114,6 @@ def _s3_path(uri: str) -> str:
     return path
 
 
-def _env_endpoint() -> tuple[str | None, str]:
-    """(endpoint_override, scheme) from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``."""
-    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not url:
-        return None, "https"
-    if "://" not in url:
-        return url.rstrip("/"), "https"
-    parsed = urlparse(url)
-    return (parsed.netloc + parsed.path).rstrip("/"), parsed.scheme or "https"
-
-
 def _uri_error(uri: str, action: str, exc: OSError) -> OSError:
     """An error of the same builtin kind that names the URI (pyarrow's own message names only the path)."""
     kind = type(exc) if type(exc) in _KEEP_KINDS else StorageError
@@ -138,25 +128,15 @@ def _secret_digest(value: str | None) -> str:
 
 def _s3_filesystem() -> pafs.S3FileSystem:
     """The S3 filesystem for the current AWS environment, cached per distinct setting."""
-    endpoint, scheme = _env_endpoint()
-    access_key = os.environ.get("AWS_ACCESS_KEY_ID") or None
-    secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY") or None
-    token = os.environ.get("AWS_SESSION_TOKEN") or None
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    settings = s3_kwargs()
     attempts = s3_retries()
-    key = (endpoint or "-", scheme, region, str(attempts), access_key or "-",
-           _secret_digest(secret_key), _secret_digest(token))
+    key = (settings.get("endpoint_override", "-"), settings["scheme"], settings["region"], str(attempts),
+           settings.get("access_key") or "-", _secret_digest(settings.get("secret_key")),
+           _secret_digest(settings.get("session_token")))
     with _S3_LOCK:
         fs = _S3_CACHE.get(key)
         if fs is None:
-            kwargs: dict[str, Any] = {"region": region, "scheme": scheme}
-            if endpoint:
-                kwargs["endpoint_override"] = endpoint
-            # Explicit keys travel with the pickled filesystem (Ray Train ships it to workers); without them
-            # pyarrow falls back to the AWS SDK's default chain (config files, instance profile).
-            if access_key and secret_key:
-                kwargs.update(access_key=access_key, secret_key=secret_key, session_token=token)
-            fs = RetryingS3FileSystem(attempts, **kwargs)
+            fs = RetryingS3FileSystem(attempts, **settings)
             _S3_CACHE[key] = fs
         return fs
 

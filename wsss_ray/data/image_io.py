@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wsss_ray.core import storage
 from wsss_ray.core.items import BadItemError
@@ -19,6 +19,9 @@ def _open(data: bytes, name: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         # Image.open only reads the header: load() decodes everything, so truncated files fail here.
         image.load()
+    except UnidentifiedImageError as error:
+        # Pillow's own message names the in-memory buffer ("<_io.BytesIO object at 0x…>"), not the file.
+        raise BadItemError(name, "cannot decode image: not an image format Pillow reads") from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise BadItemError(name, f"cannot decode image: {error}") from error
     return image

@@ -57,7 +57,11 @@ class TrainedModel:
         return SegModelConfig.model_validate(self.card["model"])
 
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
-        model = build_segmentation_model(self.config, int(self.card["num_classes"]))
+        # The trained weights replace every tensor: the ImageNet weights the card names are not read (they may
+        # not be reachable where the model is used).
+        config = self.config
+        config = config.model_copy(update={"backbone": config.backbone.model_copy(update={"weights": None})})
+        model = build_segmentation_model(config, int(self.card["num_classes"]))
         return load_weights(model, self.weights_uri).to(device).eval()
 
 

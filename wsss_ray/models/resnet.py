@@ -133,12 +133,24 @@ class ResNet(nn.Module):
         return self.forward_features(x)["out"]
 
 
+NO_WEIGHTS = "none"  # ``weights: none``: train from scratch, said on purpose (see wsss_ray.preflight.weights)
+
+
+def backbone_state(raw: object, uri: str) -> dict[str, torch.Tensor]:
+    """The ResNet tensors of a loaded checkpoint: a state dict or ``{"state_dict": ...}``, torchvision or timm
+    naming, DDP's ``module.`` prefix dropped, the ImageNet classifier (``fc.*``) left out."""
+    if isinstance(raw, dict) and "state_dict" in raw:
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise ValueError(f"{uri}: not a state dict (a mapping of parameter names to tensors), got "
+                         f"{type(raw).__name__}")
+    return {k.removeprefix("module."): v for k, v in raw.items() if not k.startswith(("fc.", "module.fc."))}
+
+
 def load_backbone_weights(model: ResNet, uri: str) -> None:
     """Load an ImageNet ResNet state dict (torchvision or timm naming) strictly; ``fc.*`` is dropped."""
-    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+    raw = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    state = backbone_state(raw, uri)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
@@ -149,7 +161,8 @@ def load_backbone_weights(model: ResNet, uri: str) -> None:
 
 
 def build_backbone(name: str, output_stride: int = 16, weights: str | None = None) -> ResNet:
+    """A ResNet, with the ImageNet ``weights`` at that URI loaded; None, "" or ``none``: from scratch."""
     model = ResNet(name, output_stride)
-    if weights:
+    if weights and weights.strip().lower() != NO_WEIGHTS:
         load_backbone_weights(model, weights)
     return model

@@ -9,9 +9,16 @@ import numpy as np
 from wsss_ray.core import storage
 
 
+def column_order(name: str) -> tuple[int, str]:
+    """The IoU table's column order: pseudo-masks (train), then the segmentation, then the rest (background
+    only). Fixed, not the dict's: a rerun reads the scores back from JSON written with sorted keys."""
+    rank = 0 if name.endswith("(train)") else 1 if name.startswith("segmentation") else 2
+    return rank, name
+
+
 def format_iou_table(per_class: dict[str, dict[str, float | None] | None], names: list[str]) -> str:
     """Plain-text table: one row per class that is scored anywhere, one column per scored mask set."""
-    columns = {k: v for k, v in per_class.items() if v}  # in the order metrics.json lists them
+    columns = {k: per_class[k] for k in sorted(per_class, key=column_order) if per_class[k]}
     classes = [c for c in names if any(col.get(c) is not None for col in columns.values())]
     width = max([len(c) for c in classes] + [5])
     header = f"{'class':<{width}}  " + "  ".join(f"{name:>24}" for name in columns)
@@ -59,8 +66,12 @@ def print_results(summaries: dict[str, Any], names: list[str], output: str, seco
     print("\n" + format_iou_table(metrics["per_class_iou"], names))
     print(f"\nsegmentation val mIoU {100 * metrics['val_miou']:.1f} "
           f"(background only: {100 * metrics['background_only_miou']:.1f}); pseudo-masks: "
-          + ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics["pseudo_mask_miou"].items()))
-    print(f"failed images: {metrics['failed_images']} (list: {metrics['failures_uri']})")
+          + ", ".join(f"{k} {100 * v:.1f}" for k, v in sorted(metrics["pseudo_mask_miou"].items())))
+    # In pipeline order, not the dict's: a rerun reads them back from JSON written with sorted keys.
+    failed = metrics["failed_images"]
+    order = [k for k in ("ingest", "pseudo_labels", "evaluate") if k in failed] + sorted(
+        k for k in failed if k not in ("ingest", "pseudo_labels", "evaluate"))
+    print(f"failed images: {', '.join(f'{k} {failed[k]}' for k in order)} (list: {metrics['failures_uri']})")
     print(f"pipeline finished in {seconds:.0f}s")
     print(f"metrics: {storage.join(output, 'metrics.json')}")
     print(f"report:  {evaluate['report_uri']}")

@@ -214,7 +214,11 @@ def plot_per_class_iou(per_class: Mapping[str, Mapping[str, float | None]], titl
     classes = scored_classes(per_class)
     groups = [*classes, "mIoU"]
     n_series = max(1, len(per_class))
-    fig = Figure(figsize=(max(6.0, 0.32 * len(groups) * (1 + 0.35 * n_series)), 4.0), layout="constrained")
+    # The legend goes below the axes, two entries a row: inside them, a row of long series names ("pseudo-masks
+    # image_cam + CRF (train)") is wider than the axes, and the layout squeezed the bars into a third of the width.
+    legend_rows = math.ceil(len(per_class) / 2)
+    fig = Figure(figsize=(max(6.0, 0.32 * len(groups) * (1 + 0.35 * n_series)), 4.0 + 0.25 * legend_rows),
+                 layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / n_series
     x = np.arange(len(groups))
@@ -230,7 +234,7 @@ def plot_per_class_iou(per_class: Mapping[str, Mapping[str, float | None]], titl
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.grid(True, axis="y", alpha=0.3)
     if per_class:
-        ax.legend(fontsize="small", ncols=min(n_series, 4), loc="upper right")
+        fig.legend(fontsize="small", ncols=min(n_series, 2), loc="outside lower center")
     if title:
         ax.set_title(title)
     return figure_png(fig)

@@ -32,6 +32,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("height", pa.int32()), ("width", pa.int32()), ("tags", pa.list_(pa.int32())),
     ("boxes", pa.list_(pa.list_(pa.int32()))), ("mask_uri", pa.string()), ("scribble_uri", pa.string()),
 ])
+SHOWN_FAILURES = 10  # the console lists this many skipped files; failures.parquet has them all
 FAILURES_SCHEMA = pa.schema([("image_id", pa.string()), ("split", pa.string()), ("file", pa.string()),
                              ("reason", pa.string())])
 
@@ -96,12 +97,20 @@ def build_manifest(config: DatasetConfig, stage: StageDir) -> dict[str, Any]:
     records.sort(key=lambda r: (r["split"], r["image_id"]))
     storage.write_parquet(stage.path("failures.parquet"), pa.Table.from_pylist(failures, schema=FAILURES_SCHEMA))
     storage.write_parquet(stage.path("manifest.parquet"), pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA))
-    for failure in failures[:10]:
-        log("ingest", f"skipped {failure['file']}: {failure['reason']}")
+    for line in skipped_lines(failures, stage.path("failures.parquet")):
+        log("ingest", line)
     counts = {split: sum(r["split"] == split for r in records) for split in dict.fromkeys(i["split"] for i in items)}
     return {"images": len(items), "records": len(records), "per_split": counts, "failed": len(failures),
             "failures_uri": stage.path("failures.parquet"), "manifest_uri": stage.path("manifest.parquet"),
             "classes": class_names(config.format)}
+
+
+def skipped_lines(failures: list[dict[str, Any]], failures_uri: str) -> list[str]:
+    """The console's account of the skipped files: the first few, and how many more the table holds."""
+    lines = [f"skipped {f['file']}: {f['reason']}" for f in failures[:SHOWN_FAILURES]]
+    if len(failures) > SHOWN_FAILURES:
+        lines.append(f"... and {len(failures) - SHOWN_FAILURES} more skipped: all {len(failures)} in {failures_uri}")
+    return lines
 
 
 def load_manifest(stage: StageDir, split: str | None = None) -> list[ManifestRecord]:

@@ -239,31 +239,98 @@ def _options_json(options: PredictOptions) -> dict[str, Any]:
             "crf": options.crf.model_dump() if options.crf else None}
 
 
-def default_output(model: TrainedModel, inputs: str, options: PredictOptions) -> str:
+def model_sha256(trained: TrainedModel) -> str:
+    """The SHA-256 of the model's weights: what an output folder's masks are keyed by (with the options)."""
+    return hashlib.sha256(storage.read_bytes(trained.weights_uri)).hexdigest()
+
+
+def default_output(model: TrainedModel, inputs: str, options: PredictOptions, sha: str | None = None) -> str:
     """``predict-<hash>`` beside the model's stage folder, keyed by the weights, the input and the options."""
     folder = model.weights_uri.rsplit("/", 1)[0]
     parent = folder.rsplit("/", 1)[0]
-    sha = hashlib.sha256(storage.read_bytes(model.weights_uri)).hexdigest()
-    key = config_hash(sha, inputs, _options_json(options))
+    key = config_hash(sha or model_sha256(model), inputs, _options_json(options))
     return storage.join(parent, f"predict-{key}")
 
 
-def predict_images(model: str, inputs: str, out: str | None = None, *, options: PredictOptions | None = None,
-                   max_actors: int = 4, use_gpu: bool | str = "auto") -> dict[str, Any]:
-    """Predict every image ``inputs`` names with the model at ``model``; resumable; returns the summary.
+class PredictOutputConflict(ValueError):
+    """``--out`` holds masks of another model or other options: resuming there would mix them."""
 
-    Ray must be initialised (``wsss_ray.ray_utils.init_ray``); the CLI does it.
+
+# What a predict run writes into its --out folder (``--overwrite`` deletes these, nothing else there).
+OUTPUT_ENTRIES = ("masks", "overlays", "rows", "predictions.parquet", "summary.json", "predict.json", MODEL_CARD)
+
+
+def output_conflict(out_uri: str, sha: str, options: PredictOptions) -> str | None:
+    """Why the masks already in ``out_uri`` are not this model's with these options, or None (empty folder, or
+    the same model and options: a rerun resumes there). ``predict.json`` records both for every run."""
+    meta_uri = storage.join(out_uri, "predict.json")
+    if not storage.exists(meta_uri):
+        made = [e for e in ("masks", "rows") if storage.exists(storage.join(out_uri, e))]
+        return f"it holds {made[0]}/ of an unknown run (no predict.json)" if made else None
+    before = storage.read_json(meta_uri)
+    old_sha, old_options = before.get("model_sha256"), before.get("options") or {}
+    differ = []
+    if old_sha != sha:
+        differ.append(f"model sha256 {str(old_sha)[:12]}… → {sha[:12]}…" if old_sha else
+                      "model (not recorded: made before predict keyed its folders)")
+    now = _options_json(options)
+    for name, value in now.items():
+        old = old_options.get(name)
+        if name not in old_options:
+            differ.append(f"{name} (not recorded) → {_shown(value)}")
+        elif old != value:
+            differ.append(f"{name} parameters differ" if isinstance(old, dict) and isinstance(value, dict) else
+                          f"{name} {_shown(old)} → {_shown(value)}")
+    return None if not differ else "its masks come from another run: " + ", ".join(differ)
+
+
+def _shown(value: Any) -> str:
+    """An option's value in a message: off/on for a section that is None or set, else the value."""
+    if value is None or isinstance(value, bool | dict):
+        return "on" if value else "off"
+    return str(value)
+
+
+def clear_outputs(out_uri: str) -> None:
+    """Delete what earlier predict runs wrote into ``out_uri`` (and only that)."""
+    for entry in OUTPUT_ENTRIES:
+        storage.delete(storage.join(out_uri, entry))
+
+
+def _claim_output(out_uri: str, trained: TrainedModel, sha: str, inputs: str, options: PredictOptions,
+                  overwrite: bool) -> None:
+    """Make ``out_uri`` this run's: refuse (or, with ``overwrite``, clear) another run's masks there, then record
+    the model and options in ``predict.json``."""
+    conflict = output_conflict(out_uri, sha, options)
+    if conflict and not overwrite:
+        raise PredictOutputConflict(f"--out {out_uri}: {conflict}; give another --out, or --overwrite to delete "
+                                    "its masks and start clean")
+    if conflict:
+        log("predict", f"--overwrite: deleting the earlier run's outputs in {out_uri} ({conflict})")
+        clear_outputs(out_uri)
+    storage.write_json(storage.join(out_uri, "predict.json"), {
+        "model": trained.weights_uri, "model_sha256": sha, "input": inputs, "options": _options_json(options)})
+    storage.write_json(storage.join(out_uri, MODEL_CARD), trained.card)
+
+
+def predict_images(model: str, inputs: str, out: str | None = None, *, options: PredictOptions | None = None,
+                   max_actors: int = 4, use_gpu: bool | str = "auto", overwrite: bool = False) -> dict[str, Any]:
+    """Predict every image ``inputs`` names with the model at ``model``; returns the summary.
+
+    A rerun into the same ``out`` resumes what the same model (by SHA-256) and options produced there; masks of
+    another model or other options raise :class:`PredictOutputConflict`, unless ``overwrite``: then they are
+    deleted first and the run starts clean. Ray must be initialised (``wsss_ray.ray_utils.init_ray``); the CLI
+    does it.
     """
     options = options or PredictOptions()
     trained = resolve_model(model)
-    out_uri = (out or default_output(trained, inputs, options)).rstrip("/")
+    sha = model_sha256(trained)
+    out_uri = (out or default_output(trained, inputs, options, sha)).rstrip("/")
     uris, root = resolve_inputs(inputs)
     if not uris:
         raise FileNotFoundError(f"--input {inputs}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
+    _claim_output(out_uri, trained, sha, inputs, options, overwrite)
     names = output_names(uris, root)
-    storage.write_json(storage.join(out_uri, "predict.json"), {
-        "model": trained.weights_uri, "input": inputs, "options": _options_json(options)})
-    storage.write_json(storage.join(out_uri, MODEL_CARD), trained.card)
     done = {r["image"] for r in read_rows(out_uri) if r["failure"] is None}
     todo = [{"image": u, "name": n} for u, n in zip(uris, names) if u not in done]
     log("predict", f"{len(uris)} images, {len(uris) - len(todo)} already done, {len(todo)} to do → {out_uri}")
@@ -313,5 +380,5 @@ def _flush(out_uri: str, rows: list[dict[str, Any]]) -> None:
         rows.clear()
 
 
-__all__ = ["PredictOptions", "TrainedModel", "ensure_model_card", "output_names", "predict_images", "resolve_inputs",
+__all__ = ["PredictOptions", "PredictOutputConflict", "TrainedModel", "ensure_model_card", "output_names", "predict_images", "resolve_inputs",
            "resolve_model"]
