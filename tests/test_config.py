@@ -111,7 +111,7 @@ def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_base_config_is_merged_under_the_file(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text(MINIMAL + "train_seg:\n  epochs: 7\n  loss: {label_smoothing: 0.1}\n"
                                         "pseudo_labels:\n  generator: {name: image_cam, bg_score: 0.3}\n")
-    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain_seg:\n  batch_size: 6\n"
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ndataset: {supervision: boxes}\ntrain_seg:\n  batch_size: 6\n"
                                          "pseudo_labels:\n  generator: {name: box}\n")
     config = load_config(tmp_path / "child.yaml")
     assert (config.train_seg.epochs, config.train_seg.batch_size) == (7, 6)  # merged key by key

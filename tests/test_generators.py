@@ -345,7 +345,7 @@ def test_scribbles_override_the_pseudo_label() -> None:
 
 
 def _pipeline(generator: dict[str, Any]) -> Any:
-    supervision = "scribbles" if generator.get("name") == "scribble" else "tags"
+    supervision = {"scribble": "scribbles", "box": "boxes"}.get(generator.get("name", ""), "tags")
     return parse_config({"output": "out", "dataset": {"root": "data", "supervision": supervision},
                          "pseudo_labels": {"generator": generator}}, source="cfg.yaml")
 

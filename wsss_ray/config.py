@@ -35,16 +35,15 @@ from wsss_ray.core.config import (
     crf_field,
     format_errors,
 )
-from wsss_ray.methods.cam.config import GapHeadConfig, ImageCamGeneratorConfig, MultiLabelSoftMarginConfig
 from wsss_ray.methods.registry import (
     CLASSIFIER_HEADS,
     CLASSIFIER_OBJECTIVES,
     CORRECTORS,
     GENERATORS,
     SEGMENTATION_OBJECTIVES,
+    EarlyLearningConfig,
     segmentation_maps,
 )
-from wsss_ray.methods.robust.config import CrossEntropyConfig, EarlyLearningConfig
 
 __all__ = ["ClassifierTrainConfig", "ConfigError", "EvaluateConfig", "PipelineConfig", "PseudoLabelConfig",
            "SegTrainConfig", "config_hash", "load_config", "parse_config"]
@@ -60,8 +59,8 @@ class ClassifierTrainConfig(StrictModel):
     """Stage ``train_cls``: the classifier whose CAMs seed the pseudo-masks."""
 
     backbone: BackboneConfig = BackboneConfig()
-    head: ClassifierHeadConfig = GapHeadConfig()
-    loss: ClassifierLossConfig = MultiLabelSoftMarginConfig()
+    head: ClassifierHeadConfig = CLASSIFIER_HEADS.default_config()
+    loss: ClassifierLossConfig = CLASSIFIER_OBJECTIVES.default_config()
     epochs: PositiveInt = 5
     # The global batch, split evenly over the workers (it must divide by the worker count).
     batch_size: PositiveInt = 16
@@ -102,7 +101,7 @@ class PseudoLabelConfig(StrictModel):
     """Stage ``pseudo_labels``: CAM inference in a Ray Data actor pool, CRF as CPU tasks."""
 
     # One of the generator components, chosen by its ``name`` (default: the image-level CAM baseline).
-    generator: GeneratorConfig = ImageCamGeneratorConfig()
+    generator: GeneratorConfig = GENERATORS.default_config()
     # Upper bound of the model actor pool; the pool never takes every CPU (the read stage needs one).
     max_actors: PositiveInt = 4
     batch_size: PositiveInt = 4
@@ -113,7 +112,7 @@ class SegTrainConfig(StrictModel):
     """Stage ``train_seg``: DeepLab trained on the pseudo-masks (OuT: batch 10, crop 448, lr 1e-3, poly)."""
 
     model: SegModelConfig = SegModelConfig()
-    loss: SegLossConfig = CrossEntropyConfig()
+    loss: SegLossConfig = SEGMENTATION_OBJECTIVES.default_config()
     # OuT's online pseudo-mask corrector; None trains on the pseudo-masks as they are.
     corrector: CorrectorConfig | None = None
     # Robust early-learning's parameter selection; None updates every parameter with the loss gradient.
@@ -163,7 +162,7 @@ def _model_classifier(loss: Any) -> str:
     """The classifier a loss's paper trains with (an objective may declare ``model_classifier``), else conv."""
     if not isinstance(loss, str) or loss not in SEGMENTATION_OBJECTIVES:
         return "conv"  # a bad loss name is reported by the loss field itself
-    return getattr(SEGMENTATION_OBJECTIVES[loss], "model_classifier", "conv")
+    return SEGMENTATION_OBJECTIVES.implementation(loss).model_classifier
 
 
 class EvaluateConfig(StrictModel):
@@ -199,22 +198,27 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _components_fit(self) -> PipelineConfig:
-        """Every cross-section rule, from what the chosen components declare (``requires`` in the registry)."""
+        """Every cross-section rule, from what the chosen components declare: each ``requires`` of the registry
+        lines (the supervision, the generator, the head and the loss), then each objective's own ``check``."""
         cls, generator, loss = self.train_cls, self.pseudo_labels.generator, self.train_seg.loss
-        chosen = {"supervision": self.dataset.supervision, "generator": generator.name}
+        chosen = {"supervision": self.dataset.supervision, "generator": generator.name, "head": cls.head.name,
+                  "loss": cls.loss.name}
         for registry, name in ((CLASSIFIER_HEADS, cls.head.name), (CLASSIFIER_OBJECTIVES, cls.loss.name),
                                (GENERATORS, generator.name), (SEGMENTATION_OBJECTIVES, loss.name)):
             component = registry[name]
             for need, value in component.requires.items():
-                if need in chosen and chosen[need] != value:  # head <-> loss: ClassifierTrainConfig
+                if chosen[need] != value:
                     raise ValueError(_mismatch(registry.field, component, need, value, chosen))
-        if loss.name == "mspn" and loss.agreement > len(generator.seeds):  # type: ignore[union-attr]
-            raise ValueError(f"train_seg.loss.agreement ({loss.agreement}) exceeds the generator's "
-                             f"{len(generator.seeds)} seeds")  # type: ignore[union-attr]
+        SEGMENTATION_OBJECTIVES.implementation(loss.name).check(loss, self)
         if self.train_seg.corrector is not None and "label" not in segmentation_maps(loss):
             raise ValueError(f"train_seg.corrector: OuT corrects the pseudo-mask, which loss {loss.name!r} "
                              "does not read")
         return self
+
+
+# The config field each requirement names, for the error message.
+_REQUIRED_FIELD = {"supervision": "dataset.supervision", "generator": "pseudo_labels.generator",
+                   "head": "train_cls.head", "loss": "train_cls.loss"}
 
 
 def _mismatch(field: str, component: Any, need: str, value: str, chosen: dict[str, str]) -> str:
@@ -224,10 +228,10 @@ def _mismatch(field: str, component: Any, need: str, value: str, chosen: dict[st
         return (f"{field} {name!r} reads the outputs of the {value!r} pseudo-label generator, but "
                 f"pseudo_labels.generator is {chosen['generator']!r}")
     why = f" {component.because}:" if component.because else ""
-    return f"{field} {name!r}{why} needs dataset.supervision {value}"
+    if need == "supervision":
+        return f"{field} {name!r}{why} needs dataset.supervision {value}"
+    return f"{field} {name!r}{why} needs {_REQUIRED_FIELD[need]} {value!r}, but it is {chosen[need]!r}"
 
-
-# --------------------------------------------------------------------------------------------- loading
 
 # --------------------------------------------------------------------------------------------- loading
 

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from wsss_ray.core.config import component_union
+
+# What a ``requires`` may name: another config section's choice, each checked by ``PipelineConfig``.
+REQUIREMENT_KEYS = ("supervision", "generator", "head", "loss")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,16 +42,25 @@ class Component:
         return getattr(self.build, attribute)
 
 
-class Registry:
-    """The components of one kind, chosen by the config field ``field`` (``default`` when ``name`` is omitted)."""
+class Registry(Generic[T]):
+    """The components of one kind, chosen by the config field ``field`` (``default`` when ``name`` is omitted).
 
-    def __init__(self, field: str, default: str, components: Iterable[Component]) -> None:
-        self.field, self.default = field, default
+    Every implementation must subclass ``base`` (the kind's contract, ``methods/base.py``), every config must
+    be named like its line, and ``requires`` may only name :data:`REQUIREMENT_KEYS`: a slip fails at import."""
+
+    def __init__(self, field: str, default: str, components: Iterable[Component], base: type[T]) -> None:
+        self.field, self.default, self.base = field, default, base
         self._components = {c.name: c for c in components}
         for component in self._components.values():
             declared = component.config.model_fields["name"].default
             if declared != component.name:
                 raise ValueError(f"{field}: component {component.name!r} has a config named {declared!r}")
+            if not (isinstance(component.build, type) and issubclass(component.build, base)):
+                raise TypeError(f"{field}: component {component.name!r} builds {component.build!r}, which is not "
+                                f"a subclass of {base.__name__}")
+            if unknown := sorted(set(component.requires) - set(REQUIREMENT_KEYS)):
+                raise ValueError(f"{field}: component {component.name!r} requires {unknown}; a requirement is one "
+                                 f"of {list(REQUIREMENT_KEYS)}")
         if default not in self._components:
             raise ValueError(f"{field}: default {default!r} is not registered")
 
@@ -65,6 +79,14 @@ class Registry:
 
     def components(self) -> list[Component]:
         return list(self._components.values())
+
+    def implementation(self, name: str) -> type[T]:
+        """The class of component ``name`` (what it declares: ``maps``, ``outputs``, ...)."""
+        return self[name].build  # type: ignore[no-any-return]
+
+    def default_config(self) -> BaseModel:
+        """The default component's config with its defaults (a section's default value)."""
+        return self[self.default].config()
 
     @property
     def names(self) -> list[str]:

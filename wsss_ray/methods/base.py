@@ -1,4 +1,10 @@
-"""What every method component of one kind shares: the generator settings and the generator base class.
+"""What every method component of one kind shares: its base class (the contract a registry checks at import)
+and the generator settings.
+
+Each pluggable kind has one base class here; every declaration a stage reads is a class attribute or a method
+of it, with its default on the base, so a component declares only what differs (in the spirit of Ray Train's
+``UserCallback``): :class:`ClassifierHead`, :class:`ClassifierObjective`, :class:`Generator`,
+:class:`SegmentationObjective` (training hooks: ``training/hooks.py``'s ``TrainHook``).
 
 A pseudo-label generator has two steps so that Ray can place them on different resources: ``model_step`` runs
 the classifier (in an actor pool, on a GPU when there is one) and returns float arrays; ``refine_step`` is CPU-only
@@ -11,11 +17,13 @@ segmentation training reads.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
+from torch import nn
 
 from wsss_ray.core.config import CrfConfig, Fraction, Scales, StrictModel, crf_field
 from wsss_ray.core.labels import IGNORE_LABEL
@@ -75,3 +83,66 @@ class Generator(Generic[ConfigT]):
 
     def describe(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
+
+
+Terms = dict[str, torch.Tensor]
+
+
+class ClassifierHead(nn.Module):
+    """Base of the classifier heads (``train_cls.head``), built as ``Head(in_channels, num_foreground, config)``:
+    ``forward(features)`` gives image logits ``(N, C)``, ``cams(features)`` un-normalised CAMs ``(N, C, h, w)``."""
+
+    @staticmethod
+    def sample_fields(row: Mapping[str, Any], geometry: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
+        """The head's per-crop fields besides the image and target, from the manifest row and the crop's
+        geometry (BAP: the boxes in the crop's frame); none by default."""
+        return {}
+
+
+class ClassifierObjective(nn.Module):
+    """Base of the classifier losses (``train_cls.loss``), built as ``Objective(loss_config, head_config)``;
+    ``forward(model, batch)`` returns ``(loss, terms)`` (terms: detached scalars, logged each epoch)."""
+
+    # the per-pixel maps it reads (none: a classifier trains on image-level targets)
+    maps: ClassVar[tuple[str, ...]] = ()
+
+    def set_epoch(self, epoch: int) -> None:
+        """The 0-based epoch the coming steps belong to (KTSE's warm-up); ignored by default."""
+
+
+class SegmentationObjective(nn.Module):
+    """Base of the segmentation losses (``train_seg.loss``), built as ``Objective(config, num_classes,
+    feature_channels)``; ``forward(model, batch)`` returns ``(loss, terms)``.
+
+    Declarations, with their defaults: ``maps`` the per-pixel maps read from the batch (``label`` is the
+    generator's ``pseudo`` after any correction, ``scribble`` the dataset's, any other name a generator output of
+    the required generator); ``model_classifier`` the segmenter's classifier its paper trains (``conv`` or
+    ``cosine``) when ``train_seg.model.classifier`` is left unset; :meth:`row_fields` per-image fields besides the
+    maps; :meth:`feature_channels` the width of the features it projects; :meth:`check` rules between its config
+    and the rest of the experiment; :meth:`resolve` its config completed from the experiment."""
+
+    maps: ClassVar[tuple[str, ...]] = ("label",)
+    model_classifier: ClassVar[str] = "conv"
+
+    @staticmethod
+    def row_fields(row: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
+        """Per-image fields computed from a training row in the data pipeline (MSPN's label set); none here."""
+        return {}
+
+    @classmethod
+    def feature_channels(cls, config: Any, build_model: Any) -> int:
+        """The width passed as ``feature_channels``; ``build_model()`` builds the segmenter. 0: reads only the
+        logits (and builds nothing, so the global torch RNG is left as it was)."""
+        return 0
+
+    @classmethod
+    def check(cls, config: Any, experiment: Any) -> None:
+        """Raise ValueError naming the fields when ``config`` does not fit ``experiment`` (a ``PipelineConfig``)."""
+
+    @classmethod
+    def resolve(cls, config: Any, train_seg: Any) -> Any:
+        """``config`` with values that depend on the rest of the ``train_seg`` section filled in."""
+        return config
+
+    def set_epoch(self, epoch: int) -> None:
+        """The 0-based epoch the coming steps belong to (curriculum); ignored by default."""

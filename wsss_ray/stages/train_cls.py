@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -13,30 +14,25 @@ from wsss_ray.core.config import AugmentConfig
 from wsss_ray.core.progress import log
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import read_image
-from wsss_ray.data.transforms import apply_geometry, random_geometry, transform_boxes
+from wsss_ray.data.transforms import apply_geometry, random_geometry
 from wsss_ray.data.weak_labels import weak_tags
-from wsss_ray.methods.bana.boxes import boxes_array
-from wsss_ray.methods.registry import build_classifier, build_classifier_objective
+from wsss_ray.methods.registry import CLASSIFIER_HEADS, build_classifier, build_classifier_objective
 from wsss_ray.training.checkpoint import export_model
 from wsss_ray.training.ingest import RowSource, augment_rng, steps_per_epoch
 from wsss_ray.training.loop import TrainSpec, fit
 
-# Boxes per training crop for BAP (padded to a fixed shape); VOC images have at most ~40, crops far fewer.
-MAX_BOXES = 32
-
 
 def classifier_sample(row: dict[str, Any], augment: AugmentConfig, num_foreground: int, supervision: str,
-                      with_boxes: bool) -> dict[str, Any]:
-    """Ray Data map (per row of a block): one augmented crop, its multi-hot target over the foreground classes, and (BAP) its boxes
-    moved into the crop's frame."""
+                      head_fields: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Ray Data map (per row of a block): one augmented crop, its multi-hot target over the foreground classes, and
+    the head's own fields (``sample_fields`` of its class: BAP's boxes moved into the crop's frame)."""
     image = read_image(row["image_uri"])
     geometry = random_geometry(image.shape[:2], augment.crop_size, (augment.scale_min, augment.scale_max),
                                augment.flip, augment_rng(row))
     target = np.zeros(num_foreground, np.float32)
     target[[t - 1 for t in weak_tags(row, supervision)]] = 1.0
     sample = {"image": apply_geometry(image, geometry, 0, Image.BILINEAR), "target": target}
-    if with_boxes:
-        sample["boxes"] = transform_boxes(boxes_array(row.get("boxes")), geometry, image.shape[:2], MAX_BOXES)
+    sample.update(head_fields(row, geometry, image.shape[:2]))
     return sample
 
 
@@ -53,7 +49,7 @@ def train_classifier(records: list[dict[str, Any]], stage: StageDir, config: Cla
                      f"{config.epochs} epochs → {stage.uri}")
     source = RowSource(records, classifier_sample,
                        {"augment": config.augment, "num_foreground": num_classes - 1, "supervision": supervision,
-                        "with_boxes": config.head.name == "bap"})
+                        "head_fields": CLASSIFIER_HEADS.implementation(config.head.name).sample_fields})
     spec = TrainSpec(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                      optimizer=config.optimizer, head_lr_multiplier=config.head_lr_multiplier,
                      build_model=partial(build_classifier, config, num_classes - 1),

@@ -26,15 +26,12 @@ from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import read_image, read_label
 from wsss_ray.data.transforms import apply_geometry, random_geometry
 from wsss_ray.methods.registry import (
-    CORRECTORS,
-    SEGMENTATION_OBJECTIVES,
+    build_segmentation_objective,
+    build_training_hooks,
     map_padding,
-    resolved_segmentation_loss,
-    segmentation_feature_source,
     segmentation_maps,
     segmentation_row_fields,
 )
-from wsss_ray.methods.robust.early_learning import EarlyLearning
 from wsss_ray.models.card import ensure_model_card
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.training.checkpoint import export_model
@@ -120,27 +117,12 @@ def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: S
 
 
 def _objective(config: SegTrainConfig, num_classes: int) -> nn.Module:
-    # LoRM's input width is the model's (the backbone's layer 4 by default, φ with lorm_features="head"), so build
-    # a throwaway model to read it, and only when the objective needs it. RNG: the loop calls this right after
-    # ``build_model()`` and ``torch.manual_seed(seed)``, so the throwaway build draws its initial weights from the
-    # global torch RNG and moves it on before LoRM's projections are initialised (and before any later draw of the
-    # step). Kept as it was, and only for LoRM, so that every other objective's runs (the demo's cross_entropy
-    # included) draw exactly what they drew before.
-    width = 0
-    source = segmentation_feature_source(config.loss)
-    if source is not None:
-        throwaway = build_segmentation_model(config.model, num_classes)
-        width = throwaway.backbone.out_channels if source == "backbone" else throwaway.classifier_weight().shape[1]
-    return SEGMENTATION_OBJECTIVES.build(resolved_segmentation_loss(config.loss, config.corrector), num_classes, width)
+    # The objective is built for the model (its feature width, read by the objective's ``feature_channels``).
+    return build_segmentation_objective(config, num_classes, partial(build_segmentation_model, config.model,
+                                                                     num_classes))
 
 
 def _hooks(config: SegTrainConfig, extra: Callable[[nn.Module, str], list[TrainHook]] | None, model: nn.Module,
            stage_uri: str) -> list[TrainHook]:
-    """The training hooks of ``config``, in the order the loop calls them: OuT's corrector (edits the batch,
-    updates its teacher), then robust early-learning (edits the gradients), then the caller's ``extra``."""
-    hooks: list[TrainHook] = []
-    if config.corrector is not None:
-        hooks.append(CORRECTORS.build(config.corrector, model, stage_uri))
-    if config.early_learning is not None:
-        hooks.append(EarlyLearning(config.early_learning.key_fraction))
-    return hooks + (extra(model, stage_uri) if extra else [])
+    """The training hooks of ``config`` (in the order the loop calls them), then the caller's ``extra``."""
+    return build_training_hooks(config, model, stage_uri) + (extra(model, stage_uri) if extra else [])

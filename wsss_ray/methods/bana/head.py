@@ -17,7 +17,7 @@ safe inside a bf16 autocast region.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_ray.data.transforms import CropGeometry, transform_boxes
+from wsss_ray.methods.bana.boxes import boxes_array
 from wsss_ray.methods.bana.config import BapHeadConfig
+from wsss_ray.methods.base import ClassifierHead
 
 __all__ = ["BapHead", "cosine_logits", "valid_boxes"]
 
@@ -33,6 +36,9 @@ __all__ = ["BapHead", "cosine_logits", "valid_boxes"]
 _EPS = 1e-6
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+# Boxes per training crop (padded to a fixed shape); VOC images have at most ~40, crops far fewer.
+MAX_BOXES = 32
 
 
 def _full_precision(fn: _Fn) -> _Fn:
@@ -95,7 +101,7 @@ def _cells_in_boxes(boxes: torch.Tensor, feature_shape: tuple[int, int],
     return rows[..., :, None] & cols[..., None, :] & valid_boxes(boxes)[..., None, None]
 
 
-class BapHead(nn.Module):
+class BapHead(ClassifierHead):
     """BAP classifier head over ``num_foreground`` classes plus background (BANA Sec. 3.1).
 
     ``weight`` ``(C+1, D)`` is the (L+1)-way classifier ``w``, row 0 = background; logits are
@@ -104,6 +110,11 @@ class BapHead(nn.Module):
     weights to be more representative"), which also makes ``cams`` directly comparable to the attention map A
     (both cosines in [0, 1]). The official stage-1 code uses a plain linear classifier.
     """
+
+    @staticmethod
+    def sample_fields(row: Mapping[str, Any], geometry: CropGeometry, image_shape: tuple[int, ...]) -> dict[str, Any]:
+        """The image's boxes moved into the crop's frame, padded to ``MAX_BOXES`` rows (what BAP pools over)."""
+        return {"boxes": transform_boxes(boxes_array(row.get("boxes")), geometry, image_shape[:2], MAX_BOXES)}
 
     def __init__(self, in_channels: int, num_foreground: int, config: BapHeadConfig) -> None:
         super().__init__()

@@ -15,13 +15,14 @@ from torch import nn
 from wsss_ray.methods.bana.config import BapHeadConfig, BapLossConfig, NoiseAwareConfig
 from wsss_ray.methods.bana.head import BapHead, valid_boxes
 from wsss_ray.methods.bana.nal import noise_aware_loss
+from wsss_ray.methods.base import ClassifierObjective, SegmentationObjective
 
 Terms = dict[str, torch.Tensor]
 
 __all__ = ["BapObjective", "NoiseAwareObjective"]
 
 
-class BapObjective(nn.Module):
+class BapObjective(ClassifierObjective):
     """``(model, batch) -> (loss, terms)`` for a model with ``.backbone`` and ``.head`` (a ``BapHead``).
 
     ``batch``: ``"image"`` ``(N, 3, H, W)`` normalised, ``"boxes"`` ``(N, B, 5)`` rows ``[class id 1..C, x1, y1,
@@ -84,7 +85,7 @@ class BapObjective(nn.Module):
         return loss, {"box_ce": box_ce.detach(), "bg_ce": bg_ce.detach(), "box_accuracy": accuracy.detach()}
 
 
-class NoiseAwareObjective(nn.Module):
+class NoiseAwareObjective(SegmentationObjective):
     """BANA's NAL over Y_crf (``label``) and Y_ret (``retrieved``), with the segmenter's features and weights."""
 
     # BANA's segmenter is a cosine classifier (footnote 4; stage 3): train_seg.model.classifier defaults to it.

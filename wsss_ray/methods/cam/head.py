@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_ray.methods.base import ClassifierHead
 from wsss_ray.methods.cam.config import GapHeadConfig
 
 
-class GapHead(nn.Module):
+class GapHead(ClassifierHead):
     """GAP baseline (Zhou et al. 2016): a bias-free 1x1 classifier; CAM_c = ReLU(f · w_c)."""
 
     def __init__(self, in_channels: int, num_foreground: int, config: GapHeadConfig) -> None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_ray.methods.base import ClassifierObjective
 from wsss_ray.methods.cam.config import MultiLabelSoftMarginConfig
 
 Terms = dict[str, torch.Tensor]
@@ -18,7 +19,7 @@ def multilabel_soft_margin(config: MultiLabelSoftMarginConfig) -> Any:
     return F.multilabel_soft_margin_loss
 
 
-class MultiLabelObjective(nn.Module):
+class MultiLabelObjective(ClassifierObjective):
     """Multi-label soft-margin loss on the head's image logits (the GAP baseline; any head)."""
 
     maps: ClassVar[tuple[str, ...]] = ()

@@ -3,6 +3,7 @@ distance entropy loss."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.methods.base import SegmentationObjective
 from wsss_ray.methods.cdsp.config import CdspConfig
 from wsss_ray.methods.cdsp.losses import LoRM, distance_entropy_loss, partial_cross_entropy, smoothed_cross_entropy
 
@@ -27,16 +29,25 @@ def lorm_foreground(label: torch.Tensor, size: tuple[int, ...] | torch.Size) -> 
     return (small > 0).float()
 
 
-class CdspObjective(nn.Module):
+class CdspObjective(SegmentationObjective):
     """CDSP: partial CE on scribbles + label-smoothed CE on the pseudo-mask, + LoRM, + distance entropy."""
 
     maps: ClassVar[tuple[str, ...]] = ("label", "scribble", "dist_scribble", "dist_boundary")
 
-    @staticmethod
-    def feature_source(config: CdspConfig) -> str | None:
-        """The segmenter's features LoRM projects (``backbone`` or ``head``: φ), None without LoRM: the trainer
-        passes their width as ``feature_channels``."""
-        return config.lorm_features if config.lorm else None
+    @classmethod
+    def feature_channels(cls, config: CdspConfig, build_model: Callable[[], nn.Module]) -> int:
+        """The width of the segmenter's features LoRM projects (the backbone's layer 4, or φ with
+        ``lorm_features="head"``); 0 without LoRM. Read from a throwaway model: the loop calls this right after
+        ``build_model()`` and ``torch.manual_seed(seed)``, so the throwaway build draws its initial weights from
+        the global torch RNG and moves it on before LoRM's projections are initialised (and before any later draw
+        of the step). Kept as it was, and only with LoRM, so that every other objective's runs draw exactly what
+        they drew before."""
+        if not config.lorm:
+            return 0
+        throwaway = build_model()
+        if config.lorm_features == "backbone":
+            return int(throwaway.backbone.out_channels)
+        return int(throwaway.classifier_weight().shape[1])
 
     def __init__(self, config: CdspConfig, num_classes: int, feature_channels: int) -> None:
         super().__init__()

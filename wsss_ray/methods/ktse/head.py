@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_ray.methods.base import ClassifierHead
 from wsss_ray.methods.ktse.config import KtseHeadConfig
 
 
@@ -65,7 +66,7 @@ class GatedFusion(nn.Module):
         return gated_fusion(x, y, alpha, beta)
 
 
-class KtseHead(nn.Module):
+class KtseHead(ClassifierHead):
     """Bias-free 1x1 conv to C+1 CAM features F (channel 0 = background) + GPP pooling to C foreground logits."""
 
     def __init__(self, in_channels: int, num_foreground: int, config: KtseHeadConfig) -> None:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_ray.methods.base import ClassifierObjective
 from wsss_ray.methods.ktse.config import KtseLossConfig
 from wsss_ray.methods.ktse.ssr import (
     NORMS,
@@ -133,7 +134,7 @@ def _resize(features: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch
     return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class KtseObjective(nn.Module):
+class KtseObjective(ClassifierObjective):
     """KTSE's training loss for a classifier with ``.backbone`` (images → features) and a KtseHead ``.head``.
 
     ``__call__(model, batch)`` runs every forward pass it needs (anchor; synthetic with SIE; masked with MGA)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsss_ray.methods.base import SegmentationObjective
 from wsss_ray.methods.mspn.config import MspnLossConfig
 from wsss_ray.methods.mspn.losses import decode_proposed, mspn_hybrid_loss
 from wsss_ray.methods.mspn.seeds import MAX_PROPOSAL_LABELS
@@ -16,7 +17,7 @@ from wsss_ray.methods.mspn.seeds import MAX_PROPOSAL_LABELS
 Terms = dict[str, torch.Tensor]
 
 
-class MspnObjective(nn.Module):
+class MspnObjective(SegmentationObjective):
     """MSPN positive–negative hybrid learning over the seeds' vote (majority, agreement, proposals)."""
 
     maps: ClassVar[tuple[str, ...]] = ("majority", "agreement", "proposed")
@@ -32,6 +33,14 @@ class MspnObjective(nn.Module):
         present = np.zeros(num_classes, np.bool_)
         present[labels] = True
         return {"label_list": padded, "present": present}
+
+    @classmethod
+    def check(cls, config: MspnLossConfig, experiment: Any) -> None:
+        """The agreement threshold counts the generator's seeds: it cannot exceed them."""
+        seeds = experiment.pseudo_labels.generator.seeds
+        if config.agreement > len(seeds):
+            raise ValueError(f"train_seg.loss.agreement ({config.agreement}) exceeds the generator's "
+                             f"{len(seeds)} seeds")
 
     def __init__(self, config: MspnLossConfig, num_classes: int, feature_channels: int = 0) -> None:
         super().__init__()

@@ -8,13 +8,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from wsss_ray.methods.base import SegmentationObjective
 from wsss_ray.methods.robust.config import CrossEntropyConfig, CurriculumConfig, SymmetricCrossEntropyConfig
 from wsss_ray.methods.robust.losses import cross_entropy, curriculum_cross_entropy, symmetric_cross_entropy
 
 Terms = dict[str, torch.Tensor]
 
+# OuT's default inflection epoch (``methods/out/config.py``; a family imports no other: the declarations test
+# checks the two agree).
+OUT_INFLECTION_EPOCH = 4
 
-class PixelLossObjective(nn.Module):
+
+class PixelLossObjective(SegmentationObjective):
     """A per-pixel loss of the logits against the (possibly corrected) pseudo-mask ``label``."""
 
     maps: ClassVar[tuple[str, ...]] = ("label",)
@@ -41,6 +46,15 @@ class SceObjective(PixelLossObjective):
 class CurriculumObjective(PixelLossObjective):
     """The curriculum loss from ``start_epoch`` on, the plain CE mean before it. The trainer tells it the epoch
     through :meth:`set_epoch` (like ``DistributedSampler.set_epoch``)."""
+
+    @classmethod
+    def resolve(cls, config: CurriculumConfig, corrector: Any) -> CurriculumConfig:
+        """``start_epoch: inflection`` becomes the corrector's ``inflection_epoch``, or OuT's default one without
+        a corrector (the epoch from which OuT finds the net memorising noise)."""
+        if config.start_epoch != "inflection":
+            return config
+        epoch = getattr(corrector, "inflection_epoch", None) or OUT_INFLECTION_EPOCH
+        return config.model_copy(update={"start_epoch": epoch})
 
     def __init__(self, config: CurriculumConfig, num_classes: int = 0, feature_channels: int = 0) -> None:
         if config.start_epoch == "inflection":
