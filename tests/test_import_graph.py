@@ -9,6 +9,10 @@ The layers, bottom first (a unit may import its own layer and the ones below):
 - ``methods.base``, then one unit per method family (``methods.cam``, ``methods.bana``, ...), then
   ``methods.registry`` (the tables that name them all)
 - ``config`` (the stage sections), ``stages``, ``export``, ``preflight``, ``pipeline``, ``tuning``, ``cli``
+
+Method families are closed: no family imports another, and only ``methods.registry`` imports a family (the
+stages, ``config`` and everything above reach a method through the registry and ``methods.base``), so adding a
+method is its folder and one registry line.
 """
 
 from __future__ import annotations
@@ -36,6 +40,16 @@ def unit_of(module: str, root: str = "wsss_ray") -> str:
     if parts[0] == "methods" and len(parts) > 1:
         return f"methods.{parts[1]}"
     return parts[0]
+
+
+# The units that are not method families although they live in ``methods/``.
+METHODS_SHARED = ("methods.base", "methods.registry")
+# The one unit that names the families.
+FAMILY_IMPORTERS = ("methods.registry",)
+
+
+def is_family(unit: str) -> bool:
+    return unit.startswith("methods.") and unit not in METHODS_SHARED
 
 
 def layer_of(unit: str) -> float:
@@ -72,7 +86,8 @@ def imports(package: Path, root: str = "wsss_ray") -> Iterator[tuple[str, str, l
 
 
 def problems(package: Path, root: str = "wsss_ray") -> list[str]:
-    """Every upward import, cycle between units and private-name import in ``package``."""
+    """Every upward import, cycle between units, private-name import and import of a method family from outside
+    ``methods.registry`` in ``package``."""
     found: list[str] = []
     edges: dict[str, set[str]] = {}
     for source, target, names, line in imports(package, root):
@@ -84,6 +99,11 @@ def problems(package: Path, root: str = "wsss_ray") -> list[str]:
         if not a or not b or a == b:
             continue
         edges.setdefault(a, set()).add(b)
+        if is_family(b) and is_family(a):
+            found.append(f"{where} imports {target}: method family {a} imports another family, {b}")
+        elif is_family(b) and a not in FAMILY_IMPORTERS:
+            found.append(f"{where} imports {target}: {a} reaches into method family {b} (only methods.registry "
+                         "names the families)")
         if layer_of(b) > layer_of(a):
             found.append(f"{where} imports {target}: upward from {a} to {b}")
     found += [f"cycle between units: {' -> '.join(cycle)}" for cycle in cycles(edges)]
@@ -138,6 +158,17 @@ def _write(root: Path, files: dict[str, str]) -> Path:
     ({"methods/cam/a.py": "def f():\n    from wsss_ray.methods.bana import b\n",
       "methods/bana/b.py": "import wsss_ray.methods.cam.a\n"},
      "cycle between units: methods.bana -> methods.cam -> methods.bana"),
+    # a method family importing another one (one way: no cycle, same layer)
+    ({"methods/cdsp/a.py": "from wsss_ray.methods.robust.b import loss\n", "methods/robust/b.py": "loss = 1\n"},
+     "method family methods.cdsp imports another family, methods.robust"),
+    # a stage importing a method family instead of the registry
+    ({"stages/x.py": "from wsss_ray.methods.bana.boxes import boxes_array\n",
+      "methods/bana/boxes.py": "def boxes_array(): ...\n"},
+     "stages reaches into method family methods.bana"),
+    # the experiment config importing a method family for a default
+    ({"config.py": "from wsss_ray.methods.cam.config import GapHeadConfig\n",
+      "methods/cam/config.py": "GapHeadConfig = 1\n"},
+     "config reaches into method family methods.cam"),
     # another package's private name
     ({"stages/x.py": "from wsss_ray.core.config import _secret\n", "core/config.py": "_secret = 1\n"},
      "imports the private name _secret of wsss_ray.core.config"),
@@ -148,6 +179,10 @@ def test_the_checker_catches_what_it_claims(tmp_path: Path, files: dict[str, str
 
 
 def test_the_checker_accepts_downward_imports(tmp_path: Path) -> None:
-    package = _write(tmp_path, {"stages/x.py": "from wsss_ray.core.config import Public\nfrom wsss_ray import core\n",
-                                "core/config.py": "Public = 1\n", "core/__init__.py": ""})
+    package = _write(tmp_path, {"stages/x.py": "from wsss_ray.core.config import Public\nfrom wsss_ray import core\n"
+                                               "from wsss_ray.methods.registry import GENERATORS\n",
+                                "core/config.py": "Public = 1\n", "core/__init__.py": "",
+                                "methods/registry.py": "from wsss_ray.methods.cam.gen import GENERATORS\n",
+                                "methods/cam/gen.py": "from wsss_ray.methods.base import Generator\nGENERATORS = 1\n",
+                                "methods/base.py": "Generator = 1\n"})
     assert problems(package) == []
