@@ -1,4 +1,7 @@
-"""Shared fixtures. The S3 server is moto's real HTTP endpoint, in-process, bound to loopback only."""
+"""Shared fixtures. The S3 server is moto's real HTTP endpoint, in-process, bound to loopback only.
+
+Ray, moto and boto3 are imported inside the fixtures that use them, so the pure tests need none of them.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-import moto.server as moto_server
 import pytest
-import ray
-
-from wsss_ray.core.ray_utils import pin_state_api, quiet_ray_logging
 
 _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -92,6 +90,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto's S3 server on a free loopback port; the AWS env vars point at it (restored afterwards)."""
+    import boto3
+    import moto.server as moto_server
 
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -131,6 +131,10 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
     Token auth is switched off for this private test cluster, and Ray's temp dir is a short fresh folder of the
     session's own (socket paths have a length limit, and a stale ``ray_current_cluster`` must not be picked up).
     """
+    import ray
+
+    from wsss_ray.core.ray_utils import pin_state_api, quiet_ray_logging
+
     os.environ["RAY_AUTH_MODE"] = "disabled"
     temp_dir = ray_temp_dir()
     # The state API pinned to this cluster's dashboard: other Ray clusters on the machine must not confuse

@@ -32,8 +32,10 @@ def latest_epoch() -> int:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
-    with checkpoint.as_directory() as directory, open(os.path.join(directory, STATE_FILE)) as f:
-        return int(json.load(f)["epoch"]) + 1
+    # Only ``state.json``, read straight from the checkpoint's storage: ``as_directory()`` shares one download per
+    # node, which another worker may be restarting meanwhile (ray-project/ray#48726, as in ``restore``).
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
+        return int(json.loads(f.read())["epoch"]) + 1
 
 
 def restore(step: torch.nn.Module, optimizer: torch.optim.Optimizer,
