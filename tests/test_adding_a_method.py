@@ -109,6 +109,8 @@ LINES = {"], Generator)": '    Component("toy_cam", ToyCamGeneratorConfig, ToyCa
 DRIVER = '''
 import json, sys
 import ray
+import wsss_ray
+assert wsss_ray.__file__.startswith(sys.argv[2]), wsss_ray.__file__  # the copy, not the checkout
 ray.init(address=sys.argv[1], runtime_env={"env_vars": {"PYTHONPATH": sys.argv[2]}}, log_to_driver=False)
 from wsss_ray.config import parse_config
 from wsss_ray.pipeline import run_pipeline
@@ -173,7 +175,7 @@ def test_a_new_loss_and_generator_are_a_folder_and_one_registry_line(tmp_path: P
     env = {**os.environ, "PYTHONPATH": str(package.parent)}
     run = subprocess.run([sys.executable, "-c", DRIVER, ray.get_runtime_context().gcs_address,
                           str(package.parent), json.dumps(sections)],
-                         env=env, capture_output=True, text=True, timeout=600, check=False)
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summaries = json.loads(run.stdout.split("SUMMARIES ", 1)[1])
     pseudo = next((tmp_path / "out").glob("pseudo_labels-*"))

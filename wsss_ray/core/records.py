@@ -27,7 +27,7 @@ class TrainingRecord(TypedDict, total=False):
     image_uri: str
     label_uri: str  # the pseudo-mask
     scribble_uri: str | None
-    label_list: list[int]  # background, then the image's weak tags (the order of MSPN's proposal bits)
+    label_list: list[int]  # MSPN (its objective's record_fields): background, then the weak tags
     # plus ``<output>_uri`` for every other output of the generator (``retrieved_uri``, ``agreement_uri``, ...)
 
 

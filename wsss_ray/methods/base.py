@@ -117,12 +117,17 @@ class SegmentationObjective(nn.Module):
     Declarations, with their defaults: ``maps`` the per-pixel maps read from the batch (``label`` is the
     generator's ``pseudo`` after any correction, ``scribble`` the dataset's, any other name a generator output of
     the required generator); ``model_classifier`` the segmenter's classifier its paper trains (``conv`` or
-    ``cosine``) when ``train_seg.model.classifier`` is left unset; :meth:`row_fields` per-image fields besides the
-    maps; :meth:`feature_channels` the width of the features it projects; :meth:`check` rules between its config
+    ``cosine``) when ``train_seg.model.classifier`` is left unset; :meth:`record_fields` training-row fields from
+    the manifest record; :meth:`row_fields` per-image fields besides the maps; :meth:`feature_channels` the width of the features it projects; :meth:`check` rules between its config
     and the rest of the experiment; :meth:`resolve` its config completed from the experiment."""
 
     maps: ClassVar[tuple[str, ...]] = ("label",)
     model_classifier: ClassVar[str] = "conv"
+
+    @staticmethod
+    def record_fields(record: Mapping[str, Any], supervision: str) -> dict[str, Any]:
+        """Fields of the training row taken from the image's manifest record (MSPN: its label list); none here."""
+        return {}
 
     @staticmethod
     def row_fields(row: Mapping[str, Any], num_classes: int) -> dict[str, Any]:

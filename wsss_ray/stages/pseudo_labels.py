@@ -28,7 +28,7 @@ from wsss_ray.core.records import ManifestRecord, TrainingRecord
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
 from wsss_ray.data.weak_labels import weak_tags
-from wsss_ray.methods.registry import GENERATORS, build_classifier, build_generator
+from wsss_ray.methods.registry import GENERATORS, SEGMENTATION_OBJECTIVES, build_classifier, build_generator
 from wsss_ray.models.classifier import CamClassifier
 from wsss_ray.models.weights import load_weights
 
@@ -227,8 +227,9 @@ def segmentation_records(train_records: list[ManifestRecord], pseudo_dir: StageD
                          config: PipelineConfig) -> list[TrainingRecord]:
     """Training rows of ``train_seg``: every image with a pseudo-mask, and the URI of each generator output
     (``label_uri`` is the pseudo-mask; ``retrieved_uri``, ``majority_uri``, ``dist_scribble_uri`` ... the others)
-    plus the image's label set, background first (the order of MSPN's proposal bits)."""
+    plus what the objective takes from the manifest record (``record_fields``: MSPN's label set)."""
     outputs = GENERATORS[config.pseudo_labels.generator.name].build.outputs
+    objective = SEGMENTATION_OBJECTIVES.implementation(config.train_seg.loss.name)
     have_mask = {uri.rsplit("/", 1)[-1].removesuffix(".png") for uri in storage.list_files(pseudo_dir.path("pseudo"))}
     records = []
     for r in train_records:
@@ -236,8 +237,8 @@ def segmentation_records(train_records: list[ManifestRecord], pseudo_dir: StageD
             continue  # failed in the pseudo-label stage (listed in its failures)
         name = f"{r['image_id']}.png"
         row: TrainingRecord = {"image_id": r["image_id"], "image_uri": r["image_uri"], "label_uri": pseudo_dir.path("pseudo", name),
-               "scribble_uri": r.get("scribble_uri"),
-               "label_list": [0, *weak_tags(r, config.dataset.supervision)]}
+               "scribble_uri": r.get("scribble_uri")}
         row.update({f"{o}_uri": pseudo_dir.path(o, name) for o in outputs if o != "pseudo"})
+        row.update(objective.record_fields(r, config.dataset.supervision))  # type: ignore[typeddict-item]
         records.append(row)
     return records

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsss_ray.data.weak_labels import weak_tags
 from wsss_ray.methods.base import SegmentationObjective
 from wsss_ray.methods.mspn.config import MspnLossConfig
 from wsss_ray.methods.mspn.losses import decode_proposed, mspn_hybrid_loss
@@ -21,6 +22,11 @@ class MspnObjective(SegmentationObjective):
     """MSPN positive–negative hybrid learning over the seeds' vote (majority, agreement, proposals)."""
 
     maps: ClassVar[tuple[str, ...]] = ("majority", "agreement", "proposed")
+
+    @staticmethod
+    def record_fields(record: Mapping[str, Any], supervision: str) -> dict[str, Any]:
+        """The image's label set, background first (the order of the proposal bits)."""
+        return {"label_list": [0, *weak_tags(record, supervision)]}
 
     @staticmethod
     def row_fields(row: Mapping[str, Any], num_classes: int) -> dict[str, np.ndarray]:
