@@ -122,3 +122,28 @@ def test_every_declared_requirement_is_checked(sections: dict[str, Any], expecte
     data = {"output": "out", "dataset": {"root": "data", **sections.pop("dataset", {})}, **sections}
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         parse_config(data, source="cfg.yaml")
+
+
+def test_a_generator_output_name_taken_twice_fails_at_import() -> None:
+    from wsss_ray.methods.base import Generator
+    from wsss_ray.methods.cam.config import ImageCamGeneratorConfig
+    from wsss_ray.methods.mspn.config import MultiSeedGeneratorConfig
+    from wsss_ray.methods.registry import check_generator_outputs
+
+    class Writes(Generator[Any]):
+        outputs = {"pseudo": 255, "majority": 255}  # noqa: RUF012 - a declaration
+
+    class AlsoWrites(Generator[Any]):
+        outputs = {"pseudo": 255, "majority": 0}  # noqa: RUF012 - a declaration
+
+    class WritesLabel(Generator[Any]):
+        outputs = {"pseudo": 255, "label": 255}  # noqa: RUF012 - a declaration
+
+    field = "pseudo_labels.generator"
+    with pytest.raises(ValueError, match="'multi_seed' writes 'majority', a name already taken by 'image_cam'"):
+        check_generator_outputs(Registry(field, "image_cam", [Component("image_cam", ImageCamGeneratorConfig, Writes),
+                                                             Component("multi_seed", MultiSeedGeneratorConfig,
+                                                                       AlsoWrites)], Generator))
+    with pytest.raises(ValueError, match="writes 'label', a name already taken by every experiment"):
+        check_generator_outputs(Registry(field, "image_cam", [Component("image_cam", ImageCamGeneratorConfig,
+                                                                        WritesLabel)], Generator))

@@ -51,7 +51,7 @@ from wsss_ray.training.hooks import TrainHook
 
 __all__ = ["CLASSIFIER_HEADS", "CLASSIFIER_OBJECTIVES", "CORRECTORS", "GENERATORS", "SEGMENTATION_OBJECTIVES",
            "EarlyLearningConfig", "build_classifier", "build_classifier_objective", "build_generator",
-           "build_training_hooks", "map_padding", "resolved_segmentation_loss", "segmentation_maps",
+           "build_training_hooks", "check_generator_outputs", "map_padding", "resolved_segmentation_loss", "segmentation_maps",
            "segmentation_row_fields"]
 
 # train_cls.head: built as head(in_channels, num_foreground, head_config)
@@ -90,6 +90,23 @@ SEGMENTATION_OBJECTIVES = Registry("train_seg.loss", "cross_entropy", [
 CORRECTORS = Registry("train_seg.corrector", "out", [
     Component("out", OutCorrectorConfig, OnlineCorrector),
 ], TrainHook)
+
+
+def check_generator_outputs(generators: Registry[Generator[Any]]) -> None:
+    """A generator output other than ``pseudo`` is a training map named after it: unique across generators and
+    never one of the maps every experiment has (``label``: the pseudo-mask; ``scribble``: the dataset's)."""
+    owner: dict[str, str] = {}
+    for component in generators.components():
+        for output in component.build.outputs:
+            if output == "pseudo":
+                continue
+            if output in ("label", "scribble") or output in owner:
+                raise ValueError(f"{generators.field}: {component.name!r} writes {output!r}, a name already "
+                                 f"taken by {owner.get(output, 'every experiment')}")
+            owner[output] = repr(component.name)
+
+
+check_generator_outputs(GENERATORS)
 
 
 def build_classifier(config: Any, num_foreground: int) -> CamClassifier:
