@@ -41,8 +41,8 @@ from train_ingest import NUM_CLASSES, plain_ddp, seg_config, toy_records
 
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
-from wsss_ray.methods.out.correction import correct_pseudo_masks
-from wsss_ray.methods.out.corrector import build_teacher, teacher_probabilities
+from wsss_ray.methods.out_correction.correction import correct_pseudo_masks
+from wsss_ray.methods.out_correction.corrector import build_teacher, teacher_probabilities
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.stages.train_seg import train_segmentation
 

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from wsss_ray.core.config import SegModelConfig
-from wsss_ray.methods.out.corrector import build_teacher, teacher_probabilities
+from wsss_ray.methods.out_correction.corrector import build_teacher, teacher_probabilities
 from wsss_ray.models.deeplab import build_segmentation_model
 
 NUM_CLASSES = 21
@@ -51,7 +51,7 @@ def ema_cost(args: argparse.Namespace) -> dict[str, Any]:
     schedule = (inflection-1 epochs of EMA-only steps + the rest corrected) / all epochs of plain steps, as the
     data loading, validation and checkpoints the two runs share cost the same in both.
     """
-    from wsss_ray.methods.out.correction import correct_pseudo_masks
+    from wsss_ray.methods.out_correction.correction import correct_pseudo_masks
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

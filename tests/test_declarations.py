@@ -86,8 +86,8 @@ def test_head_and_loss_requirements_pair_up() -> None:
 
 
 def test_the_curriculum_default_inflection_is_outs() -> None:
-    from wsss_ray.methods.out.config import OutCorrectorConfig
-    from wsss_ray.methods.robust.objectives import OUT_INFLECTION_EPOCH
+    from wsss_ray.methods.out_correction.config import OutCorrectorConfig
+    from wsss_ray.methods.robust.objective import OUT_INFLECTION_EPOCH
 
     assert OUT_INFLECTION_EPOCH == OutCorrectorConfig().inflection_epoch
 
@@ -95,7 +95,7 @@ def test_the_curriculum_default_inflection_is_outs() -> None:
 def test_a_slip_in_a_registry_line_fails_when_it_is_built() -> None:
     from wsss_ray.methods.cam.config import GapHeadConfig
     from wsss_ray.methods.cam.head import GapHead
-    from wsss_ray.methods.robust.objectives import CrossEntropyObjective
+    from wsss_ray.methods.robust.objective import CrossEntropyObjective
 
     with pytest.raises(TypeError, match="not a subclass of ClassifierHead"):
         Registry("train_cls.head", "gap", [Component("gap", GapHeadConfig, CrossEntropyObjective)], ClassifierHead)

@@ -139,7 +139,7 @@ def _epoch(rank: int, world: int, port: int, out: str) -> None:
     import os
 
     from wsss_ray.core.config import SegModelConfig
-    from wsss_ray.methods.robust.objectives import CrossEntropyObjective
+    from wsss_ray.methods.robust.objective import CrossEntropyObjective
     from wsss_ray.models.deeplab import build_segmentation_model
     from wsss_ray.training.step import TrainStep
 

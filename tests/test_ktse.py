@@ -15,13 +15,13 @@ from wsss_ray.core.config import BackboneConfig
 from wsss_ray.methods.ktse.config import KtseHeadConfig, KtseLossConfig
 from wsss_ray.methods.ktse.head import KtseHead, gated_fusion, gpp_pool
 from wsss_ray.methods.ktse.losses import (
-    KtseObjective,
     erase_keep_mask,
     global_alignment,
     local_alignment,
     simulated_erasing_loss,
     stack_pairs,
 )
+from wsss_ray.methods.ktse.objective import KtseObjective
 from wsss_ray.methods.ktse.ssr import (
     anchor_cam,
     foreground_mask,

@@ -162,7 +162,7 @@ def test_curriculum_class_rank_drops_within_each_class() -> None:
 
 def test_curriculum_objective_starts_at_its_epoch() -> None:
     from wsss_ray.methods.robust.config import CurriculumConfig
-    from wsss_ray.methods.robust.objectives import CurriculumObjective
+    from wsss_ray.methods.robust.objective import CurriculumObjective
 
     logits, target = _losses_batch(SPEC_LABELS, SPEC_LOSSES)
     batch = {"image": logits.detach(), "label": target}  # the objective runs the maths in float32

@@ -31,12 +31,12 @@ from wsss_ray.methods.cdsp.generator import ScribbleGenerator
 from wsss_ray.methods.cdsp.objective import CdspObjective
 from wsss_ray.methods.ktse.config import KtseHeadConfig, KtseLossConfig
 from wsss_ray.methods.ktse.head import KtseHead
-from wsss_ray.methods.ktse.losses import KtseObjective
+from wsss_ray.methods.ktse.objective import KtseObjective
 from wsss_ray.methods.mspn.config import MspnLossConfig, MultiSeedGeneratorConfig
 from wsss_ray.methods.mspn.generator import MultiSeedGenerator
 from wsss_ray.methods.mspn.objective import MspnObjective
-from wsss_ray.methods.out.config import OutCorrectorConfig
-from wsss_ray.methods.out.corrector import OnlineCorrector
+from wsss_ray.methods.out_correction.config import OutCorrectorConfig
+from wsss_ray.methods.out_correction.corrector import OnlineCorrector
 from wsss_ray.methods.robust.config import (
     CrossEntropyConfig,
     CurriculumConfig,
@@ -44,7 +44,7 @@ from wsss_ray.methods.robust.config import (
     SymmetricCrossEntropyConfig,
 )
 from wsss_ray.methods.robust.early_learning import EarlyLearning
-from wsss_ray.methods.robust.objectives import CrossEntropyObjective, CurriculumObjective, SceObjective
+from wsss_ray.methods.robust.objective import CrossEntropyObjective, CurriculumObjective, SceObjective
 from wsss_ray.models.classifier import CamClassifier
 from wsss_ray.models.resnet import build_backbone
 from wsss_ray.training.hooks import TrainHook

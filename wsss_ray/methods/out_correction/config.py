@@ -25,7 +25,7 @@ class OutCorrectorConfig(StrictModel):
     # Teacher confidence needed to replace a label (``replace``) or to keep a pixel (``nnss``; OuT: 0.7).
     confidence: Fraction = 0.7
     # v_m of the EMA mask update M_t = v_m·M_{t−1} + (1 − v_m)·P_t (``ema``). The paper does not give it; with
-    # the one-hot pseudo-mask as M_{t−1} a label only changes when v_m < 0.5 (see methods/out/correction.py).
+    # the one-hot pseudo-mask as M_{t−1} a label only changes when v_m < 0.5 (see methods/out_correction/correction.py).
     mask_momentum: Fraction = 0.3
     # Input scale of the teacher's forward pass (its probabilities are upsampled back). 1.0 is the paper; 0.5
     # cuts the teacher's cost to a quarter (bench/robust_training.py) for coarser corrections at boundaries.

@@ -14,7 +14,7 @@ from wsss_ray.methods.robust.losses import cross_entropy, curriculum_cross_entro
 
 Terms = dict[str, torch.Tensor]
 
-# OuT's default inflection epoch (``methods/out/config.py``; a family imports no other: the declarations test
+# OuT's default inflection epoch (``methods/out_correction/config.py``; a family imports no other: the declarations test
 # checks the two agree).
 OUT_INFLECTION_EPOCH = 4
 

@@ -1,6 +1,6 @@
 """OuT in the training loop: an EMA teacher that corrects the pseudo-masks from the inflection epoch on.
 
-The maths (teacher update, the three correction strategies) is in ``methods/out/correction.py``; this module
+The maths (teacher update, the three correction strategies) is in ``methods/out_correction/correction.py``; this module
 plugs it into the trainer as a :class:`~wsss_ray.training.hooks.TrainHook`, schedules it and, in *cumulative*
 mode, carries each image's corrected mask from one visit to the next.
 
@@ -24,8 +24,8 @@ from torch import nn
 from wsss_ray.core import storage
 from wsss_ray.data.image_io import encode_label_png, read_label
 from wsss_ray.data.transforms import CropGeometry, apply_geometry, scatter_back
-from wsss_ray.methods.out.config import OutCorrectorConfig
-from wsss_ray.methods.out.correction import EmaTeacher, correct_pseudo_masks, correction_stats
+from wsss_ray.methods.out_correction.config import OutCorrectorConfig
+from wsss_ray.methods.out_correction.correction import EmaTeacher, correct_pseudo_masks, correction_stats
 from wsss_ray.training.hooks import TrainHook
 
 STORE = "corrected"
