@@ -133,6 +133,10 @@ class RayConfig(StrictModel):
     # A local cluster's dashboard (http://127.0.0.1:8265): progress of every stage, and Ray's state API,
     # which Ray Train's placement-group cleaner polls.
     include_dashboard: bool = True
+    # The cluster has an autoscaler that adds GPU nodes (KubeRay's enableInTreeAutoscaling): a GPU worker group or
+    # actor pool larger than the GPUs there are now then waits for nodes instead of being sized down (use_gpu:
+    # auto) or refused (use_gpu: true). See wsss_ray/core/resources.py.
+    autoscaling: bool = False
 
 
 class BackboneConfig(StrictModel):

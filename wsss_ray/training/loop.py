@@ -33,7 +33,9 @@ from wsss_ray.core import storage
 from wsss_ray.core.config import OptimizerConfig, WorkersConfig
 from wsss_ray.core.inference import normalize
 from wsss_ray.core.metrics import TorchConfusionMatrix
-from wsss_ray.core.ray_utils import cluster_cpus, want_gpu
+from wsss_ray.core.progress import log
+from wsss_ray.core.ray_utils import cluster_autoscales, cluster_cpus
+from wsss_ray.core.resources import WorkerPlan, plan_workers
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
 from wsss_ray.training.checkpoint import latest_epoch, report_epoch, restore
@@ -256,31 +258,35 @@ def fit(spec: TrainSpec, workers: WorkersConfig, stage: StageDir,
     Re-running with the same stage directory resumes from the latest checkpoint: Ray Train V2 restores the run
     state from ``storage_path/name`` and ``ray.train.get_checkpoint()`` returns it inside the loop.
     """
-    use_gpu = want_gpu(workers.use_gpu)
-    cpus = workers.cpus_per_worker if use_gpu else min(workers.cpus_per_worker, cluster_cpus() / workers.num_workers)
+    plan = plan_workers(f"{spec.where}.workers", workers.num_workers, workers.use_gpu,
+                        ray.cluster_resources().get("GPU", 0), cluster_autoscales(), spec.batch_size,
+                        workers.min_workers)
+    log(spec.where, plan.reason)
+    count = plan.num_workers
+    cpus = workers.cpus_per_worker if plan.use_gpu else min(workers.cpus_per_worker, cluster_cpus() / count)
     # Every worker's ingest actors must fit beside the trainers (a 2-CPU machine with two 0.5-CPU workers
     # leaves one 0.5-CPU actor per worker); at most one CPU each, as Ray's default for a task.
-    free = max(0.0, cluster_cpus() - cpus * workers.num_workers) / workers.num_workers
+    free = max(0.0, cluster_cpus() - cpus * count) / count
     task_cpus = min(1.0, max(0.25, free))
     actors = max(1, min(MAX_INGEST_ACTORS, math.floor(free / task_cpus)))
     spec = dataclasses.replace(spec, threads=max(1, math.floor(cpus)), stage_uri=stage.uri,
                                train=dataclasses.replace(spec.train, task_cpus=task_cpus, actors=actors))
     if callbacks is None:
         with EpochLines(stage.name, spec.epochs) as lines:
-            return _trainer(spec, workers, stage, [lines.callback], use_gpu, cpus).fit()
-    return _trainer(spec, workers, stage, callbacks, use_gpu, cpus).fit()
+            return _trainer(spec, workers, plan, stage, [lines.callback], cpus).fit()
+    return _trainer(spec, workers, plan, stage, callbacks, cpus).fit()
 
 
-def _trainer(spec: TrainSpec, workers: WorkersConfig, stage: StageDir, callbacks: list[Any], use_gpu: bool,
+def _trainer(spec: TrainSpec, workers: WorkersConfig, plan: WorkerPlan, stage: StageDir, callbacks: list[Any],
              cpus: float) -> TorchTrainer:
     storage_path, filesystem = storage.train_storage(stage.path("ray_train"))
     # (min, max) makes the group elastic (Ray Train V2): it starts with what fits and resizes as nodes come and go.
-    num_workers = workers.num_workers if workers.min_workers is None else (workers.min_workers, workers.num_workers)
+    num_workers = plan.num_workers if plan.min_workers is None else (plan.min_workers, plan.num_workers)
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if plan.use_gpu else {})}),
         run_config=RunConfig(
             name=stage.name,
             storage_path=storage_path,
