@@ -184,6 +184,23 @@ class WorkersConfig(StrictModel):
                               f"worker; {why} needs at least {min_per_worker}")
 
 
+class SpeedConfig(StrictModel):
+    """How a training step runs on CUDA; none of it changes anything on CPU (the CPU step stays torch's eager
+    default). The defaults are conservative until ``bench/gpu_check.py``'s "speed options" row (each option on
+    and off, side by side, on a paper-size step, and the loss curve of compiled against eager on one seed) has
+    run on the target GPU: to be confirmed by that row's profile.
+    """
+
+    # torch.compile of the step (model + objective, inside DDP); the first steps pay the compilation.
+    compile: bool = False
+    # NHWC weights and activations (cuDNN's faster layout for many convolutions; measured 0.77-1.09x on an H200).
+    channels_last: bool = False
+    # SGD's implementation: "auto" is torch's default (foreach on CUDA); "fused" one kernel for every parameter.
+    optimizer_impl: Literal["auto", "foreach", "fused"] = "auto"
+    # cuDNN's autotuner for the fixed crop size (validation images of other sizes tune again).
+    cudnn_benchmark: bool = False
+
+
 class OptimizerConfig(StrictModel):
     """SGD with a poly schedule (OuT: lr 1e-3, momentum 0.9, wd 5e-4, power 0.9), or warm-up then cosine
     (CDSP: 10 warm-up epochs of 50)."""

@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from wsss_ray.core import storage
-from wsss_ray.core.config import OptimizerConfig, WorkersConfig
+from wsss_ray.core.config import OptimizerConfig, SpeedConfig, WorkersConfig
 from wsss_ray.core.inference import normalize
 from wsss_ray.core.metrics import TorchConfusionMatrix
 from wsss_ray.core.progress import log
@@ -43,6 +43,7 @@ from wsss_ray.training.console import EpochLines
 from wsss_ray.training.hooks import TrainHook
 from wsss_ray.training.ingest import RowSource, shard_stream, steps_per_epoch, to_device, val_stream
 from wsss_ray.training.optim import build_optimizer, set_lr
+from wsss_ray.training.speed import compile_step, optimizer_options, prepare_step
 from wsss_ray.training.step import TrainStep
 from wsss_ray.training.tensorboard import TensorBoardLog
 
@@ -77,6 +78,7 @@ class TrainSpec:
     val: RowSource | None = None
     build_hooks: Callable[[nn.Module, str], list[TrainHook]] = no_hooks
     sync_bn: bool | Literal["auto"] = "auto"
+    speed: SpeedConfig = dataclasses.field(default_factory=SpeedConfig)
     num_classes: int = 0
     val_every: int = 0
     threads: int = 1
@@ -94,7 +96,8 @@ class WorkerRun:
 
     spec: TrainSpec
     step: TrainStep  # unwrapped: what hooks and checkpoints see
-    ddp_step: nn.Module  # what the forward runs through
+    ddp_step: nn.Module  # DDP around ``step``: what checkpoints save
+    forward: nn.Module  # what each step calls: ``ddp_step``, compiled when ``spec.speed.compile`` on CUDA
     optimizer: torch.optim.Optimizer
     hooks: list[TrainHook]
     shard: Iterator[dict[str, Any]]  # this worker's batches of ``train``, epoch after epoch
@@ -163,8 +166,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     start_epoch = latest_epoch()
     stream = shard_stream(spec.train, spec.seed, range(start_epoch, spec.epochs), steps, spec.batch_size, rank, world)
     model = _maybe_sync_bn(spec.build_model(), spec.sync_bn, device)
-    step = TrainStep(model, spec.build_objective()).to(device)
-    optimizer = build_optimizer(step.parameter_groups(), spec.optimizer, spec.head_lr_multiplier)
+    step = prepare_step(TrainStep(model, spec.build_objective()), spec.speed, device)
+    optimizer = build_optimizer(step.parameter_groups(), spec.optimizer, spec.head_lr_multiplier,
+                                **optimizer_options(spec.speed, device))
     hooks = spec.build_hooks(model, spec.stage_uri)
     extras = {name: state for hook in hooks for name, state in hook.checkpoint_state().items()}
     restored_epoch, history = restore(step, optimizer, extras)
@@ -173,8 +177,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         hook.on_start(start_epoch, rank)
     if rank == 0:
         print(f"{spec.where}: batch {spec.batch_size} global = {world} workers × {batch_size}", flush=True)
-    run = WorkerRun(spec, step, ray.train.torch.prepare_model(step), optimizer, hooks, stream, device, world,
-                    batch_size, steps)
+    ddp_step = ray.train.torch.prepare_model(step)
+    run = WorkerRun(spec, step, ddp_step, compile_step(ddp_step, spec.speed, device), optimizer, hooks, stream,
+                    device, world, batch_size, steps)
     tensorboard = TensorBoardLog(storage.join(spec.stage_uri, "tensorboard")) if rank == 0 else None
     for epoch in range(start_epoch, spec.epochs):
         step.set_epoch(epoch)  # also after a restore: the objective's schedule follows the loop's epoch
@@ -204,7 +209,7 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
         for hook in run.hooks:
             terms.update(hook.before_step(batch, epoch))
         with autocast(run.device):
-            loss, loss_terms = run.ddp_step(batch)
+            loss, loss_terms = run.forward(batch)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for hook in run.hooks:
