@@ -135,8 +135,9 @@ class RayConfig(StrictModel):
     include_dashboard: bool = True
     # The cluster has an autoscaler that adds GPU nodes (KubeRay's enableInTreeAutoscaling): a GPU worker group or
     # actor pool larger than the GPUs there are now then waits for nodes instead of being sized down (use_gpu:
-    # auto) or refused (use_gpu: true). See wsss_ray/core/resources.py.
-    autoscaling: bool = False
+    # auto) or refused (use_gpu: true). None: the WSSS_AUTOSCALING environment variable ("1"; the cluster/ jobs'
+    # runtime env sets it), else false. See wsss_ray/core/resources.py.
+    autoscaling: bool | None = None
 
 
 class BackboneConfig(StrictModel):

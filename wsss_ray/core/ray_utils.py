@@ -42,7 +42,8 @@ def init_ray(config: RayConfig, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     address = cluster_address(config)
-    os.environ[AUTOSCALING_VAR] = "1" if config.autoscaling else "0"
+    if config.autoscaling is not None:  # else the variable the job's runtime env set, if any
+        os.environ[AUTOSCALING_VAR] = "1" if config.autoscaling else "0"
     env = {k: os.environ[k] for k in (*_FORWARDED_ENV, AUTOSCALING_VAR) if k in os.environ}
     # Workers of a local cluster inherit the driver's environment; the runtime env covers a remote one.
     runtime_env = {"env_vars": env} if env and address else None
