@@ -15,7 +15,8 @@ Run it inside a loopback-only network namespace (it starts a 2-CPU local Ray clu
     against a plain DDP loop (2 spawned gloo processes, a DataLoader with one worker process each, the same
     model, objective, optimiser and crops). Reported: the last epoch's time (images / the loop's images/s, data
     waits included), the share of it spent waiting on the input, and the whole call's wall time (start-up,
-    checkpoints). Goal ≤ 1.15× per epoch.
+    checkpoints). Goal ≤ 1.15× per epoch. Also epoch 1's share waiting on input (the stream's start-up: goal
+    < 20 %; the training workers decode their first batches themselves while the ingest actors start).
 
 The reference sides (DataLoader workers, plain DDP ranks) run at the niceness Ray gives its worker processes
 (15 by default), so that on a machine with other work running both sides compete for the CPU alike.

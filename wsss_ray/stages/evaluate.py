@@ -96,7 +96,8 @@ def evaluate_segmentation(records: list[dict[str, Any]], stage: StageDir, *, mod
     report only → ``samples/``."""
     log("evaluate", f"{len(records)} images → {stage.uri}")
     plan = plan_model_pool("evaluate", config.max_actors, use_gpu)  # type: ignore[arg-type]
-    log("evaluate", plan.reason)
+    if plan.use_gpu:
+        log("evaluate", plan.reason)
     gpu = plan.use_gpu
     ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), 64)))
     ds = ds.map(SegmentationPredictor,

@@ -271,7 +271,8 @@ def predict_images(model: str, inputs: str, out: str | None = None, *, options: 
     throughput = None
     if todo:
         plan = plan_model_pool("predict (--gpu, --max-actors)", max_actors, use_gpu)  # type: ignore[arg-type]
-        log("predict", plan.reason)
+        if plan.use_gpu:
+            log("predict", plan.reason)
         gpu = plan.use_gpu
         per_task = images_per_task(len(todo), cluster_cpus())
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / per_task))

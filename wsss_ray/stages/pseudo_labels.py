@@ -169,7 +169,8 @@ def generate_pseudo_labels(
         # CAM actors on GPUs take no CPU, so every CPU runs CRF tasks; CPU actors leave the rest to the CRF.
         crf_tasks = max(1, cpus - (0 if plan.use_gpu else plan.max_actors))
         split = {"cam_actors": plan.max_actors, "cam_on_gpu": plan.use_gpu, "crf_tasks": crf_tasks}
-        log("pseudo_labels", f"{plan.reason}; CRF in up to {crf_tasks} task(s) of 1 CPU")
+        if plan.use_gpu:
+            log("pseudo_labels", f"{plan.reason}; CRF in up to {crf_tasks} task(s) of 1 CPU")
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / per_task))
         ds = ds.map(
             CamActor,

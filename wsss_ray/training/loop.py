@@ -266,7 +266,8 @@ def fit(spec: TrainSpec, workers: WorkersConfig, stage: StageDir,
     plan = plan_workers(f"{spec.where}.workers", workers.num_workers, workers.use_gpu,
                         ray.cluster_resources().get("GPU", 0), cluster_autoscales(), spec.batch_size,
                         workers.min_workers)
-    log(spec.where, plan.reason)
+    if plan.use_gpu or plan.num_workers != workers.num_workers:  # a CPU group as configured goes unsaid
+        log(spec.where, plan.reason)
     count = plan.num_workers
     cpus = workers.cpus_per_worker if plan.use_gpu else min(workers.cpus_per_worker, cluster_cpus() / count)
     # Every worker's ingest actors must fit beside the trainers (a 2-CPU machine with two 0.5-CPU workers
