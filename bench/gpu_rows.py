@@ -146,11 +146,11 @@ def row_sync_bn(args: argparse.Namespace) -> Row:
     config = stage_config(args, sync_bn=True, workers=count or 2)
     result = train_segmentation(stage_records(args), StageDir.create(str(args.root / "runs"), "train_seg", "syncbn"),
                                 config, 21)
-    losses = [h["loss"] for h in result["history"]]
+    losses = [round(h["loss"], 3) for h in result["history"]]
     if not count:
         return "SKIP", f"no CUDA; the stage with sync_bn: true ran on CPU (BatchNorm kept), losses {losses}"
     ok = all(torch.isfinite(torch.tensor(losses)))
-    return "PASS" if ok else "FAIL", f"{count} workers with SyncBatchNorm, losses {[round(v, 3) for v in losses]}"
+    return "PASS" if ok else "FAIL", f"{count} workers with SyncBatchNorm, losses {losses}"
 
 
 def row_teacher(args: argparse.Namespace) -> Row:
