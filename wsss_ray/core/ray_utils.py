@@ -120,10 +120,10 @@ def cluster_autoscales() -> bool:
     return os.environ.get(AUTOSCALING_VAR, "0") == "1"
 
 
-def plan_model_pool(field: str, max_actors: int, use_gpu: UseGpu) -> PoolPlan:
+def plan_model_pool(field: str, max_actors: int, use_gpu: UseGpu, setting: str | None = None) -> PoolPlan:
     """:func:`~wsss_ray.core.resources.plan_actor_pool` for this cluster (ConfigError when it cannot fit)."""
     return plan_actor_pool(field, max_actors, use_gpu, ray.cluster_resources().get("GPU", 0), cluster_cpus(),
-                           cluster_autoscales())
+                           cluster_autoscales(), setting)
 
 
 def model_actor_pool(plan: PoolPlan) -> ActorPoolStrategy:

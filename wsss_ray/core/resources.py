@@ -81,18 +81,20 @@ def plan_workers(field: str, requested: int, use_gpu: UseGpu, cluster_gpus: floa
 
 
 def plan_actor_pool(field: str, max_actors: int, use_gpu: UseGpu, cluster_gpus: float, cluster_cpus: float,
-                    autoscaling: bool) -> PoolPlan:
-    """A model actor pool (pseudo-label CAMs, evaluate, predict; ``field``: its config section's ``use_gpu``
-    owner, e.g. ``"pseudo_labels"``): GPU actors as for :func:`plan_workers` (``use_gpu: true`` needs at least
-    one GPU, or an autoscaler); CPU pools leave one CPU free, or a 2-CPU cluster starves the read tasks and the
-    stage hangs (ray-notes)."""
+                    autoscaling: bool, setting: str | None = None) -> PoolPlan:
+    """A model actor pool (pseudo-label CAMs, evaluate, predict; ``field``: its config section, e.g.
+    ``"pseudo_labels"``; ``setting``: how errors name the GPU switch, ``<field>.use_gpu`` unless given, e.g. the
+    CLI's ``--gpu``): GPU actors as for :func:`plan_workers` (``use_gpu: true`` needs at least one GPU, or an
+    autoscaler); CPU pools leave one CPU free, or a 2-CPU cluster starves the read tasks and the stage hangs
+    (ray-notes)."""
     gpus = math.floor(cluster_gpus)
+    switch = setting or f"{field}.use_gpu"
     if use_gpu is False or (use_gpu == "auto" and gpus == 0 and not autoscaling):
         size = max(1, min(max_actors, math.floor(cluster_cpus) - 1))
-        why = f"{field}.use_gpu: false" if use_gpu is False else f"{field}.use_gpu: auto and {_gpus_seen(gpus)}"
+        why = f"{switch}: false" if use_gpu is False else f"{switch}: auto and {_gpus_seen(gpus)}"
         return PoolPlan(size, False, f"up to {size} CPU actor(s) ({why})")
     if gpus == 0 and not autoscaling:
-        raise ConfigError(f"{field}.use_gpu: true needs a GPU but {_gpus_seen(gpus)} and no autoscaler "
-                          f"(ray.autoscaling: false): the actors could never start. Set {field}.use_gpu: auto")
+        raise ConfigError(f"{switch}: true needs a GPU but {_gpus_seen(gpus)} and no autoscaler "
+                          f"(ray.autoscaling: false): the actors could never start. Set {switch}: auto")
     size = max_actors if autoscaling and gpus < max_actors else max(1, min(max_actors, gpus))
-    return PoolPlan(size, True, f"up to {size} GPU actor(s) ({_gpus_seen(gpus)}, {field}.max_actors: {max_actors})")
+    return PoolPlan(size, True, f"up to {size} GPU actor(s) ({_gpus_seen(gpus)}, {field} max_actors {max_actors})")

@@ -270,7 +270,7 @@ def predict_images(model: str, inputs: str, out: str | None = None, *, options: 
 
     throughput = None
     if todo:
-        plan = plan_model_pool("predict (--gpu, --max-actors)", max_actors, use_gpu)  # type: ignore[arg-type]
+        plan = plan_model_pool("predict", max_actors, use_gpu, setting="wsss-ray predict --gpu")  # type: ignore[arg-type]
         if plan.use_gpu:
             log("predict", plan.reason)
         gpu = plan.use_gpu
