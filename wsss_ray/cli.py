@@ -171,7 +171,11 @@ def _run(args: argparse.Namespace) -> int:
     from wsss_ray.pipeline import run_pipeline
 
     until = args.until if args.command == "run" else STAGE_COMMANDS[args.command]
-    run_pipeline(config, until=until, verbose=args.verbose)
+    try:
+        run_pipeline(config, until=until, verbose=args.verbose)
+    except ConfigError as error:  # found once the cluster is known: e.g. use_gpu: true with too few GPUs
+        print(f"config error:\n{error}", file=sys.stderr)
+        return 2
     return 0
 
 
