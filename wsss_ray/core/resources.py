@@ -27,6 +27,15 @@ from wsss_ray.core.config import ConfigError
 UseGpu = bool | Literal["auto"]
 
 
+class UnplaceableError(ConfigError):
+    """A group or pool the cluster can never place: ``setting`` (the config field or CLI option), ``what`` is
+    wrong and ``fix`` (what to change), so the pre-flight step can report it in its two-line form."""
+
+    def __init__(self, setting: str, what: str, fix: str) -> None:
+        super().__init__(f"{setting}: {what}. {fix}")
+        self.setting, self.what, self.fix = setting, what, fix
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     """A training group's size: ``num_workers`` (``min_workers``: elastic lower bound, or None), one GPU each
@@ -68,10 +77,10 @@ def plan_workers(field: str, requested: int, use_gpu: UseGpu, cluster_gpus: floa
         note = "" if gpus >= requested else f" ({_gpus_seen(gpus)} now; the autoscaler adds GPU nodes)"
         return WorkerPlan(requested, True, f"{requested} GPU worker(s){note}", min_workers)
     if use_gpu is True:
-        raise ConfigError(
-            f"{field}.use_gpu: true asks for {requested} GPU worker(s) ({field}.num_workers: {requested}, one GPU "
+        raise UnplaceableError(
+            f"{field}.use_gpu", f"true asks for {requested} GPU worker(s) ({field}.num_workers: {requested}, one GPU "
             f"each) but {_gpus_seen(gpus)} and no autoscaler (ray.autoscaling: false): the group could never be "
-            f"placed. Set {field}.num_workers to at most {gpus}, or {field}.use_gpu: auto to use the GPUs there are")
+            f"placed", f"Set {field}.num_workers to at most {gpus}, or {field}.use_gpu: auto to use the GPUs there are")
     counts = [w for w in range(gpus, 0, -1) if batch_size is None or batch_size % w == 0]
     chosen = counts[0]
     batch = "" if batch_size is None else f"; the global batch {batch_size} stays, {batch_size // chosen} per worker"
@@ -94,7 +103,8 @@ def plan_actor_pool(field: str, max_actors: int, use_gpu: UseGpu, cluster_gpus: 
         why = f"{switch}: false" if use_gpu is False else f"{switch}: auto and {_gpus_seen(gpus)}"
         return PoolPlan(size, False, f"up to {size} CPU actor(s) ({why})")
     if gpus == 0 and not autoscaling:
-        raise ConfigError(f"{switch}: true needs a GPU but {_gpus_seen(gpus)} and no autoscaler "
-                          f"(ray.autoscaling: false): the actors could never start. Set {switch}: auto")
+        raise UnplaceableError(switch, f"true needs a GPU but {_gpus_seen(gpus)} and no autoscaler "
+                               f"(ray.autoscaling: false): the actors could never start",
+                               f"Set {switch}: auto" if setting is None else f"Use {switch} auto")
     size = max_actors if autoscaling and gpus < max_actors else max(1, min(max_actors, gpus))
     return PoolPlan(size, True, f"up to {size} GPU actor(s) ({_gpus_seen(gpus)}, {field} max_actors {max_actors})")
