@@ -154,19 +154,27 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
 
 
 def tiny_pipeline(root: str, output: str) -> dict[str, Any]:
-    """The tiny pipeline config (resnet_tiny, 64 px, 2 epochs, two 0.5-CPU workers) the reference run uses."""
-    small_backbone = {"name": "resnet_tiny", "output_stride": 16}
-    workers = {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0}
-    augment = {"crop_size": 64, "scale_min": 0.9, "scale_max": 1.1}
+    """The tiny pipeline config (resnet_tiny, 64 px, 2 epochs, two 0.5-CPU workers) the reference run uses.
+    Every section is its own dict (nothing shared), so callers may change one and YAML dumps have no anchors."""
+
+    def small_backbone() -> dict[str, Any]:
+        return {"name": "resnet_tiny", "output_stride": 16}
+
+    def workers() -> dict[str, Any]:
+        return {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0}
+
+    def augment() -> dict[str, Any]:
+        return {"crop_size": 64, "scale_min": 0.9, "scale_max": 1.1}
+
     return {
         "name": "tiny",
         "output": output,
         "dataset": {"format": "voc", "root": root, "train_split": "train", "val_split": "val"},
-        "train_cls": {"backbone": small_backbone, "epochs": 2, "batch_size": 4, "workers": workers,
-                      "augment": augment},
+        "train_cls": {"backbone": small_backbone(), "epochs": 2, "batch_size": 4, "workers": workers(),
+                      "augment": augment()},
         "pseudo_labels": {"generator": {"scales": [1.0], "bg_score": 0.2}},
-        "train_seg": {"model": {"backbone": small_backbone, "aspp_channels": 16}, "epochs": 2, "batch_size": 4,
-                      "workers": workers, "augment": augment},
+        "train_seg": {"model": {"backbone": small_backbone(), "aspp_channels": 16}, "epochs": 2, "batch_size": 4,
+                      "workers": workers(), "augment": augment()},
         "evaluate": {"num_samples": 2},
     }
 

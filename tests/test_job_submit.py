@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from conftest import ray_temp_dir
+from conftest import ray_temp_dir, tiny_pipeline
 
 from wsss_ray.config import load_config
 from wsss_ray.core import storage
@@ -160,28 +160,15 @@ def ray_head(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def _write_config(tmp_path: Path) -> Path:
-    """A tiny run (sizes of tests/test_pipeline.py's tiny_config) on a dataset the driver generates locally.
+    """A tiny run (conftest's tiny_pipeline, the reference run's sizes) on a dataset the driver generates locally.
 
     The config and the dataset are absolute /tmp paths: on a local head the driver and the tasks share this
     machine's disk. ``output`` is set with ``--set`` on submit. ``ray`` is left empty on purpose: the driver
     joins the head through RAY_ADDRESS, and ``ray.num_cpus`` would fail against an existing cluster.
     """
-    small_backbone = {"name": "resnet_tiny", "output_stride": 16}
-    workers = {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0}
-    augment = {"crop_size": 64, "scale_min": 0.9, "scale_max": 1.1}
-    config = {
-        "name": "job-submit",
-        "output": "${WSSS_TEST_OUTPUT}",  # no default: a submit that forgot --set output=... fails loudly
-        "dataset": {"format": "voc", "root": str(tmp_path / "toy-voc"), "train_split": "train",
-                    "val_split": "val",
-                    "generate": {"num_train": 16, "num_val": 6, "image_size": 64, "num_classes": 3, "seed": 3}},
-        "train_cls": {"backbone": small_backbone, "epochs": 2, "batch_size": 4, "workers": workers,
-                      "augment": augment},
-        "pseudo_labels": {"generator": {"scales": [1.0], "bg_score": 0.2}},
-        "train_seg": {"model": {"backbone": small_backbone, "aspp_channels": 16}, "epochs": 2, "batch_size": 4,
-                      "workers": workers, "augment": augment},
-        "evaluate": {"num_samples": 2},
-    }
+    # no default output: a submit that forgot --set output=... fails loudly
+    config = {**tiny_pipeline(str(tmp_path / "toy-voc"), "${WSSS_TEST_OUTPUT}"), "name": "job-submit"}
+    config["dataset"]["generate"] = {"num_train": 16, "num_val": 6, "image_size": 64, "num_classes": 3, "seed": 3}
     path = tmp_path / "job-submit.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

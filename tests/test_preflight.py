@@ -16,12 +16,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import moto.server as moto_server
 import pytest
 import ray
 import torch
+import yaml
 from moto import settings as moto_settings
 
 from wsss_ray.cli import main, storage_failure
@@ -430,3 +432,69 @@ def test_a_new_check_is_one_function_in_the_list(tmp_path: Path) -> None:
                                                              "<pre-flight>"]
     assert lines[5].startswith("cfg.yaml: <pre-flight>: broken: the check itself failed: KeyError: 'GPU' "
                                "(test_preflight.py:")
+
+
+def gpu_config(tmp_path: Path, **sections: Any) -> Path:
+    """demo.yaml with a local output and the given sections merged in."""
+    tmp_path.mkdir(parents=True)
+    path = tmp_path / "gpus.yaml"
+    body = {"base": str(REPO / "jobs" / "configs" / "demo.yaml"), "output": str(tmp_path / "out"),
+            "dataset": {"root": str(tmp_path / "voc")}, **sections}
+    path.write_text(yaml.safe_dump(body))
+    voc_folder(tmp_path / "voc", splits=("train", "val"), folders=("JPEGImages", "SegmentationClass"))
+    return path
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_gpus_a_config_asks_for_against_this_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str], gpus: int) -> None:
+    """use_gpu: true that could never be placed is reported before Ray starts (the stages' own sizing rule, with
+    the GPUs this machine has); use_gpu: auto is sized down by the stages, so it passes."""
+    from wsss_ray.preflight import gpus as gpu_check
+
+    monkeypatch.setattr(gpu_check, "local_gpus", lambda: gpus)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("WSSS_AUTOSCALING", raising=False)
+    auto = gpu_config(tmp_path / "auto", train_cls={"workers": {"num_workers": 2, "use_gpu": "auto"}})
+    assert check(capsys, str(auto)) == (0, [f"{auto}: OK"])
+    asks = gpu_config(tmp_path / "true", train_cls={"workers": {"num_workers": 2, "use_gpu": True}},
+                      pseudo_labels={"use_gpu": True})
+    code, lines = check(capsys, str(asks))
+    assert code == 2
+    seen = f"the cluster has {gpus} GPU{'' if gpus == 1 else 's'}"
+    expected = [
+        (f"{asks}: train_cls.workers.use_gpu: this machine: true asks for 2 GPU worker(s) (train_cls.workers."
+        f"num_workers: 2, one GPU each) but {seen} and no autoscaler (ray.autoscaling: false): the group could "
+        "never be placed"),
+        (f"  fix: Set train_cls.workers.num_workers to at most {gpus}, or train_cls.workers.use_gpu: auto to use the "
+        "GPUs there are")]
+    if gpus == 0:  # one GPU is enough for a pool
+        expected += [
+            (f"{asks}: pseudo_labels.use_gpu: this machine: true needs a GPU but {seen} and no autoscaler "
+            "(ray.autoscaling: false): the actors could never start"),
+            "  fix: Set pseudo_labels.use_gpu: auto"]
+    count = len(expected) // 2
+    assert lines == [f"pre-flight: {count} problem{'s' * (count > 1)} with {asks}; nothing was started:", *expected]
+    # An autoscaler adds GPU nodes: the same config then waits for them instead.
+    monkeypatch.setenv("WSSS_AUTOSCALING", "1")
+    assert check(capsys, str(asks)) == (0, [f"{asks}: OK"])
+
+
+def test_predict_gpu_yes_without_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from wsss_ray.preflight import gpus as gpu_check
+
+    monkeypatch.setattr(gpu_check, "local_gpus", lambda: 0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("WSSS_AUTOSCALING", raising=False)
+    model = tiny_model(tmp_path / "train_seg-x")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"")
+    code = main(["predict", "--model", str(model), "--input", str(tmp_path / "images"), "--out",
+                 str(tmp_path / "pred"), "--gpu", "yes"])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "pre-flight: 1 problem with predict; nothing was started:",
+        ("predict: wsss-ray predict --gpu: this machine: true needs a GPU but the cluster has 0 GPUs and no "
+        "autoscaler (ray.autoscaling: false): the actors could never start"),
+        "  fix: Use wsss-ray predict --gpu auto"]

@@ -101,14 +101,16 @@ def _predict(args: argparse.Namespace) -> int:
     options = PredictOptions(scales=tuple(args.scales), flip=args.flip, crf=CrfConfig() if args.crf else None,
                              overlay=args.overlay, max_side=args.max_side, min_size=args.min_size)
     from wsss_ray.preflight import PreflightReport, format_report
+    from wsss_ray.preflight.gpus import predict_gpu_problems
     from wsss_ray.preflight.predict import predict_problems
 
-    report = PreflightReport(predict_problems(args.model, args.input, args.out, options, args.overwrite))
+    gpu = {"auto": "auto", "yes": True, "no": False}[args.gpu]
+    report = PreflightReport(predict_problems(args.model, args.input, args.out, options, args.overwrite)
+                             + predict_gpu_problems(args.max_actors, gpu))
     if not report.ok:
         print(format_report(report, "predict"), file=sys.stderr)
         return 2
     init_ray(RayConfig(), verbose=args.verbose)
-    gpu = {"auto": "auto", "yes": True, "no": False}[args.gpu]
     summary = predict_images(args.model, args.input, args.out, options=options, max_actors=args.max_actors,
                              use_gpu=gpu, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
@@ -171,7 +173,11 @@ def _run(args: argparse.Namespace) -> int:
     from wsss_ray.pipeline import run_pipeline
 
     until = args.until if args.command == "run" else STAGE_COMMANDS[args.command]
-    run_pipeline(config, until=until, verbose=args.verbose)
+    try:
+        run_pipeline(config, until=until, verbose=args.verbose)
+    except ConfigError as error:  # found once the cluster is known: e.g. use_gpu: true with too few GPUs
+        print(f"config error:\n{error}", file=sys.stderr)
+        return 2
     return 0
 
 

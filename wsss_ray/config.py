@@ -29,6 +29,7 @@ from wsss_ray.core.config import (
     PositiveInt,
     RayConfig,
     SegModelConfig,
+    SpeedConfig,
     StrictModel,
     WorkersConfig,
     config_hash,
@@ -73,6 +74,9 @@ class ClassifierTrainConfig(StrictModel):
     seed: Annotated[int, Field(ge=0)] = 0
     # SyncBatchNorm across several CUDA workers ("auto"), as train_seg.model.sync_bn.
     sync_bn: bool | Literal["auto"] = "auto"
+    # How the step runs on CUDA (torch.compile, channels_last, fused SGD); changes speed, not results, and
+    # nothing on CPU. Not part of the stage key.
+    speed: SpeedConfig = SpeedConfig()
 
     @model_validator(mode="after")
     def _head_matches_loss(self) -> ClassifierTrainConfig:
@@ -126,6 +130,8 @@ class SegTrainConfig(StrictModel):
     head_lr_multiplier: PositiveFloat = 10.0
     augment: AugmentConfig = AugmentConfig()
     workers: WorkersConfig = WorkersConfig()
+    # How the step runs on CUDA (torch.compile, channels_last, fused SGD); see train_cls.speed.
+    speed: SpeedConfig = SpeedConfig()
     # Seeds the initial weights, each epoch's shuffle and every crop: the same config trains the same way twice.
     seed: Annotated[int, Field(ge=0)] = 0
 

@@ -55,8 +55,9 @@ def run_stage(stage: StageDir, work: Callable[[], dict[str, Any]]) -> dict[str, 
 
 
 def _without_workers(section: Any) -> dict[str, Any]:
-    # The worker count changes speed, not results: a run resumed on another cluster size keeps its outputs.
-    return key_dump(section, exclude={"workers"})
+    # The worker count and the speed options change speed, not results: a run resumed on another cluster size
+    # (or with torch.compile on) keeps its outputs.
+    return key_dump(section, exclude={"workers", "speed"})
 
 
 def _model_sha(stage: StageDir) -> str | None:

@@ -133,6 +133,11 @@ class RayConfig(StrictModel):
     # A local cluster's dashboard (http://127.0.0.1:8265): progress of every stage, and Ray's state API,
     # which Ray Train's placement-group cleaner polls.
     include_dashboard: bool = True
+    # The cluster has an autoscaler that adds GPU nodes (KubeRay's enableInTreeAutoscaling): a GPU worker group or
+    # actor pool larger than the GPUs there are now then waits for nodes instead of being sized down (use_gpu:
+    # auto) or refused (use_gpu: true). None: the WSSS_AUTOSCALING environment variable ("1"; the cluster/ jobs'
+    # runtime env sets it), else false. See wsss_ray/core/resources.py.
+    autoscaling: bool | None = None
 
 
 class BackboneConfig(StrictModel):
@@ -178,6 +183,23 @@ class WorkersConfig(StrictModel):
             raise ConfigError(f"{where}.batch_size: {batch_size} over {self.num_workers} workers "
                               f"({where}.workers.num_workers) gives {batch_size // self.num_workers} image(s) per "
                               f"worker; {why} needs at least {min_per_worker}")
+
+
+class SpeedConfig(StrictModel):
+    """How a training step runs on CUDA; none of it changes anything on CPU (the CPU step stays torch's eager
+    default). The defaults are conservative until ``bench/gpu_check.py``'s "speed options" row (each option on
+    and off, side by side, on a paper-size step, and the loss curve of compiled against eager on one seed) has
+    run on the target GPU: to be confirmed by that row's profile.
+    """
+
+    # torch.compile of the step (model + objective, inside DDP); the first steps pay the compilation.
+    compile: bool = False
+    # NHWC weights and activations (cuDNN's faster layout for many convolutions; measured 0.77-1.09x on an H200).
+    channels_last: bool = False
+    # SGD's implementation: "auto" is torch's default (foreach on CUDA); "fused" one kernel for every parameter.
+    optimizer_impl: Literal["auto", "foreach", "fused"] = "auto"
+    # cuDNN's autotuner for the fixed crop size (validation images of other sizes tune again).
+    cudnn_benchmark: bool = False
 
 
 class OptimizerConfig(StrictModel):

@@ -11,8 +11,11 @@ from ray.data import ActorPoolStrategy
 
 from wsss_ray.core.config import RayConfig
 from wsss_ray.core.progress import log
+from wsss_ray.core.resources import PoolPlan, UseGpu, plan_actor_pool
 
 API_SERVER_ADDRESS_VAR = "RAY_API_SERVER_ADDRESS"
+# ``ray.autoscaling`` of the run, for every process that sizes worker groups (the driver, Tune's trial actors).
+AUTOSCALING_VAR = "WSSS_AUTOSCALING"
 _PINNED_ADDRESS: str | None = None  # the value pin_state_api set (replaced when it starts another cluster)
 # Passed to every Ray worker so that storage (pyarrow S3) finds the same endpoint and credentials as the
 # driver on a local cluster. On a real cluster the pods get them from a Kubernetes Secret instead.
@@ -43,7 +46,9 @@ def init_ray(config: RayConfig, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     address = cluster_address(config)
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    if config.autoscaling is not None:  # else the variable the job's runtime env set, if any
+        os.environ[AUTOSCALING_VAR] = "1" if config.autoscaling else "0"
+    env = {k: os.environ[k] for k in (*_FORWARDED_ENV, AUTOSCALING_VAR) if k in os.environ}
     # Workers of a local cluster inherit the driver's environment; the runtime env covers a remote one.
     runtime_env = {"env_vars": env} if env and address else None
     # logging_level: ray.init sets the "ray" logger's level itself (its token-auth warning, "Started a local Ray
@@ -119,16 +124,17 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def want_gpu(flag: bool | str) -> bool:
-    """``"auto"`` means: use GPUs when the cluster has any."""
-    return cluster_gpus() > 0 if flag == "auto" else bool(flag)
+def cluster_autoscales() -> bool:
+    """Whether the run's ``ray.autoscaling`` says an autoscaler adds nodes (set by :func:`init_ray`)."""
+    return os.environ.get(AUTOSCALING_VAR, "0") == "1"
 
 
-def model_actor_pool(max_actors: int, use_gpu: bool) -> ActorPoolStrategy:
-    """An actor pool for a model stage that never holds every CPU.
+def plan_model_pool(field: str, max_actors: int, use_gpu: UseGpu, setting: str | None = None) -> PoolPlan:
+    """:func:`~wsss_ray.core.resources.plan_actor_pool` for this cluster (ConfigError when it cannot fit)."""
+    return plan_actor_pool(field, max_actors, use_gpu, ray.cluster_resources().get("GPU", 0), cluster_cpus(),
+                           cluster_autoscales(), setting)
 
-    On a 2-CPU cluster a pool of two 1-CPU actors starves the read tasks and the stage hangs (ray-notes), so
-    CPU pools leave one CPU free; GPU pools are bounded by the GPUs.
-    """
-    limit = cluster_gpus() if use_gpu else cluster_cpus() - 1
-    return ActorPoolStrategy(min_size=1, max_size=max(1, min(max_actors, limit)))
+
+def model_actor_pool(plan: PoolPlan) -> ActorPoolStrategy:
+    """The Ray Data actor pool of a model stage, sized by ``plan`` (:func:`plan_model_pool`)."""
+    return ActorPoolStrategy(min_size=1, max_size=plan.max_actors)

@@ -6,8 +6,7 @@ check is a function ``(config, options) -> problems``; :func:`preflight` runs ev
 not over three runs. A problem names the config field, the path or URI, what is wrong and what to do, in one or
 two lines (:meth:`Problem.lines`).
 
-A new check (e.g. the GPUs a config asks for against what the cluster has) is a function with that signature
-added to :data:`CONFIG_CHECKS`; checks that need the network return nothing for what they skip under
+A new check is a function with that signature added to :data:`CONFIG_CHECKS` (``check_gpus`` was added so); checks that need the network return nothing for what they skip under
 ``options.offline`` and list it in ``options.skipped``.
 """
 
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 
 from wsss_ray.config import PipelineConfig
 from wsss_ray.preflight.dataset import check_dataset
+from wsss_ray.preflight.gpus import check_gpus
 from wsss_ray.preflight.output import check_output
 from wsss_ray.preflight.problem import PreflightOptions, Problem
 from wsss_ray.preflight.weights import check_backbone_weights
@@ -29,7 +29,7 @@ __all__ = ["CONFIG_CHECKS", "Check", "PreflightOptions", "PreflightReport", "Pro
 Check = Callable[[PipelineConfig, PreflightOptions], list[Problem]]
 
 # Every check a pipeline config goes through, in the order their problems are listed.
-CONFIG_CHECKS: list[Check] = [check_dataset, check_backbone_weights, check_output]
+CONFIG_CHECKS: list[Check] = [check_dataset, check_backbone_weights, check_output, check_gpus]
 
 
 @dataclass

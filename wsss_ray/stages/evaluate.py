@@ -22,7 +22,7 @@ from wsss_ray.core.inference import multiscale_probabilities
 from wsss_ray.core.items import ItemLoop, guarded
 from wsss_ray.core.metrics import ConfusionMatrix
 from wsss_ray.core.progress import log
-from wsss_ray.core.ray_utils import model_actor_pool, want_gpu
+from wsss_ray.core.ray_utils import model_actor_pool, plan_model_pool
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
 from wsss_ray.methods.registry import GENERATORS
@@ -95,13 +95,16 @@ def evaluate_segmentation(records: list[dict[str, Any]], stage: StageDir, *, mod
     """Predict ``records`` and score those of ``score_split`` → ``predictions/``; other rows are predicted for the
     report only → ``samples/``."""
     log("evaluate", f"{len(records)} images → {stage.uri}")
-    gpu = want_gpu(use_gpu)
+    plan = plan_model_pool("evaluate", config.max_actors, use_gpu)  # type: ignore[arg-type]
+    if plan.use_gpu:
+        log("evaluate", plan.reason)
+    gpu = plan.use_gpu
     ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), 64)))
     ds = ds.map(SegmentationPredictor,
                 fn_constructor_kwargs={"model_uri": model_uri, "model_config": model_config,
                                        "num_classes": num_classes, "config": config, "out_uri": stage.uri,
                                        "use_gpu": gpu, "score_split": score_split},
-                compute=model_actor_pool(config.max_actors, gpu), num_cpus=0 if gpu else 1, num_gpus=int(gpu))
+                compute=model_actor_pool(plan), num_cpus=0 if gpu else 1, num_gpus=int(gpu))
     cm, cm_raw = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
     loop = ItemLoop("evaluate", len(records))
     for row in loop.rows(ds.iter_rows()):

@@ -37,7 +37,7 @@ from wsss_ray.core.config import CrfConfig, config_hash
 from wsss_ray.core.inference import multiscale_probabilities
 from wsss_ray.core.items import ItemLoop, guarded, read_rows_parts, write_rows_part
 from wsss_ray.core.progress import log
-from wsss_ray.core.ray_utils import cluster_cpus, model_actor_pool, want_gpu
+from wsss_ray.core.ray_utils import cluster_cpus, model_actor_pool, plan_model_pool
 from wsss_ray.data.image_io import decode_photo, encode_jpeg, encode_label_png
 from wsss_ray.models.card import MODEL_CARD, TrainedModel, ensure_model_card, resolve_model
 from wsss_ray.report.figures import overlay
@@ -337,12 +337,15 @@ def predict_images(model: str, inputs: str, out: str | None = None, *, options: 
 
     throughput = None
     if todo:
-        gpu = want_gpu(use_gpu)
+        plan = plan_model_pool("predict", max_actors, use_gpu, setting="wsss-ray predict --gpu")  # type: ignore[arg-type]
+        if plan.use_gpu:
+            log("predict", plan.reason)
+        gpu = plan.use_gpu
         per_task = images_per_task(len(todo), cluster_cpus())
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / per_task))
         ds = ds.map(PredictActor, fn_constructor_kwargs={"model": trained, "options": options, "out_uri": out_uri,
                                                          "use_gpu": gpu},
-                    compute=model_actor_pool(max_actors, gpu), num_cpus=0 if gpu else 1, num_gpus=int(gpu))
+                    compute=model_actor_pool(plan), num_cpus=0 if gpu else 1, num_gpus=int(gpu))
         if options.crf is not None:
             ds = ds.map(crf_and_write, fn_kwargs={"crf": options.crf, "out_uri": out_uri,
                                                   "names": list(trained.card["classes"]),

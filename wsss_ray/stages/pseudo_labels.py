@@ -23,7 +23,7 @@ from wsss_ray.core import storage
 from wsss_ray.core.items import ItemLoop, guarded, read_rows_parts, write_rows_part
 from wsss_ray.core.metrics import ConfusionMatrix
 from wsss_ray.core.progress import log
-from wsss_ray.core.ray_utils import cluster_cpus, model_actor_pool, want_gpu
+from wsss_ray.core.ray_utils import cluster_cpus, model_actor_pool, plan_model_pool
 from wsss_ray.core.records import ManifestRecord, TrainingRecord
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
@@ -161,21 +161,29 @@ def generate_pseudo_labels(
     todo = [r for r in records if r["image_id"] not in done]
     log("pseudo_labels", f"{len(records)} images, {len(done)} already done, {len(todo)} to do → {stage.uri}")
 
-    throughput = None
+    throughput, split = None, None
     if todo:
-        use_gpu = want_gpu(config.use_gpu)
-        per_task = images_per_task(len(todo), cluster_cpus())
+        plan = plan_model_pool("pseudo_labels", config.max_actors, config.use_gpu)
+        cpus = cluster_cpus()
+        per_task = images_per_task(len(todo), cpus)
+        # CAM actors on GPUs take no CPU, so every CPU runs CRF tasks; CPU actors leave the rest to the CRF.
+        crf_tasks = max(1, cpus - (0 if plan.use_gpu else plan.max_actors))
+        split = {"cam_actors": plan.max_actors, "cam_on_gpu": plan.use_gpu, "crf_tasks": crf_tasks}
+        if plan.use_gpu:
+            log("pseudo_labels", f"{plan.reason}; CRF in up to {crf_tasks} task(s) of 1 CPU")
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / per_task))
         ds = ds.map(
             CamActor,
             fn_constructor_kwargs={"model_uri": model_uri, "cls_config": cls_config, "generator": config.generator,
-                                   "num_classes": num_classes, "supervision": supervision, "use_gpu": use_gpu},
-            compute=model_actor_pool(config.max_actors, use_gpu),
-            num_cpus=0 if use_gpu else 1,
-            num_gpus=1 if use_gpu else 0,
+                                   "num_classes": num_classes, "supervision": supervision,
+                                   "use_gpu": plan.use_gpu},
+            compute=model_actor_pool(plan),
+            num_cpus=0 if plan.use_gpu else 1,
+            num_gpus=1 if plan.use_gpu else 0,
         )
         ds = ds.map(refine_and_write, fn_kwargs={"generator": config.generator, "out_uri": stage.uri,
-                                                 "num_classes": num_classes}, num_cpus=1)
+                                                 "num_classes": num_classes}, num_cpus=1,
+                    compute=ray.data.TaskPoolStrategy(size=crf_tasks))
         loop = ItemLoop("pseudo_labels", len(todo))
         pending: list[dict[str, Any]] = []
         for row in loop.rows(ds.iter_rows()):
@@ -185,7 +193,10 @@ def generate_pseudo_labels(
         _flush(stage, pending, gen.labels)
         loop.progress.print()
         throughput = round(loop.rate, 3)
-    return {**summarize(stage, gen.labels, num_classes, class_names, len(records)), "images_per_s": throughput}
+        log("pseudo_labels", f"{throughput} images/s with {split['cam_actors']} CAM actor(s) "
+                             f"({'GPU' if split['cam_on_gpu'] else 'CPU'}) and up to {split['crf_tasks']} CRF task(s)")
+    return {**summarize(stage, gen.labels, num_classes, class_names, len(records)), "images_per_s": throughput,
+            "split": split}
 
 
 def _flush(stage: StageDir, rows: list[dict[str, Any]], labels: tuple[str, ...]) -> None:

@@ -54,5 +54,5 @@ def train_classifier(records: list[dict[str, Any]], stage: StageDir, config: Cla
                      optimizer=config.optimizer, head_lr_multiplier=config.head_lr_multiplier,
                      build_model=partial(build_classifier, config, num_classes - 1),
                      build_objective=partial(build_classifier_objective, config), train=source, where="train_cls",
-                     sync_bn=config.sync_bn)
+                     sync_bn=config.sync_bn, speed=config.speed)
     return {**export_model(fit(spec, config.workers, stage), stage), "images": len(records)}

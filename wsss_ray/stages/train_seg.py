@@ -108,7 +108,7 @@ def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: S
                      build_model=partial(build_segmentation_model, config.model, num_classes),
                      build_objective=partial(_objective, config, num_classes), train=train, where="train_seg",
                      val=val, build_hooks=partial(_hooks, config, extra_hooks), sync_bn=config.model.sync_bn,
-                     num_classes=num_classes, val_every=config.val_every if val else 0)
+                     speed=config.speed, num_classes=num_classes, val_every=config.val_every if val else 0)
     result = fit(spec, config.workers, stage, callbacks)
     summary = {**export_model(result, stage), "images": len(records)}
     if class_names is not None:

@@ -10,9 +10,10 @@ draws, and the data order does not depend on the worker count (global batch k is
 
 from __future__ import annotations
 
-import math
+import itertools
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 
@@ -33,6 +35,8 @@ from wsss_ray.core.inference import normalize
 # ~125 rows/s at 128² and at 320² alike). Blocks run across epoch ends (one stream for the run), so a small
 # dataset needs no smaller blocks; the first batch waits for one block (~0.1 s at 128² on a quiet CPU).
 ROWS_PER_TASK = 128
+# The first blocks are smaller (one batch, then doubling up to ROWS_PER_TASK): a whole 128-row block before the
+# first step was most of epoch 1's wait on a GPU (56-81 % of epoch 1 waiting on input, docs/benchmarks.md).
 # Batches each worker keeps decoded ahead of its training step; val rows decoded ahead of the prediction.
 PREFETCH_BATCHES = 4
 VAL_AHEAD = 4
@@ -97,6 +101,12 @@ def augment_rng(row: dict[str, Any]) -> np.random.Generator:
     return np.random.default_rng(int(row["augment_seed"]))
 
 
+def stack_samples(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Samples (dicts of one row each) as a batch of numpy columns: arrays stacked, other values an object array."""
+    return {key: np.stack([s[key] for s in samples]) if isinstance(samples[0][key], np.ndarray)
+            else np.array([s[key] for s in samples], dtype=object) for key in samples[0]}
+
+
 class _SampleBlock:
     """Ray Data map_batches actor: ``sample`` on every row of an Arrow block, stacked into numpy columns."""
 
@@ -104,19 +114,32 @@ class _SampleBlock:
         self.sample, self.fn_kwargs = sample, fn_kwargs
 
     def __call__(self, block: Any) -> dict[str, np.ndarray]:
-        samples = [self.sample(row, **self.fn_kwargs) for row in block.to_pylist()]
-        return {key: np.stack([s[key] for s in samples]) if isinstance(samples[0][key], np.ndarray)
-                else np.array([s[key] for s in samples], dtype=object) for key in samples[0]}
+        return stack_samples([self.sample(row, **self.fn_kwargs) for row in block.to_pylist()])
+
+
+def ramp_blocks(rows: int, first: int, largest: int = ROWS_PER_TASK) -> list[int]:
+    """Block sizes covering ``rows`` rows: ``first`` (one batch), doubling up to ``largest``, then ``largest``
+    (the last block takes the rest), so the first batch waits for one small block, not a full one."""
+    sizes: list[int] = []
+    size = max(1, min(first, largest))
+    while sum(sizes) < rows:
+        sizes.append(min(size, rows - sum(sizes)))
+        size = min(2 * size, largest)
+    return sizes
 
 
 def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_size: int, rank: int,
-                 world: int) -> Iterator[dict[str, np.ndarray]]:
+                 world: int, warm_start: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """This worker's batches (of ``batch_size / world`` rows) for ``epochs``, ``steps`` per epoch, in order.
 
     One Ray Data execution for all the epochs: the rows of every epoch are laid out up front (their order and
     seeds from :func:`epoch_plan`) and mapped by ``source.actors`` actors in blocks of ``ROWS_PER_TASK`` rows;
     ``preserve_order`` keeps the laid-out order (cheap with one map operator: a finished block waits at most for
-    the blocks before it). The actors start once per run, not once per epoch.
+    the blocks before it). The actors start once per run, not once per epoch, and the first blocks are small
+    (:func:`ramp_blocks`) so the first step does not wait for a whole block. Until the actors deliver their first
+    batch (seconds: each starts a process that imports torch), this worker decodes the first batches itself
+    (``warm_start``, :class:`WarmStart`): the same rows and seeds, so the same
+    batches, without the first epoch waiting on the actors' start.
     """
     items: list[dict[str, Any]] = []
     for epoch in epochs:
@@ -128,12 +151,15 @@ def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
-    dataset = (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / ROWS_PER_TASK))
+    starts = np.cumsum([0, *ramp_blocks(len(items), batch_size // world)])
+    blocks = [pa.Table.from_pylist(items[a:b]) for a, b in itertools.pairwise(starts)]
+    dataset = (ray.data.from_arrow(blocks)
                .map_batches(_SampleBlock, batch_size=None, batch_format="pyarrow", num_cpus=source.task_cpus,
                             compute=ray.data.ActorPoolStrategy(size=source.actors),
                             fn_constructor_kwargs={"sample": source.sample, "fn_kwargs": source.fn_kwargs}))
-    return _Ahead(iter(dataset.iter_batches(batch_size=batch_size // world, batch_format="numpy", drop_last=True,
-                                            prefetch_batches=PREFETCH_BATCHES)))
+    stream = _Ahead(iter(dataset.iter_batches(batch_size=batch_size // world, batch_format="numpy", drop_last=True,
+                                              prefetch_batches=PREFETCH_BATCHES)))
+    return WarmStart(items, source.sample, source.fn_kwargs, batch_size // world, stream) if warm_start else stream
 
 
 class _Ahead(Iterator[Any]):
@@ -144,24 +170,91 @@ class _Ahead(Iterator[Any]):
 
     def __init__(self, source: Iterator[Any]) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self.ready = threading.Event()  # set once the first item (or the end, or an error) is in
         threading.Thread(target=self._pull, args=(source,), daemon=True).start()
 
     def _pull(self, source: Iterator[Any]) -> None:
         try:
             for item in source:
                 self._queue.put(item)
+                self.ready.set()
             self._queue.put(self._END)
         except BaseException as error:  # noqa: BLE001 - re-raised in the consumer's thread
             self._queue.put(error)
+        self.ready.set()
 
     def __next__(self) -> Any:
-        item = self._queue.get()
+        return self.next_within(None)
+
+    def next_within(self, timeout: float | None) -> Any:
+        """The next item; with a ``timeout``, raises ``queue.Empty`` when none came within it."""
+        item = self._queue.get(timeout=timeout)
         if item is self._END:
             self._queue.put(item)
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
         return item
+
+
+class WarmStart(Iterator[dict[str, np.ndarray]]):
+    """Batch i of ``stream`` (an :class:`_Ahead` over ``items`` in batches of ``batch_size``), or the same batch
+    decoded here, whichever comes first.
+
+    A thread in this process decodes the first batches (``sample`` over their items, two rows at a time: PIL and
+    zlib release the GIL) until the stream delivers its first batch, when the Ray Data actors are up; from then
+    on the stream serves, its batches that were already served from here skipped. Both sides map the same items
+    with the same seeds, so the batches are the same whichever side serves them (errors are the stream's to
+    raise: a row that fails here fails there too).
+    """
+
+    POLL_S = 0.005
+
+    def __init__(self, items: list[dict[str, Any]], sample: Callable[..., dict[str, Any]],
+                 fn_kwargs: dict[str, Any], batch_size: int, stream: _Ahead) -> None:
+        self._stream, self._next, self._streamed = stream, 0, 0  # next batch to serve; stream batches taken
+        self._local: dict[int, dict[str, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self.local_batches = 0  # how many batches were served from here (benchmarks read it)
+        self._decoder = threading.Thread(target=self._decode, args=(items, sample, fn_kwargs, batch_size),
+                                         daemon=True)
+        self._decoder.start()
+
+    def _decode(self, items: list[dict[str, Any]], sample: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any],
+                batch_size: int) -> None:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for i in range(len(items) // batch_size):
+                while i - self._next >= PREFETCH_BATCHES and not self._stream.ready.is_set():
+                    time.sleep(self.POLL_S)  # as far ahead as the stream keeps, no further
+                if self._stream.ready.is_set():
+                    return
+                rows = items[i * batch_size:(i + 1) * batch_size]
+                try:
+                    batch = stack_samples(list(pool.map(lambda row: sample(row, **fn_kwargs), rows)))
+                except Exception:  # noqa: BLE001 - the stream raises it with its context
+                    return
+                with self._lock:
+                    if i >= self._next:
+                        self._local[i] = batch
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        i = self._next
+        while True:
+            with self._lock:
+                if i in self._local:
+                    self._next = i + 1
+                    self.local_batches += 1
+                    return self._local.pop(i)
+            try:  # the stream's batches before i were served from here: skip them
+                batch = self._stream.next_within(self.POLL_S if self._decoder.is_alive() else None)
+            except queue.Empty:
+                continue
+            self._streamed += 1
+            if self._streamed - 1 == i:
+                with self._lock:
+                    self._next = i + 1
+                    self._local.pop(i, None)
+                return batch
 
 
 def val_stream(source: RowSource, rank: int, world: int) -> Iterator[dict[str, Any]]:

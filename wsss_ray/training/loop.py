@@ -30,10 +30,12 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from wsss_ray.core import storage
-from wsss_ray.core.config import OptimizerConfig, WorkersConfig
+from wsss_ray.core.config import OptimizerConfig, SpeedConfig, WorkersConfig
 from wsss_ray.core.inference import normalize
 from wsss_ray.core.metrics import TorchConfusionMatrix
-from wsss_ray.core.ray_utils import cluster_cpus, want_gpu
+from wsss_ray.core.progress import log
+from wsss_ray.core.ray_utils import cluster_autoscales, cluster_cpus
+from wsss_ray.core.resources import WorkerPlan, plan_workers
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
 from wsss_ray.training.checkpoint import latest_epoch, report_epoch, restore
@@ -41,6 +43,7 @@ from wsss_ray.training.console import EpochLines
 from wsss_ray.training.hooks import TrainHook
 from wsss_ray.training.ingest import RowSource, shard_stream, steps_per_epoch, to_device, val_stream
 from wsss_ray.training.optim import build_optimizer, set_lr
+from wsss_ray.training.speed import compile_step, optimizer_options, prepare_step
 from wsss_ray.training.step import TrainStep
 from wsss_ray.training.tensorboard import TensorBoardLog
 
@@ -75,6 +78,7 @@ class TrainSpec:
     val: RowSource | None = None
     build_hooks: Callable[[nn.Module, str], list[TrainHook]] = no_hooks
     sync_bn: bool | Literal["auto"] = "auto"
+    speed: SpeedConfig = dataclasses.field(default_factory=SpeedConfig)
     num_classes: int = 0
     val_every: int = 0
     threads: int = 1
@@ -92,7 +96,8 @@ class WorkerRun:
 
     spec: TrainSpec
     step: TrainStep  # unwrapped: what hooks and checkpoints see
-    ddp_step: nn.Module  # what the forward runs through
+    ddp_step: nn.Module  # DDP around ``step``: what checkpoints save
+    forward: nn.Module  # what each step calls: ``ddp_step``, compiled when ``spec.speed.compile`` on CUDA
     optimizer: torch.optim.Optimizer
     hooks: list[TrainHook]
     shard: Iterator[dict[str, Any]]  # this worker's batches of ``train``, epoch after epoch
@@ -161,8 +166,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     start_epoch = latest_epoch()
     stream = shard_stream(spec.train, spec.seed, range(start_epoch, spec.epochs), steps, spec.batch_size, rank, world)
     model = _maybe_sync_bn(spec.build_model(), spec.sync_bn, device)
-    step = TrainStep(model, spec.build_objective()).to(device)
-    optimizer = build_optimizer(step.parameter_groups(), spec.optimizer, spec.head_lr_multiplier)
+    step = prepare_step(TrainStep(model, spec.build_objective()), spec.speed, device)
+    optimizer = build_optimizer(step.parameter_groups(), spec.optimizer, spec.head_lr_multiplier,
+                                **optimizer_options(spec.speed, device))
     hooks = spec.build_hooks(model, spec.stage_uri)
     extras = {name: state for hook in hooks for name, state in hook.checkpoint_state().items()}
     restored_epoch, history = restore(step, optimizer, extras)
@@ -171,8 +177,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         hook.on_start(start_epoch, rank)
     if rank == 0:
         print(f"{spec.where}: batch {spec.batch_size} global = {world} workers × {batch_size}", flush=True)
-    run = WorkerRun(spec, step, ray.train.torch.prepare_model(step), optimizer, hooks, stream, device, world,
-                    batch_size, steps)
+    ddp_step = ray.train.torch.prepare_model(step)
+    run = WorkerRun(spec, step, ddp_step, compile_step(ddp_step, spec.speed, device), optimizer, hooks, stream,
+                    device, world, batch_size, steps)
     tensorboard = TensorBoardLog(storage.join(spec.stage_uri, "tensorboard")) if rank == 0 else None
     for epoch in range(start_epoch, spec.epochs):
         step.set_epoch(epoch)  # also after a restore: the objective's schedule follows the loop's epoch
@@ -202,7 +209,7 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
         for hook in run.hooks:
             terms.update(hook.before_step(batch, epoch))
         with autocast(run.device):
-            loss, loss_terms = run.ddp_step(batch)
+            loss, loss_terms = run.forward(batch)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for hook in run.hooks:
@@ -256,31 +263,36 @@ def fit(spec: TrainSpec, workers: WorkersConfig, stage: StageDir,
     Re-running with the same stage directory resumes from the latest checkpoint: Ray Train V2 restores the run
     state from ``storage_path/name`` and ``ray.train.get_checkpoint()`` returns it inside the loop.
     """
-    use_gpu = want_gpu(workers.use_gpu)
-    cpus = workers.cpus_per_worker if use_gpu else min(workers.cpus_per_worker, cluster_cpus() / workers.num_workers)
+    plan = plan_workers(f"{spec.where}.workers", workers.num_workers, workers.use_gpu,
+                        ray.cluster_resources().get("GPU", 0), cluster_autoscales(), spec.batch_size,
+                        workers.min_workers)
+    if plan.use_gpu or plan.num_workers != workers.num_workers:  # a CPU group as configured goes unsaid
+        log(spec.where, plan.reason)
+    count = plan.num_workers
+    cpus = workers.cpus_per_worker if plan.use_gpu else min(workers.cpus_per_worker, cluster_cpus() / count)
     # Every worker's ingest actors must fit beside the trainers (a 2-CPU machine with two 0.5-CPU workers
     # leaves one 0.5-CPU actor per worker); at most one CPU each, as Ray's default for a task.
-    free = max(0.0, cluster_cpus() - cpus * workers.num_workers) / workers.num_workers
+    free = max(0.0, cluster_cpus() - cpus * count) / count
     task_cpus = min(1.0, max(0.25, free))
     actors = max(1, min(MAX_INGEST_ACTORS, math.floor(free / task_cpus)))
     spec = dataclasses.replace(spec, threads=max(1, math.floor(cpus)), stage_uri=stage.uri,
                                train=dataclasses.replace(spec.train, task_cpus=task_cpus, actors=actors))
     if callbacks is None:
         with EpochLines(stage.name, spec.epochs) as lines:
-            return _trainer(spec, workers, stage, [lines.callback], use_gpu, cpus).fit()
-    return _trainer(spec, workers, stage, callbacks, use_gpu, cpus).fit()
+            return _trainer(spec, workers, plan, stage, [lines.callback], cpus).fit()
+    return _trainer(spec, workers, plan, stage, callbacks, cpus).fit()
 
 
-def _trainer(spec: TrainSpec, workers: WorkersConfig, stage: StageDir, callbacks: list[Any], use_gpu: bool,
+def _trainer(spec: TrainSpec, workers: WorkersConfig, plan: WorkerPlan, stage: StageDir, callbacks: list[Any],
              cpus: float) -> TorchTrainer:
     storage_path, filesystem = storage.train_storage(stage.path("ray_train"))
     # (min, max) makes the group elastic (Ray Train V2): it starts with what fits and resizes as nodes come and go.
-    num_workers = workers.num_workers if workers.min_workers is None else (workers.min_workers, workers.num_workers)
+    num_workers = plan.num_workers if plan.min_workers is None else (plan.min_workers, plan.num_workers)
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if plan.use_gpu else {})}),
         run_config=RunConfig(
             name=stage.name,
             storage_path=storage_path,

@@ -10,12 +10,13 @@ from wsss_ray.core.config import OptimizerConfig
 
 
 def build_optimizer(groups: tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]], config: OptimizerConfig,
-                    head_lr_multiplier: float) -> torch.optim.SGD:
-    """SGD over (backbone, head) parameter groups; heads get ``head_lr_multiplier`` × lr (DeepLab, IRN)."""
+                    head_lr_multiplier: float, **impl: bool) -> torch.optim.SGD:
+    """SGD over (backbone, head) parameter groups; heads get ``head_lr_multiplier`` × lr (DeepLab, IRN).
+    ``impl``: ``foreach=True`` or ``fused=True`` (``training.speed.optimizer_options``), or torch's default."""
     backbone, head = groups
     optimizer = torch.optim.SGD(
         [{"params": backbone, "lr": config.lr}, {"params": head, "lr": config.lr * head_lr_multiplier}],
-        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **impl)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     return optimizer

@@ -34,7 +34,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from wsss_ray.config import ConfigError, PipelineConfig, config_hash
 from wsss_ray.core import storage
 from wsss_ray.core.progress import log
-from wsss_ray.core.ray_utils import cluster_address, cluster_cpus, cluster_gpus, want_gpu
+from wsss_ray.core.ray_utils import cluster_address, cluster_autoscales, cluster_cpus, cluster_gpus
+from wsss_ray.core.resources import plan_actor_pool, plan_workers
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.tuning.space import (
     EPOCH_TRIALS,
@@ -183,16 +184,18 @@ def max_concurrent_trials(space: SearchSpace, config: PipelineConfig) -> int:
 
 def _train_seg_trials(config: PipelineConfig, cpus: float, gpus: float) -> int:
     workers = config.train_seg.workers
-    if want_gpu(workers.use_gpu):
-        return int(min(gpus // workers.num_workers, (cpus - 1) // (TRAIN_DRIVER_CPUS + workers.num_workers
-                                                                   * workers.cpus_per_worker)))
+    plan = plan_workers("train_seg.workers", workers.num_workers, workers.use_gpu, gpus, cluster_autoscales(),
+                        config.train_seg.batch_size, workers.min_workers)
+    if plan.use_gpu:
+        return int(min(gpus // plan.num_workers, (cpus - 1) // (TRAIN_DRIVER_CPUS + plan.num_workers
+                                                                * workers.cpus_per_worker)))
     per_trial = TRAIN_DRIVER_CPUS + workers.num_workers * min(workers.cpus_per_worker, cpus)
     return int((cpus - 1) // per_trial)
 
 
 def _pseudo_labels_trials(config: PipelineConfig, cpus: float, gpus: float) -> int:
     pool = config.pseudo_labels
-    if want_gpu(pool.use_gpu):
+    if plan_actor_pool("pseudo_labels", pool.max_actors, pool.use_gpu, gpus, cpus, cluster_autoscales()).use_gpu:
         return int(gpus // min(pool.max_actors, max(gpus, 1)))
     return int(cpus // (min(pool.max_actors, max(cpus - 1, 1)) + 1))
 
