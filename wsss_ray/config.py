@@ -92,12 +92,9 @@ class ClassifierTrainConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _warmup_within_epochs(self) -> ClassifierTrainConfig:
-        # A loss with a warm-up (KTSE: L_cls alone for 10 of 40 epochs) must leave epochs for the full objective.
-        warmup = getattr(self.loss, "warmup_epochs", 0)
-        if warmup >= self.epochs:
-            raise ValueError(f"loss.warmup_epochs ({warmup}) must be below epochs ({self.epochs}): the run would "
-                             f"train the classification loss alone (KTSE warms up 10 of 40 epochs; scale it)")
+    def _loss_fits_section(self) -> ClassifierTrainConfig:
+        # The loss's own rules against the section (KTSE: its warm-up must leave epochs for the full objective).
+        CLASSIFIER_OBJECTIVES.implementation(self.loss.name).check(self.loss, self)
         return self
 
 

@@ -106,6 +106,10 @@ class ClassifierObjective(nn.Module):
     # the per-pixel maps it reads (none: a classifier trains on image-level targets)
     maps: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def check(cls, config: Any, train_cls: Any) -> None:
+        """Raise ValueError naming the fields when ``config`` does not fit its ``train_cls`` section."""
+
     def set_epoch(self, epoch: int) -> None:
         """The 0-based epoch the coming steps belong to (KTSE's warm-up); ignored by default."""
 

@@ -157,7 +157,7 @@ def _ground_truth(config: PipelineConfig, ingest: StageDir) -> dict[str, str | N
 
 def _scored_titles(config: PipelineConfig, summaries: dict[str, Any]) -> dict[str, str]:
     """The scored pseudo-label outputs → their display names, in the generator's display order."""
-    titles = GENERATORS[config.pseudo_labels.generator.name].titles
+    titles = GENERATORS.implementation(config.pseudo_labels.generator.name).titles
     return {k: v for k, v in titles.items() if k in summaries["pseudo_labels"]["scores"]}
 
 

@@ -239,7 +239,7 @@ def segmentation_records(train_records: list[ManifestRecord], pseudo_dir: StageD
     """Training rows of ``train_seg``: every image with a pseudo-mask, and the URI of each generator output
     (``label_uri`` is the pseudo-mask; ``retrieved_uri``, ``majority_uri``, ``dist_scribble_uri`` ... the others)
     plus what the objective takes from the manifest record (``record_fields``: MSPN's label set)."""
-    outputs = GENERATORS[config.pseudo_labels.generator.name].build.outputs
+    outputs = GENERATORS.implementation(config.pseudo_labels.generator.name).outputs
     objective = SEGMENTATION_OBJECTIVES.implementation(config.train_seg.loss.name)
     have_mask = {uri.rsplit("/", 1)[-1].removesuffix(".png") for uri in storage.list_files(pseudo_dir.path("pseudo"))}
     records = []

@@ -4,6 +4,8 @@ sums the terms; the terms' maths are in :mod:`wsss_ray.methods.ktse.losses` (SIE
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,14 @@ class KtseObjective(ClassifierObjective):
         super().__init__()
         self.config = config
         self.epoch = 0
+
+    @classmethod
+    def check(cls, config: KtseLossConfig, train_cls: Any) -> None:
+        """The warm-up (L_cls alone for 10 of 40 epochs) must leave epochs for the full objective."""
+        if config.warmup_epochs >= train_cls.epochs:
+            raise ValueError(f"loss.warmup_epochs ({config.warmup_epochs}) must be below epochs ({train_cls.epochs}):"
+                             " the run would train the classification loss alone (KTSE warms up 10 of 40 epochs; "
+                             "scale it)")
 
     def set_epoch(self, epoch: int) -> None:
         """The 0-based epoch about to run (the trainer calls it, like DistributedSampler.set_epoch)."""
