@@ -1,0 +1,99 @@
+"""Typed, frozen views of the finished stages' summaries (what each stage's ``_SUCCESS.json`` holds), so that a
+later stage reads named fields instead of nested keys of a ``dict[str, Any]``.
+
+The summaries themselves stay JSON mappings (they are written, read back on resume and shown as they are); a
+stage that needs an earlier stage's results builds these records from them once, with ``from_summary``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The manifest stage: how many images each split kept, and the unreadable ones."""
+
+    per_split: Mapping[str, int]
+    failed: int
+    failures_uri: str | None
+    seconds: float | None = None
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any]) -> IngestResult:
+        return cls(dict(summary.get("per_split") or {}), int(summary["failed"]), summary.get("failures_uri"),
+                   summary.get("seconds"))
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """A training stage (``train_cls``, ``train_seg``): the exported weights and the per-epoch history."""
+
+    model_uri: str
+    model_sha256: str | None
+    history: tuple[Mapping[str, Any], ...]
+    seconds: float | None = None
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any]) -> TrainingResult:
+        return cls(summary["model_uri"], summary.get("model_sha256"), tuple(summary.get("history") or ()),
+                   summary.get("seconds"))
+
+
+@dataclass(frozen=True)
+class PseudoLabelResult:
+    """The pseudo-label stage: the scores of every scored output on the training images, failures and speed."""
+
+    scores: Mapping[str, Mapping[str, Any]]
+    failed: int
+    failures_uri: str | None
+    mean_seconds_per_image: float | None = None
+    images_per_s: float | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any]) -> PseudoLabelResult:
+        return cls(dict(summary.get("scores") or {}), int(summary["failed"]), summary.get("failures_uri"),
+                   summary.get("mean_seconds_per_image"), summary.get("images_per_s"), summary.get("seconds"))
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What scoring a model on a split gives: its scores (with the CRF when enabled, and without), the summed
+    confusion matrix and the images that failed."""
+
+    scores: Mapping[str, Any]
+    scores_raw: Mapping[str, Any]
+    confusion: list[list[int]]
+    images: int
+    failed: int
+    failures: tuple[Mapping[str, Any], ...]
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any]) -> EvaluationResult:
+        return cls(summary["scores"], summary["scores_raw"], summary["confusion"], int(summary["images"]),
+                   int(summary["failed"]), tuple(summary.get("failures") or ()))
+
+
+@dataclass(frozen=True)
+class FinishedStages:
+    """The results of the stages before ``evaluate``, in pipeline order."""
+
+    ingest: IngestResult
+    train_cls: TrainingResult
+    pseudo_labels: PseudoLabelResult
+    train_seg: TrainingResult
+
+    @classmethod
+    def from_summaries(cls, summaries: Mapping[str, Mapping[str, Any]]) -> FinishedStages:
+        return cls(IngestResult.from_summary(summaries["ingest"]),
+                   TrainingResult.from_summary(summaries["train_cls"]),
+                   PseudoLabelResult.from_summary(summaries["pseudo_labels"]),
+                   TrainingResult.from_summary(summaries["train_seg"]))
+
+    def seconds(self) -> dict[str, float | None]:
+        """Each stage's run time, in pipeline order (None for a stage finished before times were kept)."""
+        return {"ingest": self.ingest.seconds, "train_cls": self.train_cls.seconds,
+                "pseudo_labels": self.pseudo_labels.seconds, "train_seg": self.train_seg.seconds}
