@@ -335,31 +335,7 @@ def predict_images(model: str, inputs: str, out: str | None = None, *, options: 
     todo = [{"image": u, "name": n} for u, n in zip(uris, names) if u not in done]
     log("predict", f"{len(uris)} images, {len(uris) - len(todo)} already done, {len(todo)} to do → {out_uri}")
 
-    throughput = None
-    if todo:
-        plan = plan_model_pool("predict", max_actors, use_gpu, setting="wsss-ray predict --gpu")  # type: ignore[arg-type]
-        if plan.use_gpu:
-            log("predict", plan.reason)
-        gpu = plan.use_gpu
-        per_task = images_per_task(len(todo), cluster_cpus())
-        ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / per_task))
-        ds = ds.map(PredictActor, fn_constructor_kwargs={"model": trained, "options": options, "out_uri": out_uri,
-                                                         "use_gpu": gpu},
-                    compute=model_actor_pool(plan), num_cpus=0 if gpu else 1, num_gpus=int(gpu))
-        if options.crf is not None:
-            ds = ds.map(crf_and_write, fn_kwargs={"crf": options.crf, "out_uri": out_uri,
-                                                  "names": list(trained.card["classes"]),
-                                                  "with_overlay": options.overlay}, num_cpus=1)
-        loop = ItemLoop("predict", len(todo))
-        pending: list[dict[str, Any]] = []
-        last_flush = time.monotonic()
-        for row in loop.rows(ds.iter_rows(), error_key="failure"):
-            pending.append(_table_row(row, out_uri))
-            if len(pending) >= FLUSH_ROWS or time.monotonic() - last_flush > FLUSH_SECONDS:
-                _flush(out_uri, pending)
-                last_flush = time.monotonic()
-        _flush(out_uri, pending)
-        throughput = round(loop.rate, 3)
+    throughput = _predict_todo(todo, trained, options, out_uri, max_actors, use_gpu) if todo else None
 
     wanted = set(uris)
     rows = sorted((r for r in read_rows(out_uri) if r["image"] in wanted), key=lambda r: r["image"])
@@ -375,6 +351,35 @@ def predict_images(model: str, inputs: str, out: str | None = None, *, options: 
     log("predict", f"done: {summary['predicted']} predicted, {summary['failed']} failed, "
                    f"{summary['skipped_done']} skipped (already done), {throughput} images/s → {summary['table']}")
     return summary
+
+
+def _predict_todo(todo: list[dict[str, Any]], trained: TrainedModel, options: PredictOptions, out_uri: str,
+                  max_actors: int, use_gpu: bool | str) -> float:
+    """Predict the images of ``todo`` (``image``, ``name``) into ``out_uri`` on an actor pool (CRF as CPU tasks
+    after it), appending their table rows as they come; returns the images/s."""
+    plan = plan_model_pool("predict", max_actors, use_gpu, setting="wsss-ray predict --gpu")  # type: ignore[arg-type]
+    if plan.use_gpu:
+        log("predict", plan.reason)
+    gpu = plan.use_gpu
+    per_task = images_per_task(len(todo), cluster_cpus())
+    ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / per_task))
+    ds = ds.map(PredictActor, fn_constructor_kwargs={"model": trained, "options": options, "out_uri": out_uri,
+                                                     "use_gpu": gpu},
+                compute=model_actor_pool(plan), num_cpus=0 if gpu else 1, num_gpus=int(gpu))
+    if options.crf is not None:
+        ds = ds.map(crf_and_write, fn_kwargs={"crf": options.crf, "out_uri": out_uri,
+                                              "names": list(trained.card["classes"]),
+                                              "with_overlay": options.overlay}, num_cpus=1)
+    loop = ItemLoop("predict", len(todo))
+    pending: list[dict[str, Any]] = []
+    last_flush = time.monotonic()
+    for row in loop.rows(ds.iter_rows(), error_key="failure"):
+        pending.append(_table_row(row, out_uri))
+        if len(pending) >= FLUSH_ROWS or time.monotonic() - last_flush > FLUSH_SECONDS:
+            _flush(out_uri, pending)
+            last_flush = time.monotonic()
+    _flush(out_uri, pending)
+    return round(loop.rate, 3)
 
 
 def _flush(out_uri: str, rows: list[dict[str, Any]]) -> None:
