@@ -115,3 +115,19 @@ def test_epoch_console_survives_a_lost_queue() -> None:
     for epoch in (1, 2):
         console.after_report(None, [{"epoch": epoch, "loss": 1.0}], None)
     assert LostQueue.calls == 1 and console.queue is None and console.epochs_run == 2
+
+
+def test_a_job_drivers_forwarded_env_leaves_out_what_the_job_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray refuses a driver runtime env that sets a variable the submitted job's runtime env sets too (seen with
+    WSSS_AUTOSCALING from jobs/runtime_env.yaml); outside a job nothing is left out."""
+    import json
+
+    from wsss_ray.core import ray_utils
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert ray_utils._job_env_vars() == set()
+    job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"WSSS_AUTOSCALING": "1", "VOC_ROOT": "s3://b"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert ray_utils._job_env_vars() == {"WSSS_AUTOSCALING", "VOC_ROOT"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "not json")
+    assert ray_utils._job_env_vars() == set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -48,7 +49,10 @@ def init_ray(config: RayConfig, verbose: bool = False) -> None:
     address = cluster_address(config)
     if config.autoscaling is not None:  # else the variable the job's runtime env set, if any
         os.environ[AUTOSCALING_VAR] = "1" if config.autoscaling else "0"
-    env = {k: os.environ[k] for k in (*_FORWARDED_ENV, AUTOSCALING_VAR) if k in os.environ}
+    # A job's driver (ray job submit) already runs in the job's runtime env, which reaches every worker; Ray refuses
+    # a driver runtime env that sets one of its variables again, so those are left out.
+    job_vars = _job_env_vars()
+    env = {k: os.environ[k] for k in (*_FORWARDED_ENV, AUTOSCALING_VAR) if k in os.environ and k not in job_vars}
     # Workers of a local cluster inherit the driver's environment; the runtime env covers a remote one.
     runtime_env = {"env_vars": env} if env and address else None
     # logging_level: ray.init sets the "ray" logger's level itself (its token-auth warning, "Started a local Ray
@@ -71,6 +75,15 @@ def init_ray(config: RayConfig, verbose: bool = False) -> None:
         log("ray", CXX_NOTE)
     # Ray Data's per-operator progress bars are noisy in logs; our stages print their own progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _job_env_vars() -> set[str]:
+    """The variables the runtime env of the Ray job this driver runs in sets (none outside a job)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for a submitted driver
+    try:
+        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}) if raw else set()
+    except (ValueError, AttributeError):  # not the JSON Ray writes: forward as usual
+        return set()
 
 
 def quiet_ray_logging(verbose: bool) -> None:
