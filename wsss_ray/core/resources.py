@@ -6,10 +6,9 @@ no autoscaler to add nodes, the request waits forever, with no message (measured
 decided here, before anything is submitted, from what the cluster has:
 
 - ``use_gpu: false``: the requested count on CPUs.
-- ``use_gpu: auto``: GPUs when the cluster has any now: with an autoscaler the requested count (it adds the rest),
-  without one as many GPU workers as the cluster can place up to the requested count (a training group: the
-  largest count that also divides the global batch, so every count trains on the same batches); no GPU now: the
-  requested count on CPUs, autoscaler or not (``use_gpu: true`` waits for a GPU group scaled to zero).
+- ``use_gpu: auto``: GPUs when the cluster has any (or an autoscaler may add them), as many GPU workers as the
+  cluster can place up to the requested count (a training group: the largest count that also divides the global
+  batch, so every count trains on the same batches); no GPUs: the requested count on CPUs.
 - ``use_gpu: true``: the requested count on GPUs; fewer GPUs than that and no autoscaler is a
   :class:`~wsss_ray.core.config.ConfigError` naming the config field and the GPUs seen.
 
@@ -71,10 +70,7 @@ def plan_workers(field: str, requested: int, use_gpu: UseGpu, cluster_gpus: floa
     itself sizes between the bounds, so only the upper bound is capped (and the lower one with it).
     """
     gpus = math.floor(cluster_gpus)
-    # auto with no GPU now means CPUs even under an autoscaler: a CPU-only cluster that autoscales would otherwise
-    # wait forever for GPU nodes it can never add (measured: the job-submit test's run hung); say use_gpu: true to
-    # wait for a GPU group scaled to zero.
-    if use_gpu is False or (use_gpu == "auto" and gpus == 0):
+    if use_gpu is False or (use_gpu == "auto" and gpus == 0 and not autoscaling):
         why = f"{field}.use_gpu: false" if use_gpu is False else f"{field}.use_gpu: auto and {_gpus_seen(gpus)}"
         return WorkerPlan(requested, False, f"{requested} CPU worker(s) ({why})", min_workers)
     if gpus >= requested or autoscaling:
@@ -102,7 +98,7 @@ def plan_actor_pool(field: str, max_actors: int, use_gpu: UseGpu, cluster_gpus: 
     (ray-notes)."""
     gpus = math.floor(cluster_gpus)
     switch = setting or f"{field}.use_gpu"
-    if use_gpu is False or (use_gpu == "auto" and gpus == 0):  # as plan_workers: auto needs a GPU now
+    if use_gpu is False or (use_gpu == "auto" and gpus == 0 and not autoscaling):
         size = max(1, min(max_actors, math.floor(cluster_cpus) - 1))
         why = f"{switch}: false" if use_gpu is False else f"{switch}: auto and {_gpus_seen(gpus)}"
         return PoolPlan(size, False, f"up to {size} CPU actor(s) ({why})")
