@@ -188,7 +188,11 @@ def _submit(head: RayHead, script: str, config: Path, output: str, timeout: floa
         job_id = f"wsss-{Path(script).stem}-{uuid.uuid4().hex[:8]}"
         result = _ray(head, "job", "submit", "--address", head.address, "--submission-id", job_id,
                       "--working-dir", str(REPO_ROOT), "--runtime-env", str(REPO_ROOT / "jobs" / "runtime_env.yaml"),
-                      "--", "python", script, "--config", str(config), "--set", f"output={output}", timeout=timeout)
+                      # jobs/runtime_env.yaml is for the project's autoscaling clusters (WSSS_AUTOSCALING=1: GPU
+                      # groups wait for GPU nodes); this head has no autoscaler, which the config says, as a user
+                      # submitting to a fixed cluster would.
+                      "--", "python", script, "--config", str(config), "--set", f"output={output}",
+                      "--set", "ray.autoscaling=false", timeout=timeout)
         if "No available agent" not in result.stderr or time.monotonic() > deadline:
             break
         time.sleep(2)
