@@ -115,7 +115,7 @@ PAPER: dict[str, dict[str, tuple[Any, str]]] = {
         "train_cls.loss.beta_l": (0.15, "KTSE Sec. 3.3: beta_l = 0.15"),
         "train_cls.loss.omega_fg": (0.0125, "KTSE Sec. 3.3: omega_fg = 0.0125"),
         "train_cls.loss.beta_o": (0.2, "KTSE Sec. 3.3: beta_o = 0.2"),
-        "train_cls.loss.lambda_inter": (0.005, "KTSE Sec. 3.3: lambda_inter = 0.005"),
+        "train_cls.loss.lambda_inter": (0.005, "KTSE Sec. 3.5: lambda_inter = 0.005"),
         "train_cls.loss.erase_threshold": (0.6, "KTSE Sec. 3.4 / train.py TH[0] 0.6"),
         "pseudo_labels.generator.scales": ([1.0, 0.5, 1.5, 2.0], "AEFT/IRN multi-scale inference"),
         "pseudo_labels.generator.bg_score": (0.15, "IRN's threshold (KTSE takes the best one)"),
