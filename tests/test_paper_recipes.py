@@ -163,7 +163,7 @@ PAPER: dict[str, dict[str, tuple[Any, str]]] = {
         "train_seg.corrector.mode": ("online", "OuT Table 3"),
         "train_seg.corrector.inflection_epoch": (4, "OuT Sec. 4.1.2: the 4 epoch"),
         "train_seg.corrector.confidence": (0.7, "OuT Sec. 4.1.2: confidence threshold 0.7"),
-        "train_seg.corrector.ema_decay": (0.999, "OuT Sec. 3.1: v = 0.999"),
+        "train_seg.corrector.ema_decay": (0.999, "OuT Sec. 3.1.2 Eq. 1: v = 0.999"),
         "train_seg.early_learning": (None, "OuT Table 4: techniques do not stack with NNSS"),
         "evaluate.crf": (DEEPLAB_V2_CRF, "OuT Sec. 4.1.2: dense CRF (DeepLab-V2 ResNet-101 set)"),
     },
