@@ -26,6 +26,7 @@ from wsss_ray.core.items import ItemLoop, guarded
 from wsss_ray.core.metrics import ConfusionMatrix
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import model_actor_pool, plan_model_pool
+from wsss_ray.core.records import ManifestRecord
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
 from wsss_ray.models.deeplab import build_segmentation_model
@@ -89,7 +90,7 @@ class SegmentationPredictor:
         return cm.mat.ravel().tolist(), cm_raw.mat.ravel().tolist()
 
 
-def evaluate_segmentation(records: list[dict[str, Any]], stage: StageDir, *, model_uri: str,
+def evaluate_segmentation(records: list[ManifestRecord], stage: StageDir, *, model_uri: str,
                           model_config: SegModelConfig, config: EvaluateConfig, num_classes: int,
                           class_names: list[str], score_split: str, use_gpu: bool | str = "auto") -> dict[str, Any]:
     """Predict ``records`` and score those of ``score_split`` → ``predictions/``; other rows are predicted for the
