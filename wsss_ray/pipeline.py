@@ -83,6 +83,7 @@ def _train_seg(wiring: StageWiring) -> dict[str, Any]:
 
 def _evaluate(wiring: StageWiring) -> dict[str, Any]:
     """Evaluate the segmenter, then the run's ``metrics.json`` (in the stage's folder) and its HTML report."""
+    from wsss_ray.stages.evaluate import ground_truth
     from wsss_ray.stages.ingest import load_failures
 
     config, stage, inputs = wiring.config, wiring.dirs["evaluate"], wiring.evaluation_inputs()
@@ -91,7 +92,7 @@ def _evaluate(wiring: StageWiring) -> dict[str, Any]:
                      class_names=wiring.class_names, titles=_scored_titles(config, inputs.finished),
                      stage_uris={k: v.uri for k, v in wiring.dirs.items()})
     metrics = run_metrics(facts, inputs.finished, result)
-    metrics["ground_truth"] = _ground_truth(wiring)
+    metrics["ground_truth"] = ground_truth(config, wiring.dirs["ingest"])
     storage.write_json(stage.path("metrics.json"), metrics)
     failures = failure_rows(load_failures(wiring.dirs["ingest"]), inputs.finished, result)
     report_uri = write_run_report(stage.path("report"), facts, inputs.finished, metrics, inputs.samples,
@@ -105,19 +106,6 @@ def _scored_titles(config: PipelineConfig, finished: FinishedStages) -> dict[str
 
     titles = GENERATORS.implementation(config.pseudo_labels.generator.name).titles
     return {k: v for k, v in titles.items() if k in finished.pseudo_labels.scores}
-
-
-def _ground_truth(wiring: StageWiring) -> dict[str, str | None]:
-    """Which ground truth each split was scored against (train: the pseudo-masks; val: the segmentation)."""
-    from wsss_ray.stages.ingest import ground_truth_sources
-
-    ds = wiring.config.dataset
-    sources = ground_truth_sources(wiring.manifest(), [ds.train_split, ds.val_split], ds.format)
-    val = sources.get(ds.val_split)
-    if ds.format == "voc" and ds.val_ground_truth == "official" and val not in (None, "SegmentationClass"):
-        # SegmentationClass missing for some val images, or a manifest built before the option existed.
-        log("evaluate", f"val scored against {val}, not SegmentationClass (dataset.val_ground_truth: official)")
-    return sources
 
 
 STAGE_WORK: dict[str, Callable[[StageWiring], dict[str, Any]]] = {

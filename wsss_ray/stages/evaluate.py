@@ -17,7 +17,7 @@ import numpy as np
 import ray
 import torch
 
-from wsss_ray.config import EvaluateConfig
+from wsss_ray.config import EvaluateConfig, PipelineConfig
 from wsss_ray.core import storage
 from wsss_ray.core.config import CrfConfig, SegModelConfig
 from wsss_ray.core.crf import crf_inference
@@ -31,6 +31,7 @@ from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.models.weights import load_weights
+from wsss_ray.stages.ingest import ground_truth_sources, load_manifest
 
 
 def crf_postprocess(image: np.ndarray, probs: np.ndarray, params: CrfConfig, min_prob: float = 0.01) -> np.ndarray:
@@ -117,3 +118,15 @@ def evaluate_segmentation(records: list[ManifestRecord], stage: StageDir, *, mod
             "scores": cm.to_dict(class_names), "confusion": cm.mat.tolist(), "crf": config.crf is not None,
             "scores_raw": cm_raw.to_dict(class_names),
             "predictions_uri": stage.path("predictions"), "samples_uri": stage.path("samples")}
+
+
+def ground_truth(config: PipelineConfig, ingest: StageDir) -> dict[str, str | None]:
+    """Which ground truth each split was scored against (train: the pseudo-masks; val: the segmentation), read
+    from the ingest stage's manifest (``metrics.json``'s ``ground_truth``)."""
+    ds = config.dataset
+    sources = ground_truth_sources(load_manifest(ingest), [ds.train_split, ds.val_split], ds.format)
+    val = sources.get(ds.val_split)
+    if ds.format == "voc" and ds.val_ground_truth == "official" and val not in (None, "SegmentationClass"):
+        # SegmentationClass missing for some val images, or a manifest built before the option existed.
+        log("evaluate", f"val scored against {val}, not SegmentationClass (dataset.val_ground_truth: official)")
+    return sources
