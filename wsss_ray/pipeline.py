@@ -17,7 +17,7 @@ from typing import Any
 from wsss_ray.config import PipelineConfig
 from wsss_ray.core import storage
 from wsss_ray.core.progress import format_duration, log
-from wsss_ray.core.results import FinishedStages
+from wsss_ray.core.results import FinishedStages, ReportedRun
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.models.card import ensure_model_card
 from wsss_ray.report.console import print_results, print_stage_summary, stage_summary_line
@@ -97,7 +97,7 @@ def _evaluate(wiring: StageWiring) -> dict[str, Any]:
     failures = failure_rows(load_failures(wiring.dirs["ingest"]), inputs.finished, result)
     report_uri = write_run_report(stage.path("report"), facts, inputs.finished, metrics, inputs.samples,
                                   result.samples_uri or stage.path("samples"), failures)
-    return {"metrics": metrics, "report_uri": report_uri, "evaluated": result.images}
+    return ReportedRun(metrics, report_uri, result.images).summary()
 
 
 def _scored_titles(config: PipelineConfig, finished: FinishedStages) -> dict[str, str]:
