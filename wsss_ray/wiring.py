@@ -1,8 +1,9 @@
 """One wiring: each stage's folder and inputs, built from the config and the stages finished before it.
 
-The pipeline (``pipeline.py``), the sweeps (``tuning/sweep.py``) and the benchmarks (``bench/``) ask one
-:class:`StageWiring` for a stage's folder and inputs instead of each assembling them: which manifest rows a stage
-reads, which trained weights, which pseudo-label folder, which class names. It holds the config, the stage folders
+The pipeline (``pipeline.py``), the sweeps (``tuning/sweep.py``) and the benchmarks that read a run's stages
+(``bench/sweep_asha.py``) ask one :class:`StageWiring` for a stage's folder and inputs instead of each assembling
+them: which manifest rows a stage reads, which trained weights, which pseudo-label folder, which class names.
+(Benchmarks that run one stage on inputs of their own, outside any run, call the stage's function directly.) It holds the config, the stage folders
 (keyed by their config, everything upstream and the weights they consume), the class names, the manifest (read
 once) and the finished stages' results (their ``_SUCCESS.json`` summaries, handed out as the typed records of
 ``core/results.py``).
