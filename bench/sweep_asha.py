@@ -172,13 +172,13 @@ def replay_summary(grid: dict[tuple[Any, ...], list[float]], max_t: int, grace: 
 
 def _pseudo_scores(space_path: Path) -> dict[str, Any] | None:
     """The shared pseudo-masks' scores against the training ground truth (the pipeline's stage summary)."""
-    from wsss_ray.pipeline import stage_dirs
     from wsss_ray.tuning.space import load_space
+    from wsss_ray.wiring import StageWiring
 
     _, config = load_space(space_path)
     try:
-        return stage_dirs(config)["pseudo_labels"].summary()["scores"]["pseudo"]
-    except (OSError, KeyError) as error:  # a summary without scores must not cost the bench's table
+        return dict(StageWiring.finished(config, "pseudo_labels").pseudo_labelled().scores["pseudo"])
+    except (OSError, KeyError, RuntimeError) as error:  # a summary without scores must not cost the bench's table
         print(f"pseudo-mask scores unavailable: {error!r}")
         return None
 

@@ -470,7 +470,7 @@ def test_metrics_ground_truth_is_read_from_the_manifest(voc_root: Path, tmp_path
 
     from wsss_ray.config import parse_config
     from wsss_ray.core.stage_dir import StageDir
-    from wsss_ray.stages.evaluate import _ground_truth
+    from wsss_ray.stages.evaluate import ground_truth as _ground_truth
     from wsss_ray.stages.ingest import MANIFEST_SCHEMA, make_reader
 
     config = parse_config({"output": str(tmp_path), "dataset": {"root": str(voc_root), "train_split": "train",

@@ -8,7 +8,8 @@ The layers, bottom first (a unit may import its own layer and the ones below):
 - ``training``: the method-neutral trainer
 - ``methods.base``, then one unit per method family (``methods.cam``, ``methods.bana``, ...), then
   ``methods.registry`` (the tables that name them all)
-- ``config`` (the stage sections), ``stages``, ``export``, ``preflight``, ``pipeline``, ``tuning``, ``cli``
+- ``config`` (the stage sections), ``stages``, ``export``, ``preflight``, ``wiring`` (each stage's folder and
+  inputs, built from the stages before it), ``pipeline``, ``tuning``, ``cli``
 
 Method families are closed: no family imports another, and only ``methods.registry`` imports a family (the
 stages, ``config`` and everything above reach a method through the registry and ``methods.base``), so adding a
@@ -28,7 +29,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsss_ray"
 LAYERS: dict[str, float] = {
     "core": 0, "data": 1, "kuberay": 1, "models": 1.5, "report": 1.5, "training": 2,
     "methods": 3.0, "methods.base": 3.0, "methods.family": 3.1, "methods.registry": 3.2,
-    "config": 4, "stages": 5, "export": 5.5, "preflight": 5.7, "pipeline": 6, "tuning": 6.5, "cli": 7,
+    "config": 4, "stages": 5, "export": 5.5, "preflight": 5.7, "wiring": 5.8, "pipeline": 6, "tuning": 6.5, "cli": 7,
 }
 
 

@@ -1,27 +1,32 @@
 """The whole pipeline: ingest → train_cls → pseudo_labels → train_seg → evaluate (+ report).
 
-Each stage is a plain function of its inputs (``wsss_ray.stages``) writing below ``<output>/<stage>-<key>``; this
-module keys the stages and chains them. A stage whose ``_SUCCESS.json`` exists is skipped, so re-running a
-finished pipeline costs seconds and a killed one resumes: per-image stages skip finished images, training stages
-resume from their last checkpoint.
+Each stage is a plain function of its inputs (``wsss_ray.stages``) writing below ``<output>/<stage>-<key>``; the
+wiring (``wsss_ray/wiring.py``) keys the stages and builds each one's inputs from the stages finished before it,
+and this module runs them in turn. A stage whose ``_SUCCESS.json`` exists is skipped, so re-running a finished
+pipeline costs seconds and a killed one resumes: per-image stages skip finished images, training stages resume
+from their last checkpoint.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from wsss_ray.config import PipelineConfig, config_hash
+from wsss_ray.config import PipelineConfig
 from wsss_ray.core import storage
-from wsss_ray.core.config import DatasetConfig, key_dump
 from wsss_ray.core.progress import format_duration, log
+from wsss_ray.core.results import FinishedStages, ReportedRun
 from wsss_ray.core.stage_dir import StageDir
-from wsss_ray.data.classes import class_names as dataset_class_names
 from wsss_ray.models.card import ensure_model_card
 from wsss_ray.report.console import print_results, print_stage_summary, stage_summary_line
+from wsss_ray.report.run import RunFacts, failure_rows, run_metrics, write_run_report
+from wsss_ray.wiring import STAGES, StageWiring, ingest_key, stage_dirs
 
-STAGES = ("ingest", "train_cls", "pseudo_labels", "train_seg", "evaluate")
+# The stage keys and folders are the wiring's; named here too, where the pipeline's users have imported them.
+__all__ = ["STAGES", "STAGE_DOES", "StageWiring", "ingest_key", "run_pipeline", "run_stage", "run_stages",
+           "stage_dirs"]
 
 
 # What each stage does, in the one line the console starts it with.
@@ -54,104 +59,97 @@ def run_stage(stage: StageDir, work: Callable[[], dict[str, Any]]) -> dict[str, 
     return summary
 
 
-def _without_workers(section: Any) -> dict[str, Any]:
-    # The worker count and the speed options change speed, not results: a run resumed on another cluster size
-    # (or with torch.compile on) keeps its outputs.
-    return key_dump(section, exclude={"workers", "speed"})
+# ------------------------------------------------------------------------------------------------- stage work
+# What each stage does with its wiring; the stage's own function (``wsss_ray.stages``) does the work.
 
 
-def _model_sha(stage: StageDir) -> str | None:
-    return stage.summary().get("model_sha256") if stage.is_complete() else None
+def _ingest(wiring: StageWiring) -> dict[str, Any]:
+    from wsss_ray.stages.ingest import build_manifest
+
+    return build_manifest(wiring.config.dataset, wiring.dirs["ingest"])
 
 
-def ingest_key(dataset: DatasetConfig) -> str:
-    """The ingest stage's key: the dataset section without the toy generator's settings (they made the data, the
-    data is what counts). ``val_ground_truth`` counts where it changes the manifest: on VOC with ``official``;
-    ``aug`` reproduces the manifests made before the field existed, so it keeps their keys."""
-    exclude = {"generate"}
-    if dataset.format == "coco" or dataset.val_ground_truth == "aug":
-        exclude.add("val_ground_truth")
-    return config_hash(key_dump(dataset, exclude=exclude))
+def _train_cls(wiring: StageWiring) -> dict[str, Any]:
+    return wiring.classifier_inputs().train(wiring.dirs["train_cls"], wiring.config)
 
 
-def stage_dirs(config: PipelineConfig) -> dict[str, StageDir]:
-    """Stage directories keyed by their config, everything upstream, and the checkpoints they consume.
-
-    A stage after a training stage is keyed by the trained weights' hash once that training is complete, so
-    retrained weights never meet outputs made with other ones. Call again after a training stage finishes.
-    """
-    out = config.output
-    dirs = {"ingest": StageDir.create(out, "ingest", ingest_key(config.dataset))}
-    dirs["train_cls"] = StageDir.create(out, "train_cls", config_hash(
-        dirs["ingest"].key, _without_workers(config.train_cls), config.dataset.supervision))
-    dirs["pseudo_labels"] = StageDir.create(out, "pseudo_labels", config_hash(
-        dirs["train_cls"].key, config.pseudo_labels.generator, _model_sha(dirs["train_cls"])))
-    dirs["train_seg"] = StageDir.create(out, "train_seg", config_hash(
-        dirs["pseudo_labels"].key, _without_workers(config.train_seg)))
-    # use_gpu changes speed, not results (like the training stages' workers)
-    dirs["evaluate"] = StageDir.create(out, "evaluate", config_hash(
-        dirs["train_seg"].key, key_dump(config.evaluate, exclude={"use_gpu"}),
-        _model_sha(dirs["train_seg"])))
-    return dirs
+def _pseudo_labels(wiring: StageWiring) -> dict[str, Any]:
+    return wiring.pseudo_label_inputs().generate(wiring.dirs["pseudo_labels"], wiring.config)
 
 
-def run_pipeline(config: PipelineConfig, until: str = "evaluate", verbose: bool = False) -> dict[str, Any]:
-    """Run (or resume) every stage up to ``until``; returns the summaries, writes metrics.json and the report.
+def _train_seg(wiring: StageWiring) -> dict[str, Any]:
+    return wiring.segmentation_inputs().train(wiring.dirs["train_seg"], wiring.config)
+
+
+def _evaluate(wiring: StageWiring) -> dict[str, Any]:
+    """Evaluate the segmenter, then the run's ``metrics.json`` (in the stage's folder) and its HTML report."""
+    from wsss_ray.stages.evaluate import ground_truth
+    from wsss_ray.stages.ingest import load_failures
+
+    config, stage, inputs = wiring.config, wiring.dirs["evaluate"], wiring.evaluation_inputs()
+    result = inputs.evaluate(stage, config)
+    facts = RunFacts(name=config.name, train_split=config.dataset.train_split, val_split=config.dataset.val_split,
+                     class_names=wiring.class_names, titles=_scored_titles(config, inputs.finished),
+                     stage_uris={k: v.uri for k, v in wiring.dirs.items()})
+    metrics = run_metrics(facts, inputs.finished, result)
+    metrics["ground_truth"] = ground_truth(config, wiring.dirs["ingest"])
+    storage.write_json(stage.path("metrics.json"), metrics)
+    failures = failure_rows(load_failures(wiring.dirs["ingest"]), inputs.finished, result)
+    report_uri = write_run_report(stage.path("report"), facts, inputs.finished, metrics, inputs.samples,
+                                  result.samples_uri or stage.path("samples"), failures)
+    return ReportedRun(metrics, report_uri, result.images).summary()
+
+
+def _scored_titles(config: PipelineConfig, finished: FinishedStages) -> dict[str, str]:
+    """The scored pseudo-label outputs → their display names, in the generator's display order."""
+    from wsss_ray.methods.registry import GENERATORS
+
+    titles = GENERATORS.implementation(config.pseudo_labels.generator.name).titles
+    return {k: v for k, v in titles.items() if k in finished.pseudo_labels.scores}
+
+
+STAGE_WORK: dict[str, Callable[[StageWiring], dict[str, Any]]] = {
+    "ingest": _ingest, "train_cls": _train_cls, "pseudo_labels": _pseudo_labels, "train_seg": _train_seg,
+    "evaluate": _evaluate,
+}
+
+
+def _after(wiring: StageWiring, name: str) -> None:
+    """Checks and backfills once a stage is finished (run now or earlier)."""
+    if name == "ingest":
+        wiring.train_records()  # no usable training image is an error here, before any training
+    elif name == "train_seg":
+        # Backfill for folders trained before train_seg wrote model.json: from the config that keys the folder.
+        ensure_model_card(wiring.dirs["train_seg"].uri, wiring.config.train_seg.model, wiring.class_names)
+
+
+# ------------------------------------------------------------------------------------------------- the pipeline
+
+
+def run_stages(config: PipelineConfig, until: str = "evaluate", verbose: bool = False) -> StageWiring:
+    """Run (or resume) every stage up to ``until`` in turn; returns the wiring, holding every finished stage.
     ``verbose`` shows Ray's own logs on the console (see ``core.ray_utils.init_ray``)."""
     from wsss_ray.core.ray_utils import init_ray
-    from wsss_ray.stages.evaluate import evaluate_and_report
-    from wsss_ray.stages.ingest import build_manifest, ensure_dataset, load_manifest
-    from wsss_ray.stages.pseudo_labels import generate_pseudo_labels, segmentation_records
-    from wsss_ray.stages.train_cls import train_classifier
-    from wsss_ray.stages.train_seg import train_segmentation
+    from wsss_ray.stages.ingest import ensure_dataset
 
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; expected one of {STAGES}")
-    started = time.monotonic()
     init_ray(config.ray, verbose)
     ensure_dataset(config.dataset)
-    dirs = stage_dirs(config)
-    names = dataset_class_names(config.dataset.format)
-    num_classes = len(names)
-    ds = config.dataset
-    summaries: dict[str, Any] = {}
+    wiring = StageWiring(config)
+    for name in STAGES[: STAGES.index(until) + 1]:
+        wiring.finish(name, run_stage(wiring.dirs[name], partial(STAGE_WORK[name], wiring)))
+        _after(wiring, name)
+    return wiring
 
-    summaries["ingest"] = run_stage(dirs["ingest"], lambda: build_manifest(ds, dirs["ingest"]))
-    train_records = load_manifest(dirs["ingest"], ds.train_split)
-    val_records = load_manifest(dirs["ingest"], ds.val_split)
-    if not train_records:
-        raise RuntimeError(f"no usable training images in {ds.root} split {ds.train_split!r} "
-                           f"(failures: {summaries['ingest']['failures_uri']})")
-    if until == "ingest":
-        return print_stage_summary(summaries)
 
-    summaries["train_cls"] = run_stage(dirs["train_cls"], lambda: train_classifier(
-        train_records, dirs["train_cls"], config.train_cls, num_classes, ds.supervision))
-    if until == "train_cls":
-        return print_stage_summary(summaries)
-    dirs = stage_dirs(config)  # now keyed by the trained classifier
-
-    summaries["pseudo_labels"] = run_stage(dirs["pseudo_labels"], lambda: generate_pseudo_labels(
-        train_records, dirs["pseudo_labels"], model_uri=summaries["train_cls"]["model_uri"],
-        cls_config=config.train_cls, config=config.pseudo_labels, num_classes=num_classes,
-        supervision=ds.supervision, class_names=names))
-    if until == "pseudo_labels":
-        return print_stage_summary(summaries)
-
-    seg_records = segmentation_records(train_records, dirs["pseudo_labels"], config)
-    summaries["train_seg"] = run_stage(dirs["train_seg"], lambda: train_segmentation(
-        seg_records, dirs["train_seg"], config.train_seg, num_classes, val_records, class_names=names))
-    # Backfill for folders trained before train_seg wrote model.json: from the config that keys the folder.
-    ensure_model_card(dirs["train_seg"].uri, config.train_seg.model, names)
-    if until == "train_seg":
-        return print_stage_summary(summaries)
-    dirs = stage_dirs(config)
-
-    have_mask = {r["image_id"] for r in seg_records}
-    samples = [r for r in train_records if r["mask_uri"] and r["image_id"] in have_mask][: config.evaluate.num_samples]
-    summaries["evaluate"] = run_stage(dirs["evaluate"], lambda: evaluate_and_report(
-        config, dirs, summaries, val_records, samples, names))
-    metrics = summaries["evaluate"]["metrics"]
-    storage.write_json(storage.join(config.output, "metrics.json"), metrics)
-    print_results(summaries, names, config.output, time.monotonic() - started)
-    return summaries
+def run_pipeline(config: PipelineConfig, until: str = "evaluate", verbose: bool = False) -> dict[str, Any]:
+    """Run (or resume) every stage up to ``until``; returns the stages' summaries (as their ``_SUCCESS.json``
+    holds them), writes metrics.json and the report."""
+    started = time.monotonic()
+    wiring = run_stages(config, until, verbose)
+    if until != "evaluate":
+        return print_stage_summary(wiring.summaries)
+    storage.write_json(storage.join(config.output, "metrics.json"), wiring.reported().metrics)
+    print_results(wiring.summaries, wiring.class_names, config.output, time.monotonic() - started)
+    return wiring.summaries

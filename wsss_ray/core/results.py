@@ -1,8 +1,10 @@
-"""Typed, frozen views of the finished stages' summaries (what each stage's ``_SUCCESS.json`` holds), so that a
-later stage reads named fields instead of nested keys of a ``dict[str, Any]``.
+"""Typed, frozen results of the stages (what each stage's ``_SUCCESS.json`` holds), one type per kind of stage:
+ingest, training (``train_cls``, ``train_seg``), pseudo-labels and evaluation, so that a later stage reads named
+fields instead of nested keys of a ``dict[str, Any]``.
 
-The summaries themselves stay JSON mappings (they are written, read back on resume and shown as they are); a
-stage that needs an earlier stage's results builds these records from them once, with ``from_summary``.
+The summaries themselves stay JSON mappings (they are written, read back on resume and shown as they are); the
+wiring (``wsss_ray/wiring.py``) builds these records from them once, with ``from_summary``, and hands them to the
+stages that need an earlier stage's results.
 """
 
 from __future__ import annotations
@@ -52,11 +54,13 @@ class PseudoLabelResult:
     mean_seconds_per_image: float | None = None
     images_per_s: float | None = None
     seconds: float | None = None
+    written: int | None = None
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> PseudoLabelResult:
         return cls(dict(summary.get("scores") or {}), int(summary["failed"]), summary.get("failures_uri"),
-                   summary.get("mean_seconds_per_image"), summary.get("images_per_s"), summary.get("seconds"))
+                   summary.get("mean_seconds_per_image"), summary.get("images_per_s"), summary.get("seconds"),
+                   summary.get("written"))
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,32 @@ class EvaluationResult:
     images: int
     failed: int
     failures: tuple[Mapping[str, Any], ...]
+    predictions_uri: str | None = None
+    samples_uri: str | None = None
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> EvaluationResult:
         return cls(summary["scores"], summary["scores_raw"], summary["confusion"], int(summary["images"]),
-                   int(summary["failed"]), tuple(summary.get("failures") or ()))
+                   int(summary["failed"]), tuple(summary.get("failures") or ()), summary.get("predictions_uri"),
+                   summary.get("samples_uri"))
+
+
+@dataclass(frozen=True)
+class ReportedRun:
+    """The ``evaluate`` stage: the run's metrics (what ``metrics.json`` holds), its HTML report, images predicted."""
+
+    metrics: Mapping[str, Any]
+    report_uri: str
+    evaluated: int
+    seconds: float | None = None
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any]) -> ReportedRun:
+        return cls(summary["metrics"], summary["report_uri"], int(summary["evaluated"]), summary.get("seconds"))
+
+    def summary(self) -> dict[str, Any]:
+        """The stage's own summary (``_SUCCESS.json`` adds stage, key, uri and seconds)."""
+        return {"metrics": dict(self.metrics), "report_uri": self.report_uri, "evaluated": self.evaluated}
 
 
 @dataclass(frozen=True)

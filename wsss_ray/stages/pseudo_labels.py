@@ -143,7 +143,7 @@ def read_stats(stage: StageDir) -> list[dict[str, Any]]:
 
 
 def generate_pseudo_labels(
-    records: list[dict[str, Any]],
+    records: list[ManifestRecord],
     stage: StageDir,
     *,
     model_uri: str,

@@ -12,6 +12,7 @@ from PIL import Image
 from wsss_ray.config import ClassifierTrainConfig
 from wsss_ray.core.config import AugmentConfig
 from wsss_ray.core.progress import log
+from wsss_ray.core.records import ManifestRecord
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import read_image
 from wsss_ray.data.transforms import apply_geometry, random_geometry
@@ -36,7 +37,7 @@ def classifier_sample(row: dict[str, Any], augment: AugmentConfig, num_foregroun
     return sample
 
 
-def train_classifier(records: list[dict[str, Any]], stage: StageDir, config: ClassifierTrainConfig,
+def train_classifier(records: list[ManifestRecord], stage: StageDir, config: ClassifierTrainConfig,
                      num_classes: int, supervision: str) -> dict[str, Any]:
     """Train on the manifest rows, export ``model.pt``; resumes a half-done run from its checkpoint.
 

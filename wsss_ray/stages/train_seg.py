@@ -22,6 +22,7 @@ from wsss_ray.config import SegTrainConfig
 from wsss_ray.core.config import AugmentConfig
 from wsss_ray.core.items import BadItemError
 from wsss_ray.core.progress import log
+from wsss_ray.core.records import ManifestRecord, TrainingRecord
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import read_image, read_label
 from wsss_ray.data.transforms import apply_geometry, random_geometry
@@ -70,8 +71,8 @@ def val_sample(row: dict[str, Any]) -> dict[str, Any]:
     return {"image": read_image(row["image_uri"]), "label": read_label(row["mask_uri"])}
 
 
-def train_segmentation(records: list[dict[str, Any]], stage: StageDir, config: SegTrainConfig,
-                       num_classes: int, val_records: list[dict[str, Any]] | None = None,
+def train_segmentation(records: list[TrainingRecord], stage: StageDir, config: SegTrainConfig,
+                       num_classes: int, val_records: list[ManifestRecord] | None = None,
                        callbacks: list[Any] | None = None, class_names: list[str] | None = None, *,
                        extra_maps: Mapping[str, int] | None = None,
                        extra_hooks: Callable[[nn.Module, str], list[TrainHook]] | None = None) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from wsss_ray.config import ConfigError, PipelineConfig, config_hash
 from wsss_ray.core import storage
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import cluster_address, cluster_autoscales, cluster_cpus, cluster_gpus
+from wsss_ray.core.records import ManifestRecord
 from wsss_ray.core.resources import plan_actor_pool, plan_workers
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.tuning.space import (
@@ -45,6 +46,7 @@ from wsss_ray.tuning.space import (
     param_overrides,
     trial_config,
 )
+from wsss_ray.wiring import PseudoLabelInputs, SegmentationInputs, StageWiring
 
 # A trial's function only coordinates: a train_seg trial waits on its Ray Train run (whose workers have their own
 # placement group), a pseudo_labels trial on a Ray Data pipeline (relabel_train_seg: one, then the other). So trials hold no CPU: any CPU they held would
@@ -75,53 +77,45 @@ def _trial_stage(sweep_uri: str, trial_kind: str) -> StageDir:
     return StageDir(f"{trial_kind}-{trial_id}", storage.join(sweep_uri, "trials", trial_id), trial_id)
 
 
-def train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], seg_records: list[dict[str, Any]],
-                    val_records: list[dict[str, Any]], num_classes: int, sweep_uri: str) -> None:
+def train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], inputs: SegmentationInputs,
+                    sweep_uri: str) -> None:
     """One train_seg trial: a Ray Train run whose epoch metrics reach Tune through ``TuneReportCallback``.
 
     Run again after a restore, the same run name resumes from the trial's latest Ray Train checkpoint.
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from wsss_ray.stages.train_seg import train_segmentation
-
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = trial_config(base, params, source=f"trial {tune.get_context().get_trial_id()}")
     stage = _trial_stage(sweep_uri, "train_seg")
-    summary = train_segmentation(seg_records, stage, config.train_seg, num_classes, val_records,
-                                 callbacks=[TuneReportCallback()])
+    summary = inputs.train(stage, config, callbacks=[TuneReportCallback()], model_card=False)
     storage.write_json(stage.path("summary.json"), {"params": params, "finished_at": time.time(), **summary})
 
 
-def _generate_outside_trial(records: list[dict[str, Any]], stage: StageDir, **kwargs: Any) -> dict[str, Any]:
-    from wsss_ray.stages.pseudo_labels import generate_pseudo_labels
-
+def _generate_outside_trial(inputs: PseudoLabelInputs, stage: StageDir, config: PipelineConfig) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return generate_pseudo_labels(records, stage, **kwargs)
+    return inputs.generate(stage, config)
 
 
-def _relabel(records: list[dict[str, Any]], stage: StageDir, config: PipelineConfig, model_uri: str,
-             num_classes: int, class_names: list[str]) -> dict[str, Any]:
-    """Label ``records`` into ``stage`` with the trial config's generator; the stage's summary (scores included).
+def _relabel(inputs: PseudoLabelInputs, stage: StageDir, config: PipelineConfig) -> dict[str, Any]:
+    """Label ``inputs`` into ``stage`` with the trial config's generator; the stage's summary (scores included).
 
     Tasks started from a trial land in the trial's placement group, which holds no CPU: the stage runs in a task
     scheduled outside it, so its Ray Data actor pool and CRF tasks take the cluster's CPUs.
     """
     label = ray.remote(_generate_outside_trial).options(num_cpus=0, scheduling_strategy="DEFAULT")
-    return ray.get(label.remote(records, stage, model_uri=model_uri, cls_config=config.train_cls,
-                                config=config.pseudo_labels, num_classes=num_classes,
-                                supervision=config.dataset.supervision, class_names=class_names))
+    return ray.get(label.remote(inputs, stage, config))
 
 
-def pseudo_labels_trial(params: dict[str, Any], *, base: dict[str, Any], records: list[dict[str, Any]],
-                        model_uri: str, num_classes: int, class_names: list[str], sweep_uri: str) -> None:
-    """One pseudo_labels trial: label ``records`` with the trial's generator settings, report the scores once.
+def pseudo_labels_trial(params: dict[str, Any], *, base: dict[str, Any], inputs: PseudoLabelInputs,
+                        sweep_uri: str) -> None:
+    """One pseudo_labels trial: label the images with the trial's generator settings, report the scores once.
 
     Per-image outputs are resumable, so a restored trial only labels the images it had not finished.
     """
     config = trial_config(base, params, source=f"trial {tune.get_context().get_trial_id()}")
     stage = _trial_stage(sweep_uri, "pseudo_labels")
-    summary = _relabel(records, stage, config, model_uri, num_classes, class_names)
+    summary = _relabel(inputs, stage, config)
     scores = summary["scores"]
     metrics: dict[str, Any] = {"epoch": 1, "images": summary["written"], "failed": summary["failed"]}
     if "pseudo" in scores:
@@ -133,10 +127,9 @@ def pseudo_labels_trial(params: dict[str, Any], *, base: dict[str, Any], records
     tune.report(metrics)
 
 
-def relabel_train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], records: list[dict[str, Any]],
-                            val_records: list[dict[str, Any]], model_uri: str, num_classes: int,
-                            class_names: list[str], sweep_uri: str) -> None:
-    """One relabel_train_seg trial: relabel ``records`` with the trial's generator settings, then train on them.
+def relabel_train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], inputs: PseudoLabelInputs,
+                            val_records: list[ManifestRecord], sweep_uri: str) -> None:
+    """One relabel_train_seg trial: relabel the images with the trial's generator settings, then train on them.
 
     The masks (and the generator's other outputs, e.g. CDSP's distance maps) go to the trial's folder; the
     segmenter trains on them exactly as a train_seg trial trains on the shared ones, its epoch metrics reaching
@@ -145,23 +138,19 @@ def relabel_train_seg_trial(params: dict[str, Any], *, base: dict[str, Any], rec
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from wsss_ray.stages.pseudo_labels import segmentation_records
-    from wsss_ray.stages.train_seg import train_segmentation
-
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = trial_config(base, params, source=f"trial {tune.get_context().get_trial_id()}")
     # One folder for both halves (their files do not overlap: pseudo/, stats/, generator.json against
     # ray_train/, model.pt, history.json); the stage name is the Ray Train run name, which resuming needs.
     stage = _trial_stage(sweep_uri, "train_seg")
-    pseudo = _relabel(records, stage, config, model_uri, num_classes, class_names)
+    pseudo = _relabel(inputs, stage, config)
     # Kept apart from summary.json, which only a trial that trains to the end writes itself (ASHA ends the others).
     storage.write_json(stage.path(RELABEL_FILE), pseudo)
-    seg_records = segmentation_records(records, stage, config)
-    if not seg_records:
-        raise RuntimeError(f"relabelling wrote no pseudo-mask for any of the {len(records)} images "
+    training = inputs.segmentation_inputs(stage, config, val_records)
+    if not training.records:
+        raise RuntimeError(f"relabelling wrote no pseudo-mask for any of the {len(inputs.records)} images "
                            f"({pseudo['failed']} failed; see {pseudo.get('failures_uri')})")
-    summary = train_segmentation(seg_records, stage, config.train_seg, num_classes, val_records,
-                                 callbacks=[TuneReportCallback()])
+    summary = training.train(stage, config, callbacks=[TuneReportCallback()], model_card=False)
     storage.write_json(stage.path("summary.json"), {"params": params, "finished_at": time.time(),
                                                     "pseudo_labels": pseudo, **summary})
 
@@ -221,18 +210,20 @@ def run_sweep(space_path: str | Path, overrides: tuple[str, ...] | list[str] = (
     ``overrides`` (``key.path=value``) apply to the base pipeline config. ``resume=False`` deletes an earlier
     sweep of the same name first (its Tune state, trials, results and report) and starts over.
     """
-    from wsss_ray.pipeline import run_pipeline
+    from wsss_ray.pipeline import run_stages
+    from wsss_ray.report.console import print_stage_summary
 
     space, config = load_space(space_path, tuple(overrides))
     _check_dashboard(space_path, config)
     started = time.monotonic()
-    summaries = run_pipeline(config, until="pseudo_labels", verbose=verbose)  # shared inputs; skipped once done
+    wiring = run_stages(config, until="pseudo_labels", verbose=verbose)  # shared inputs; skipped once done
+    print_stage_summary(wiring.summaries)
     sweep_uri = storage.join(config.output, "sweeps", space.name)
     base = config.model_dump(mode="json")
     fingerprint = {"space": space.model_dump(mode="json"), "base_config": base,
                    "hash": config_hash(space.model_dump(mode="json", exclude={"max_concurrent_trials"}), base)}
     _check_fingerprint(sweep_uri, fingerprint, resume)
-    trainable = _trainable(space, config, base, summaries, sweep_uri)
+    trainable = _trainable(space, wiring, base, sweep_uri)
     grid = _tuner(space, config, trainable, sweep_uri, resume).fit()
     return _finish_sweep(grid, space, config, sweep_uri, started)
 
@@ -247,33 +238,19 @@ def _check_dashboard(space_path: str | Path, config: PipelineConfig) -> None:
                           "set it to true")
 
 
-def _trainable(space: SearchSpace, config: PipelineConfig, base: dict[str, Any], summaries: dict[str, Any],
-               sweep_uri: str) -> Any:
-    """The trial function of ``space.trial`` with its shared inputs bound, holding ``TRIAL_RESOURCES``."""
-    from wsss_ray.data.classes import class_names as dataset_class_names
-    from wsss_ray.pipeline import stage_dirs
-    from wsss_ray.stages.ingest import load_manifest
-    from wsss_ray.stages.pseudo_labels import segmentation_records
-
-    dirs = stage_dirs(config)
-    names = dataset_class_names(config.dataset.format)
-    ds = config.dataset
-    train_records = load_manifest(dirs["ingest"], ds.train_split)
-    records = train_records[: space.max_images] if space.max_images else train_records
+def _trainable(space: SearchSpace, wiring: StageWiring, base: dict[str, Any], sweep_uri: str) -> Any:
+    """The trial function of ``space.trial`` with its shared inputs bound (asked of the base run's wiring),
+    holding ``TRIAL_RESOURCES``."""
     if space.trial == "train_seg":
-        seg_records = segmentation_records(train_records, dirs["pseudo_labels"], config)
-        trainable = tune.with_parameters(
-            train_seg_trial, base=base, seg_records=seg_records,
-            val_records=load_manifest(dirs["ingest"], ds.val_split), num_classes=len(names), sweep_uri=sweep_uri)
+        trainable = tune.with_parameters(train_seg_trial, base=base, inputs=wiring.segmentation_inputs(),
+                                         sweep_uri=sweep_uri)
     elif space.trial == "relabel_train_seg":
         trainable = tune.with_parameters(
-            relabel_train_seg_trial, base=base, records=records,
-            val_records=load_manifest(dirs["ingest"], ds.val_split), model_uri=summaries["train_cls"]["model_uri"],
-            num_classes=len(names), class_names=names, sweep_uri=sweep_uri)
+            relabel_train_seg_trial, base=base, inputs=wiring.pseudo_label_inputs(space.max_images),
+            val_records=wiring.val_records(), sweep_uri=sweep_uri)
     else:
-        trainable = tune.with_parameters(
-            pseudo_labels_trial, base=base, records=records, model_uri=summaries["train_cls"]["model_uri"],
-            num_classes=len(names), class_names=names, sweep_uri=sweep_uri)
+        trainable = tune.with_parameters(pseudo_labels_trial, base=base,
+                                         inputs=wiring.pseudo_label_inputs(space.max_images), sweep_uri=sweep_uri)
     return tune.with_resources(trainable, TRIAL_RESOURCES)
 
 
