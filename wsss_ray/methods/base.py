@@ -98,6 +98,11 @@ class ClassifierHead(nn.Module):
         geometry (BAP: the boxes in the crop's frame); none by default."""
         return {}
 
+    def class_weights(self) -> torch.Tensor | None:
+        """The linear classifier's rows ``(C+1, D)``, row 0 = background, where the head has one per class and the
+        background (BAP, KTSE); None otherwise (GAP has no background row)."""
+        return None
+
 
 class ClassifierObjective(nn.Module):
     """Base of the classifier losses (``train_cls.loss``), built as ``Objective(loss_config, head_config)``;

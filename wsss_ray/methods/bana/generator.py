@@ -55,7 +55,13 @@ class BoxGenerator(Generator[BoxGeneratorConfig]):
         # the boxes is set in box_unaries.
         attention_map = attention.numpy().astype(np.float32)
         cams = multiscale_cams(model, image, labels, self.config.scales, self.config.flip, device)
-        return {"cams": cams, "attention": attention_map, "features": feats}
+        arrays = {"cams": cams, "attention": attention_map, "features": feats}
+        head = getattr(model, "head", None)
+        weights = head.class_weights() if head is not None else None
+        if self.config.ret_fallback == "classifier" and weights is not None:
+            # Rows of background and the tags, in [0, *labels] order: Y_ret's prototype of a class Y_crf lacks.
+            arrays["class_weights"] = weights[[0, *labels]].float().cpu().numpy()
+        return arrays
 
     def refine_step(self, image: np.ndarray, arrays: dict[str, np.ndarray], record: dict[str, Any],
                     labels: list[int]) -> dict[str, np.ndarray]:
@@ -74,5 +80,10 @@ class BoxGenerator(Generator[BoxGeneratorConfig]):
         y_crf = box_constrained_argmax(crf_inference(image, probs, cfg.crf), labels, inside)
         # Y_ret obeys the boxes like u_c does: class c only inside a box of class c, background anywhere.
         allowed = {int(c): inside[k] for k, c in enumerate(labels)}
-        y_ret = retrieve(features, prototypes(features, y_crf, [0, *labels]), shape, allowed)
+        protos = prototypes(features, y_crf, [0, *labels])
+        if "class_weights" in arrays:
+            # A class with no pixel in Y_crf takes the classifier's w_c (retrieve normalises it, stage2.py).
+            for row, c in zip(arrays["class_weights"], [0, *labels], strict=True):
+                protos.setdefault(int(c), np.asarray(row, np.float32))
+        y_ret = retrieve(features, protos, shape, allowed)
         return {"pseudo": y_crf, "retrieved": y_ret, "box_fill": fill}

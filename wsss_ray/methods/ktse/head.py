@@ -107,3 +107,7 @@ class KtseHead(ClassifierHead):
     def cams(self, features: torch.Tensor) -> torch.Tensor:
         """Un-normalised CAMs (N, C, h, w) = ReLU of the foreground channels of F (GapHead.cams' contract)."""
         return F.relu(self.cam_features(features)[:, 1:])
+
+    def class_weights(self) -> torch.Tensor:
+        """The 1x1 classifier's rows ``(C+1, D)``, row 0 = background."""
+        return self.classifier.weight.detach().flatten(1)
