@@ -174,8 +174,8 @@ def test_ssr_label_thresholds_eq_1() -> None:
     for resolution in ("feature", "input"):
         labels = {}
         for norm in ("max", "min_max"):
-            objective = KtseObjective(KtseLossConfig(ce_resolution=resolution, label_norm=norm))
-            labels[norm], _, _ = objective._ssr(f_a, present, anchor_cam(f_a[:, 1:], (1, 3)))
+            objective = KtseObjective(KtseLossConfig(ce_resolution=resolution, label_norm=norm, ssr_refine="none"))
+            labels[norm], _, _ = objective._ssr(f_a, present, anchor_cam(f_a[:, 1:], (1, 3)), torch.zeros(1, 3, 1, 3))
         assert labels["max"].tolist() == [[[1, 1, 255]]], resolution
         assert labels["min_max"].tolist() == [[[1, 1, 0]]], resolution
     assert KtseLossConfig().label_norm == "max"

@@ -83,8 +83,20 @@ def par_refine(image: torch.Tensor, scores: torch.Tensor, config: ParConfig) -> 
         if scores.shape[-2:] != image.shape[-2:]:
             scores = F.interpolate(scores, size=image.shape[-2:], mode="bilinear", align_corners=True)
         for _ in range(config.iterations):
-            scores = (dilated_neighbours(scores, config.dilations) * affinity).sum(dim=2)
+            scores = _propagate(scores, affinity, config.dilations)
         return scores
+
+
+def _propagate(scores: torch.Tensor, affinity: torch.Tensor, dilations: list[int]) -> torch.Tensor:
+    """One PAR step ``Σ_k a_k(p)·S(p + offset_k)``, accumulated neighbour by neighbour: the same sum as
+    ``(dilated_neighbours(S) * a).sum(2)`` without holding all K shifted copies of S (K·L maps) at once."""
+    _, _, h, w = scores.shape
+    reach = max(dilations)
+    padded = F.pad(scores, [reach] * 4, mode="replicate")
+    out = torch.zeros_like(scores)
+    for k, (dy, dx) in enumerate(_offsets(dilations)):
+        out = out + padded[..., reach + dy:reach + dy + h, reach + dx:reach + dx + w] * affinity[:, :, k]
+    return out
 
 
 def par_at_scale(image: torch.Tensor, probs: torch.Tensor, config: ParConfig) -> torch.Tensor:
