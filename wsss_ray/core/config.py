@@ -252,7 +252,7 @@ class ParConfig(StrictModel):
     ``down_scale=2``), with AFA's w1 = 0.3 and w2 = 0.01."""
 
     iterations: PositiveInt = 10
-    dilations: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4, 8, 12, 24]  # noqa: RUF012
+    dilations: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4, 8, 12, 24]
     # w1: colour and position distances are divided by w1 times their standard deviation over the neighbours.
     temperature: PositiveFloat = 0.3
     # w2: weight of the position kernel added to the colour kernel.

@@ -22,13 +22,16 @@ ImageNet-normalised image, an RGB image in [0, 1] and one in [0, 255] give the s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from wsss_ray.core.config import ParConfig
+from wsss_ray.core.crf import cams_to_probs
 
-__all__ = ["dilated_neighbours", "par_affinity", "par_at_scale", "par_refine"]
+__all__ = ["dilated_neighbours", "par_affinity", "par_at_scale", "par_refine", "refine_cams_par"]
 
 _STD_EPS = 1e-8
 
@@ -114,3 +117,31 @@ def par_at_scale(image: torch.Tensor, probs: torch.Tensor, config: ParConfig) ->
     if refined.shape[-2:] != size:
         refined = F.interpolate(refined, size=size, mode="bilinear", align_corners=False)
     return refined
+
+
+def refine_cams_par(image: np.ndarray, cams: np.ndarray, labels: Sequence[int], config: ParConfig,
+                    bg_score: float, confidence: float = 0.0) -> np.ndarray:
+    """PAR-refined ``(H, W)`` uint8 mask from ``(K, H, W)`` CAMs of the image's K tags: the fast alternative to
+    :func:`wsss_ray.core.crf.refine_cams`, with the same unary (``cams_to_probs``: a constant ``bg_score``
+    background channel, then the CAMs, normalised) refined by :func:`par_at_scale` instead of DenseCRF.
+
+    The refined scores are renormalised to sum to 1 per pixel before ``confidence`` is applied (PAR's own output
+    is scaled by (1 + w2) per iteration); pixels whose top share is below it become 255.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3 or cams.shape[0] != len(labels) or cams.shape[1:] != image.shape[:2]:
+        raise ValueError(f"cams {cams.shape} must be (K, H, W) for {len(labels)} labels and image {image.shape[:2]}")
+    if cams.shape[0] == 0:
+        return np.zeros(image.shape[:2], dtype=np.uint8)
+    probs = torch.from_numpy(cams_to_probs(cams, bg_score))[None]
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    refined = par_at_scale(pixels, probs, config)[0]
+    refined = refined / refined.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    top, index = refined.max(dim=0)
+    mask = np.array([0, *labels], dtype=np.uint8)[index.numpy()]
+    if confidence > 0:
+        mask[top.numpy() < confidence] = 255
+    return mask

@@ -27,11 +27,11 @@ from wsss_ray.methods.ktse.ssr import (
     anchor_cam,
     foreground_mask,
     inter_class_loss,
+    par_pseudo_label,
     present_peak,
     rectified_up,
     split_cross_entropy,
     ssr_cross_entropy,
-    par_pseudo_label,
     ssr_pseudo_label,
 )
 
