@@ -19,7 +19,7 @@ from wsss_ray.methods.bana.boxes import (
     boxes_array,
     cell_centres_in_boxes,
     class_box_masks,
-    prototypes,
+    retrieval_prototypes,
     retrieve,
 )
 from wsss_ray.methods.bana.config import BoxGeneratorConfig
@@ -80,10 +80,6 @@ class BoxGenerator(Generator[BoxGeneratorConfig]):
         y_crf = box_constrained_argmax(crf_inference(image, probs, cfg.crf), labels, inside)
         # Y_ret obeys the boxes like u_c does: class c only inside a box of class c, background anywhere.
         allowed = {int(c): inside[k] for k, c in enumerate(labels)}
-        protos = prototypes(features, y_crf, [0, *labels])
-        if "class_weights" in arrays:
-            # A class with no pixel in Y_crf takes the classifier's w_c (retrieve normalises it, stage2.py).
-            for row, c in zip(arrays["class_weights"], [0, *labels], strict=True):
-                protos.setdefault(int(c), np.asarray(row, np.float32))
+        protos = retrieval_prototypes(features, y_crf, [0, *labels], arrays.get("class_weights"))
         y_ret = retrieve(features, protos, shape, allowed)
         return {"pseudo": y_crf, "retrieved": y_ret, "box_fill": fill}
