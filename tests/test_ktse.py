@@ -92,7 +92,7 @@ def test_gpp_two_levels_with_half_gates() -> None:
 def test_ktse_head_shapes_and_cams() -> None:
     torch.manual_seed(0)
     head = KtseHead(8, 2, KtseHeadConfig())
-    assert len(head.gates) == 2  # pyramid [1, 2, 4]
+    assert len(head.gates) == 3  # pyramid [2, 4, 8, 16]
     features = torch.randn(2, 8, 4, 4)
     cam_features = head.cam_features(features)
     assert cam_features.shape == (2, 3, 4, 4)
