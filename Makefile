@@ -24,10 +24,15 @@ install: $(STAMP)
 demo: install
 	$(PY) -m wsss_ray.cli run --config jobs/configs/demo.yaml
 
+# Two pytest-xdist workers, one test module (or group, tests/conftest.py) each at a time: much of the suite waits on
+# Ray, so two overlap well on two cores. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS)
+
 test: install
 	ns="$$($(NETNS))"; \
-	if [ -n "$$ns" ]; then $$ns sh -c 'ip link set lo up 2>/dev/null; $(PY) -m pytest $(PYTEST_ARGS)'; \
-	else echo "warning: no network namespace available, running tests plainly"; $(PY) -m pytest $(PYTEST_ARGS); fi
+	if [ -n "$$ns" ]; then $$ns sh -c 'ip link set lo up 2>/dev/null; $(PYTEST) $(PYTEST_ARGS)'; \
+	else echo "warning: no network namespace available, running tests plainly"; $(PYTEST) $(PYTEST_ARGS); fi
 
 lint: install
 	$(PY) -m ruff check wsss_ray jobs tests bench

@@ -240,11 +240,46 @@ def console_output() -> Iterator[dict[str, str]]:
         sys.stderr.write(captured["text"])  # still shown by pytest on a failure
 
 
+# Under pytest-xdist (``make test`` runs ``-n 2``) each group below runs whole in one worker process, so a module's
+# fixtures (a trained toy model, a Ray cluster of its own) are built once. The suite spends much of its time
+# waiting on Ray (process starts, health checks, polling), so two workers on two cores overlap one module's waiting
+# with another's work. Groups are modules, except that the modules reading the session's reference pipeline share
+# one, so it is made once.
+_SHARED_GROUPS = {"test_pipeline": "reference", "test_sweep": "reference"}
+# Longest first (``--durations=0`` of a serial run, seconds per group): a long group started last would leave the
+# other worker idle at the end. Groups not listed follow in file order. The faults group must come first: it
+# connects its worker to a multi-node cluster of its own, which must not overlap the session ``ray_cluster``.
+_LONGEST_FIRST = ("test_faults", "reference", "test_training_methods", "test_job_submit", "test_generators_ray",
+                  "test_predict", "test_stages", "test_adding_a_method", "test_first_epoch", "test_resources")
+
+
+def test_group(nodeid: str) -> str:
+    """The group a test runs in: its module's name, or the group that module shares."""
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return _SHARED_GROUPS.get(module, module)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the ``faults`` tests first: they connect this process to their own multi-node Ray cluster, which must
-    not overlap the session ``ray_cluster`` (one Ray driver per process; ray_cluster lives until the session ends).
+    """Order the tests longest group first, the ``faults`` tests at the very start. Run serially (``-n 0``), this
+    keeps the faults cluster before the session ``ray_cluster`` (one Ray driver per process; ray_cluster lives
+    until the session ends); under xdist the faults group is the first one handed out, so it is its worker's first.
     """
-    items.sort(key=lambda item: item.get_closest_marker("faults") is None)  # stable: the rest keep their order
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(test_group(item.nodeid), len(rank)))  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Hand out whole groups (``test_group``), in collection order. xdist's own ``--dist loadgroup`` needs a mark
+    per test and, with pytest 9, does not see it (it renames ``item._nodeid``, which pytest 9 no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(nodeid)
+
+    config.option.loadscopereorder = False  # keep the longest-first order made above
+    return GroupScheduling(config, log)
 
 
 def kill_worker_when(marker: str, ready: Callable[[], bool], running: Callable[[], bool],
