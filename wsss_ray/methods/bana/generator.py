@@ -30,9 +30,11 @@ class BoxGenerator(Generator[BoxGeneratorConfig]):
     """BANA: background attention (BAP) + box CAMs → DenseCRF (``pseudo`` = Y_crf); prototypes of Y_crf
     retrieve ``retrieved`` (Y_ret); ``box_fill`` is the filled-box baseline.
 
-    The classifier here is the GAP CAM classifier of ``train_cls``; BAP's background queries and attention are
-    computed from its features at generation time (BANA also trains the classifier with BAP, N = 4; that is a
-    classifier head, not part of this generator).
+    The classifier is ``train_cls``'s: its CAMs give the in-box unaries u_c (a BAP head's follow its
+    ``classifier``: ReLU(f·w_c) by default, Eq. 6), and with ``ret_fallback: classifier`` its rows (a head with a
+    background row: BAP, KTSE) give Y_ret's prototype of a class Y_crf lacks. BAP's background queries and
+    attention are computed from its features at generation time with the generator's grid (BANA: N = 1; the
+    head trains with N = 4).
     """
 
     outputs: ClassVar[dict[str, int]] = {"pseudo": IGNORE_LABEL, "retrieved": IGNORE_LABEL, "box_fill": IGNORE_LABEL}
