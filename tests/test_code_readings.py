@@ -12,6 +12,7 @@ import torch
 
 from wsss_ray.config import ClassifierTrainConfig
 from wsss_ray.core.config import BackboneConfig, ParConfig, key_dump
+from wsss_ray.core.inference import image_tensor
 from wsss_ray.methods.bana.boxes import retrieval_prototypes, retrieve
 from wsss_ray.methods.bana.config import BapHeadConfig, BoxGeneratorConfig
 from wsss_ray.methods.bana.head import BapHead
@@ -169,11 +170,21 @@ def test_bana_y_ret_falls_back_to_the_classifier_weight_by_hand() -> None:
 
 
 def test_box_generator_hands_the_bap_classifier_rows_to_y_ret() -> None:
+    torch.manual_seed(0)
     model = build_classifier(ClassifierTrainConfig(backbone=BackboneConfig(name="resnet_tiny")), num_foreground=3)
     model.head = BapHead(model.backbone.out_channels, 3, BapHeadConfig())
+    model.eval()
     image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     record = {"boxes": [[2, 4, 4, 20, 20]]}
     arrays = build_generator(BoxGeneratorConfig()).model_step(model, image, record, [2], "cpu")
     assert np.allclose(arrays["class_weights"], model.head.weight.detach()[[0, 2]].numpy())
+    # The in-box unaries' CAM follows the linear classifier (Eq. 6): ReLU(f·w_2) upsampled to the image
+    # (single scale, no flip: the generator's defaults), over its maximum.
+    with torch.no_grad():
+        features = model.backbone(image_tensor(image))[0]
+        raw = torch.relu(torch.einsum("d,dhw->hw", model.head.weight[2], features))
+        up = torch.nn.functional.interpolate(raw[None, None], size=(32, 32), mode="bilinear", align_corners=False)
+    assert up.max() > 1e-3  # a CAM with activation, so the comparison means something
+    assert np.allclose(arrays["cams"][0], (up[0, 0] / up.max()).numpy(), atol=1e-5)
     dropped = build_generator(BoxGeneratorConfig(ret_fallback="drop")).model_step(model, image, record, [2], "cpu")
     assert "class_weights" not in dropped
