@@ -259,6 +259,18 @@ def test_early_learning_global_threshold_over_all_weights_by_hand() -> None:
     assert torch.equal(tied.weight.grad, torch.tensor([[1.0, -1.0]]))
 
 
+def test_early_learning_ranking_reaches_the_hook_from_the_config() -> None:
+    from wsss_ray.config import SegTrainConfig
+    from wsss_ray.methods.registry import build_training_hooks
+
+    for ranking in ("global", "per_tensor"):
+        config = SegTrainConfig(early_learning={"ranking": ranking})
+        (hook,) = build_training_hooks(config, nn.Linear(1, 1), "unused")
+        assert isinstance(hook, EarlyLearning) and hook.ranking == ranking
+    with pytest.raises(ValueError, match="ranking"):
+        EarlyLearning(ranking="per_layer")
+
+
 def test_early_learning_full_fraction_and_validation() -> None:
     model, _ = _toy_model()
     before = model.weight.grad.clone()
