@@ -48,9 +48,10 @@ A_21 = (0 + 1 / R2 + 0 + 1) / 4  # (0,1)
 A_22 = (1 / R2 + 0 + 1 / R2 + 0) / 4  # (1,-1)/√2: 1/√2, 0, 1/√2, -1/√2 -> 0
 
 
-def hand_head(scale: float = 2.0, grid: int = 2) -> BapHead:
-    """Two foreground classes; w_0 = (1,0) background, w_1 = (0,1), w_2 = (-1,0)."""
-    head = BapHead(2, 2, BapHeadConfig(grid=grid, scale=scale))
+def hand_head(scale: float = 2.0, grid: int = 2, classifier: str = "cosine") -> BapHead:
+    """Two foreground classes; w_0 = (1,0) background, w_1 = (0,1), w_2 = (-1,0). Cosine (our earlier reading)
+    unless told: the BAP maths does not depend on the classifier, and the cosine cases were worked out first."""
+    head = BapHead(2, 2, BapHeadConfig(grid=grid, scale=scale, classifier=classifier))
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
     return head
@@ -194,6 +195,34 @@ def test_forward_and_cams_by_hand() -> None:
     assert torch.allclose(head(f), torch.tensor([[1.6, -1.2]]), atol=1e-6)
 
 
+def test_linear_classifier_is_the_default_and_gives_eq6_cams_by_hand() -> None:
+    assert BapHeadConfig().classifier == "linear"
+    head = hand_head(scale=2.0, classifier="linear")
+    f = torch.zeros(1, 2, 1, 2)
+    f[0, :, 0, 0] = torch.tensor([3.0, 4.0])
+    f[0, :, 0, 1] = torch.tensor([-2.0, 1.0])
+    # Eq. 6: CAM_c = ReLU(f·w_c). Cell 0: w_1 = (0,1) -> 4, w_2 = (-1,0) -> ReLU(-3) = 0.
+    # Cell 1: w_1 -> 1, w_2 -> 2. The scale plays no part.
+    assert torch.allclose(head.cams(f), torch.tensor([[[[4.0, 1.0]], [[0.0, 2.0]]]]), atol=1e-6)
+    # GAP = (0.5, 2.5): f·w_1 = 2.5, f·w_2 = -0.5; no background column.
+    assert torch.allclose(head(f), torch.tensor([[2.5, -0.5]]), atol=1e-6)
+    # (L+1)-way logits of a vector, column 0 = background w_0 = (1,0): (3, 4) -> [3, 4, -3].
+    assert torch.allclose(head.classify(torch.tensor([[3.0, 4.0]])), torch.tensor([[3.0, 4.0, -3.0]]))
+    assert torch.equal(head.class_weights(), head.weight.detach())
+
+
+def test_linear_objective_by_hand() -> None:
+    model = Model(hand_head(classifier="linear"))
+    objective = BapObjective(BapLossConfig(), BapHeadConfig(grid=2))
+    rx, ry = hand_box_feature()
+    box = ce([rx, ry, -rx], 1)  # logits w_c·r with w_0 = (1,0), w_1 = (0,1), w_2 = (-1,0)
+    # queries TL (1,0), TR (1,1), BL (2,0), BR (0,1), all class 0.
+    bg = ce([1.0, 0.0, -1.0], 0) + ce([1.0, 1.0, -1.0], 0) + ce([2.0, 0.0, -2.0], 0) + ce([0.0, 1.0, 0.0], 0)
+    loss, terms = objective(model, {"image": as_image(hand_features()), "boxes": torch.tensor([[BOX]])})
+    assert loss.item() == pytest.approx((box + bg) / 5, abs=1e-5)
+    assert terms["box_ce"].item() == pytest.approx(box / 5, abs=1e-5)
+
+
 def hand_loss_terms() -> tuple[float, float]:
     """Σ CE of the box (class 1) and Σ CE of the 4 queries (class 0), logits 2·cos against w_0, w_1, w_2."""
     rx, ry = hand_box_feature()
@@ -246,7 +275,7 @@ def test_objective_without_boxes_and_without_background() -> None:
 
 def test_gradcheck_through_bap_and_the_cosine_classifier() -> None:
     torch.manual_seed(0)
-    head = BapHead(3, 2, BapHeadConfig(grid=2, scale=3.0)).double()
+    head = BapHead(3, 2, BapHeadConfig(grid=2, scale=3.0, classifier="cosine")).double()
     model = Model(head)
     objective = BapObjective(BapLossConfig(), BapHeadConfig(grid=2, scale=3.0))
     boxes = torch.tensor([[[1.0, 2.0, 2.0, 6.0, 6.0], [2.0, 0.0, 4.0, 4.0, 8.0], PAD,

@@ -433,7 +433,7 @@ def test_scribble_generator_distances_use_fg_strokes_and_the_cam_mask(tmp_path: 
     (tmp_path / "s.png").write_bytes(encode_label_png(scribble))
     record = {"image_id": "x", "image_uri": "x.jpg", "scribble_uri": str(tmp_path / "s.png")}
     omega = np.zeros((12, 16), np.uint8)  # the CAM pseudo-label Ω̃: background only
-    monkeypatch.setattr(cdsp_generator, "refine_cams", lambda *args, **kwargs: omega.copy())
+    monkeypatch.setattr(cdsp_generator, "refine_cam_mask", lambda *args, **kwargs: omega.copy())
     image = np.zeros((12, 16, 3), np.uint8)
     arrays = {"cams": np.zeros((1, 12, 16), np.float32)}
     maps = build_generator(ScribbleGeneratorConfig(scales=[1.0])).refine_step(image, arrays, record, [2])

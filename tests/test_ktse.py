@@ -92,7 +92,7 @@ def test_gpp_two_levels_with_half_gates() -> None:
 def test_ktse_head_shapes_and_cams() -> None:
     torch.manual_seed(0)
     head = KtseHead(8, 2, KtseHeadConfig())
-    assert len(head.gates) == 2  # pyramid [1, 2, 4]
+    assert len(head.gates) == 3  # pyramid [2, 4, 8, 16]
     features = torch.randn(2, 8, 4, 4)
     cam_features = head.cam_features(features)
     assert cam_features.shape == (2, 3, 4, 4)
@@ -174,8 +174,8 @@ def test_ssr_label_thresholds_eq_1() -> None:
     for resolution in ("feature", "input"):
         labels = {}
         for norm in ("max", "min_max"):
-            objective = KtseObjective(KtseLossConfig(ce_resolution=resolution, label_norm=norm))
-            labels[norm], _, _ = objective._ssr(f_a, present, anchor_cam(f_a[:, 1:], (1, 3)))
+            objective = KtseObjective(KtseLossConfig(ce_resolution=resolution, label_norm=norm, ssr_refine="none"))
+            labels[norm], _, _ = objective._ssr(f_a, present, anchor_cam(f_a[:, 1:], (1, 3)), torch.zeros(1, 3, 1, 3))
         assert labels["max"].tolist() == [[[1, 1, 255]]], resolution
         assert labels["min_max"].tolist() == [[[1, 1, 0]]], resolution
     assert KtseLossConfig().label_norm == "max"

@@ -15,6 +15,7 @@ from torch import nn
 
 from wsss_ray.methods.bana.nal import noise_aware_loss
 from wsss_ray.methods.mspn.losses import decode_proposed, mspn_hybrid_loss
+from wsss_ray.methods.robust.config import EarlyLearningConfig
 from wsss_ray.methods.robust.early_learning import EarlyLearning
 from wsss_ray.methods.robust.losses import curriculum_cross_entropy, symmetric_cross_entropy
 
@@ -211,7 +212,7 @@ def _toy_model() -> tuple[nn.Linear, nn.Parameter]:
 
 def test_early_learning_keeps_the_top_fraction_of_each_tensor() -> None:
     model, no_grad = _toy_model()
-    kept = EarlyLearning(key_fraction=0.4).apply([model.weight, model.bias, no_grad])
+    kept = EarlyLearning(key_fraction=0.4, ranking="per_tensor").apply([model.weight, model.bias, no_grad])
     # weight: floor(0.4·6) = 2 kept → g = 2 at (0, 1) and 1.5 at (1, 1). bias: floor(0.8) = 0 → at least 1 → 0.2.
     # A global top-K (floor(0.4·8) = 3 → 2, 1.5, 1) would have kept no bias entry.
     assert torch.equal(model.weight.grad, torch.tensor([[0.0, -1.0, 0.0], [0.0, 3.0, 0.0]]))
@@ -222,13 +223,52 @@ def test_early_learning_keeps_the_top_fraction_of_each_tensor() -> None:
 
 def test_early_learning_non_key_parameters_only_decay() -> None:
     model, _ = _toy_model()
-    EarlyLearning(key_fraction=0.4).apply(model.parameters())
+    EarlyLearning(key_fraction=0.4, ranking="per_tensor").apply(model.parameters())
     torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01).step()
     # Non-key: w ← w − lr·wd·w. Key: w ← w − lr·(grad + wd·w).
     expected = torch.tensor([[1 * (1 - 0.001), 2 - 0.1 * (-1 + 0.02), 0.0],
                              [-3 * (1 - 0.001), 0.5 - 0.1 * (3 + 0.005), 4 * (1 - 0.001)]])
     assert torch.allclose(model.weight.detach(), expected, atol=1e-6)
     assert torch.allclose(model.bias.detach(), torch.tensor([1 - 0.1 * (0.2 + 0.01), -1 * (1 - 0.001)]), atol=1e-6)
+
+
+def test_early_learning_global_threshold_over_all_weights_by_hand() -> None:
+    """The default (paper, CDR code): one cut over all conv/linear weights together; biases keep their gradient."""
+    assert EarlyLearningConfig().ranking == "global"
+    model, no_grad = _toy_model()
+    second = nn.Linear(2, 1)
+    with torch.no_grad():
+        second.weight.copy_(torch.tensor([[2.0, -1.0]]))
+    second.weight.grad = torch.tensor([[0.1, -0.9]])  # |grad ⊙ w| = [0.2, 0.9]
+    second.bias.grad = torch.tensor([5.0])
+    kept = EarlyLearning(key_fraction=0.4).apply([model.weight, model.bias, second.weight, second.bias, no_grad])
+    # The 8 weight entries' g, sorted: 2, 1.5, 1, 0.9, 0.5, 0.3, 0.2, 0. int(0.4·8) = 3 → threshold g = 1:
+    # kept (0, 1) = 2, (1, 1) = 1.5, (1, 2) = 1 of the first layer; the whole second layer is cut (0.9 < 1),
+    # where a per-tensor cut would have kept its 0.9 entry. Biases are not ranked: their gradients stay.
+    assert torch.equal(model.weight.grad, torch.tensor([[0.0, -1.0, 0.0], [0.0, 3.0, -0.25]]))
+    assert torch.equal(second.weight.grad, torch.tensor([[0.0, 0.0]]))
+    assert torch.equal(model.bias.grad, torch.tensor([0.2, 0.1])) and torch.equal(second.bias.grad, torch.tensor([5.0]))
+    assert no_grad.grad is None
+    assert kept == pytest.approx(3 / 8)
+    # Ties at the threshold are all kept (CDR: g >= threshold): two entries of g = 1 with K·n = 1.
+    tied = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        tied.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    tied.weight.grad = torch.tensor([[1.0, -1.0]])
+    assert EarlyLearning(key_fraction=0.5).apply(tied.parameters()) == 1.0
+    assert torch.equal(tied.weight.grad, torch.tensor([[1.0, -1.0]]))
+
+
+def test_early_learning_ranking_reaches_the_hook_from_the_config() -> None:
+    from wsss_ray.config import SegTrainConfig
+    from wsss_ray.methods.registry import build_training_hooks
+
+    for ranking in ("global", "per_tensor"):
+        config = SegTrainConfig(early_learning={"ranking": ranking})
+        (hook,) = build_training_hooks(config, nn.Linear(1, 1), "unused")
+        assert isinstance(hook, EarlyLearning) and hook.ranking == ranking
+    with pytest.raises(ValueError, match="ranking"):
+        EarlyLearning(ranking="per_layer")
 
 
 def test_early_learning_full_fraction_and_validation() -> None:

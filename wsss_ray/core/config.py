@@ -244,6 +244,23 @@ class CrfConfig(StrictModel):
     bilateral_compat: Annotated[float, Field(ge=0.0)] = 10.0
 
 
+class ParConfig(StrictModel):
+    """Pixel-adaptive refinement (PAR; AFA, Ru et al. CVPR 2022, as ToCo and KTSE run it): scores propagated
+    ``iterations`` times over 8 neighbours at each dilation, weighted by a softmax of colour distance plus
+    ``position_weight`` times a softmax of spatial distance (``core.par``). Defaults: KTSE's
+    ``PAR(num_iter=10, dilations=[1, 2, 4, 8, 12, 24])`` at half resolution (``refine_cams_with_bkg_v2``,
+    ``down_scale=2``), with AFA's w1 = 0.3 and w2 = 0.01."""
+
+    iterations: PositiveInt = 10
+    dilations: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4, 8, 12, 24]
+    # w1: colour and position distances are divided by w1 times their standard deviation over the neighbours.
+    temperature: PositiveFloat = 0.3
+    # w2: weight of the position kernel added to the colour kernel.
+    position_weight: Annotated[float, Field(ge=0.0)] = 0.01
+    # PAR runs on the image and scores resized to 1/downscale of the input (KTSE, ToCo: 2), then back.
+    downscale: PositiveInt = 2
+
+
 def _crf_set(gaussian: tuple[float, float], bilateral: tuple[float, float, float]) -> dict[str, float]:
     """A CRF parameter set from (gaussian sxy, compat) and (bilateral sxy, srgb, compat); 10 iterations."""
     return {"iterations": 10, "gaussian_sxy": gaussian[0], "gaussian_compat": gaussian[1],

@@ -18,15 +18,17 @@ segmentation training reads.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from wsss_ray.core.config import CrfConfig, Fraction, Scales, StrictModel, crf_field
+from wsss_ray.core.config import CrfConfig, Fraction, ParConfig, Scales, StrictModel, crf_field
+from wsss_ray.core.crf import refine_cams
 from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.core.par import refine_cams_par
 
 
 class GeneratorSettings(StrictModel):
@@ -50,6 +52,21 @@ class CamThresholdSettings(StrictModel):
 
     bg_score: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
     confidence: Fraction = 0.0
+    # How the CAM unary is refined: DenseCRF (``crf`` section), or PAR (``par`` section; ToCo's and KTSE's
+    # pixel-adaptive refinement, pure torch, a fraction of DenseCRF's time).
+    refine: Literal["crf", "par"] = "crf"
+    par: ParConfig = ParConfig()
+
+    # Added later, at the values that reproduce the earlier outputs: left out of the stage key (``key_dump``).
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"refine": "crf", "par": ParConfig()}
+
+
+def refine_cam_mask(image: np.ndarray, cams: np.ndarray, labels: list[int], config: Any) -> np.ndarray:
+    """The refined ``(H, W)`` uint8 mask of a generator whose config has ``crf`` and :class:`CamThresholdSettings`:
+    DenseCRF (``refine: crf``) or PAR (``refine: par``) over the background score and the CAMs."""
+    if config.refine == "par":
+        return refine_cams_par(image, cams, labels, config.par, config.bg_score, config.confidence)
+    return refine_cams(image, cams, labels, config.crf, config.bg_score, config.confidence)
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -97,6 +114,11 @@ class ClassifierHead(nn.Module):
         """The head's per-crop fields besides the image and target, from the manifest row and the crop's
         geometry (BAP: the boxes in the crop's frame); none by default."""
         return {}
+
+    def class_weights(self) -> torch.Tensor | None:
+        """The linear classifier's rows ``(C+1, D)``, row 0 = background, where the head has one per class and the
+        background (BAP, KTSE); None otherwise (GAP has no background row)."""
+        return None
 
 
 class ClassifierObjective(nn.Module):

@@ -159,7 +159,7 @@ def build_training_hooks(config: Any, model: nn.Module, stage_uri: str) -> list[
     if config.corrector is not None:
         hooks.append(CORRECTORS.build(config.corrector, model, stage_uri))
     if config.early_learning is not None:
-        hooks.append(EarlyLearning(config.early_learning.key_fraction))
+        hooks.append(EarlyLearning(config.early_learning.key_fraction, config.early_learning.ranking))
     return hooks
 
 

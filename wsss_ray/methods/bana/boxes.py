@@ -22,6 +22,7 @@ __all__ = [
     "cell_centres_in_boxes",
     "class_box_masks",
     "prototypes",
+    "retrieval_prototypes",
     "retrieve",
 ]
 
@@ -227,6 +228,19 @@ def prototypes(features: np.ndarray, label_map: np.ndarray, classes: Sequence[in
         weights = _cell_weights(np.asarray(label_map), int(c), features.shape[1:])
         if weights.sum() > 0:
             protos[int(c)] = (features * weights[None]).sum(axis=(1, 2)) / weights.sum()
+    return protos
+
+
+def retrieval_prototypes(features: np.ndarray, label_map: np.ndarray, classes: Sequence[int],
+                         fallback: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """Y_ret's prototypes of ``classes`` (background first, then the tags): :func:`prototypes` of Y_crf, and for a
+    class with no pixel in Y_crf the row of ``fallback`` ``(len(classes), C)`` in the same order, the classifier's
+    w_c (BANA stage2.py; :func:`retrieve` normalises it, so this is the normalised w_c). Without ``fallback``
+    such a class has no prototype and cannot appear in Y_ret (our earlier reading)."""
+    protos = prototypes(features, label_map, classes)
+    if fallback is not None:
+        for row, c in zip(np.asarray(fallback, np.float32), classes, strict=True):
+            protos.setdefault(int(c), row)
     return protos
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -12,14 +12,21 @@ from wsss_ray.methods.base import MultiScaleSettings
 
 class BapHeadConfig(StrictModel):
     """BANA's background-aware pooling: background queries from an N×N grid outside the boxes, attention A,
-    box features pooled with (1 − A), a cosine (L+1)-way classifier over boxes and background."""
+    box features pooled with (1 − A), an (L+1)-way classifier over boxes and background."""
 
     name: Literal["bap"] = "bap"
     # N of the N×N grid of background queries while training (BANA: 4; generation uses the generator's grid).
     grid: PositiveInt = 4
-    # Scale of the cosine classifier's logits: a cosine in [-1, 1] is too flat for a softmax. BANA does not
-    # state it here; 20 is the usual value of cosine classifiers.
+    # The (L+1)-way classifier: ``linear`` = w_c·v, CAM_c = ReLU(f·w_c) (BANA Eq. 6; the authors' stage-1 ClsNet,
+    # a bias-free 1x1 conv); ``cosine`` = scale·cos(v, w_c), our earlier reading (BANA's cosine classifier,
+    # footnote 4, is the stage-3 segmenter's).
+    classifier: Literal["linear", "cosine"] = "linear"
+    # Scale of the cosine classifier's logits (``cosine`` only): a cosine in [-1, 1] is too flat for a softmax.
+    # BANA does not state it for stage 1; 20 is its segmenter's (stage3 TEMP) and the usual value.
     scale: PositiveFloat = 20.0
+
+    # Added later, at the value that reproduces the earlier models: left out of the stage key (``key_dump``).
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"classifier": "cosine"}
 
 
 class BapLossConfig(StrictModel):
@@ -51,6 +58,13 @@ class BoxGeneratorConfig(MultiScaleSettings):
     flip: bool = False
     # BANA stage 2's CRF (configs/stage2.yml DCRF [4, 55, 3, 3, 3]); values a config leaves unset come from it.
     crf: Annotated[CrfConfig, crf_field("bana_stage2")] = crf_preset("bana_stage2")
+    # Y_ret for a class of [background, tags] with no pixel in Y_crf: its prototype is the classifier's normalised
+    # w_c (``classifier``, stage2.py; needs a head with a background row, ``ClassifierHead.class_weights``: BAP,
+    # KTSE); ``drop``: our earlier reading, the class cannot appear in Y_ret.
+    ret_fallback: Literal["classifier", "drop"] = "classifier"
+
+    # Added later, at the value that reproduces the earlier outputs: left out of the stage key (``key_dump``).
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"ret_fallback": "drop"}
 
 
 class NoiseAwareConfig(StrictModel):

@@ -19,7 +19,7 @@ from wsss_ray.methods.bana.boxes import (
     boxes_array,
     cell_centres_in_boxes,
     class_box_masks,
-    prototypes,
+    retrieval_prototypes,
     retrieve,
 )
 from wsss_ray.methods.bana.config import BoxGeneratorConfig
@@ -30,9 +30,11 @@ class BoxGenerator(Generator[BoxGeneratorConfig]):
     """BANA: background attention (BAP) + box CAMs → DenseCRF (``pseudo`` = Y_crf); prototypes of Y_crf
     retrieve ``retrieved`` (Y_ret); ``box_fill`` is the filled-box baseline.
 
-    The classifier here is the GAP CAM classifier of ``train_cls``; BAP's background queries and attention are
-    computed from its features at generation time (BANA also trains the classifier with BAP, N = 4; that is a
-    classifier head, not part of this generator).
+    The classifier is ``train_cls``'s: its CAMs give the in-box unaries u_c (a BAP head's follow its
+    ``classifier``: ReLU(f·w_c) by default, Eq. 6), and with ``ret_fallback: classifier`` its rows (a head with a
+    background row: BAP, KTSE) give Y_ret's prototype of a class Y_crf lacks. BAP's background queries and
+    attention are computed from its features at generation time with the generator's grid (BANA: N = 1; the
+    head trains with N = 4).
     """
 
     outputs: ClassVar[dict[str, int]] = {"pseudo": IGNORE_LABEL, "retrieved": IGNORE_LABEL, "box_fill": IGNORE_LABEL}
@@ -55,7 +57,13 @@ class BoxGenerator(Generator[BoxGeneratorConfig]):
         # the boxes is set in box_unaries.
         attention_map = attention.numpy().astype(np.float32)
         cams = multiscale_cams(model, image, labels, self.config.scales, self.config.flip, device)
-        return {"cams": cams, "attention": attention_map, "features": feats}
+        arrays = {"cams": cams, "attention": attention_map, "features": feats}
+        head = getattr(model, "head", None)
+        weights = head.class_weights() if head is not None else None
+        if self.config.ret_fallback == "classifier" and weights is not None:
+            # Rows of background and the tags, in [0, *labels] order: Y_ret's prototype of a class Y_crf lacks.
+            arrays["class_weights"] = weights[[0, *labels]].float().cpu().numpy()
+        return arrays
 
     def refine_step(self, image: np.ndarray, arrays: dict[str, np.ndarray], record: dict[str, Any],
                     labels: list[int]) -> dict[str, np.ndarray]:
@@ -74,5 +82,6 @@ class BoxGenerator(Generator[BoxGeneratorConfig]):
         y_crf = box_constrained_argmax(crf_inference(image, probs, cfg.crf), labels, inside)
         # Y_ret obeys the boxes like u_c does: class c only inside a box of class c, background anywhere.
         allowed = {int(c): inside[k] for k, c in enumerate(labels)}
-        y_ret = retrieve(features, prototypes(features, y_crf, [0, *labels]), shape, allowed)
+        protos = retrieval_prototypes(features, y_crf, [0, *labels], arrays.get("class_weights"))
+        y_ret = retrieve(features, protos, shape, allowed)
         return {"pseudo": y_crf, "retrieved": y_ret, "box_fill": fill}

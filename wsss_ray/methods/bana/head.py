@@ -1,7 +1,7 @@
 """BANA's background-aware pooling (BAP) head (Oh, Kim, Ham, CVPR 2021, Sec. 3.1), in torch.
 
-The head sits on a backbone's feature map f ``(N, D, h, w)`` and classifies, with one (L+1)-way cosine classifier
-``w`` (row 0 = background), two kinds of vectors: the background queries ``q_j`` (Eq. 1) and the box features
+The head sits on a backbone's feature map f ``(N, D, h, w)`` and classifies, with one (L+1)-way classifier ``w``
+(row 0 = background; linear by default, Eq. 6, or cosine), two kinds of vectors: the background queries ``q_j`` (Eq. 1) and the box features
 ``r_i`` (Eq. 4) pooled with the foreground weight ``1 − A`` of the background attention ``A`` (Eqs. 2–3).
 
 Conventions are those of :mod:`wsss_ray.methods.bana.boxes` (the numpy BAP maths used at generation time): boxes
@@ -104,11 +104,12 @@ def _cells_in_boxes(boxes: torch.Tensor, feature_shape: tuple[int, int],
 class BapHead(ClassifierHead):
     """BAP classifier head over ``num_foreground`` classes plus background (BANA Sec. 3.1).
 
-    ``weight`` ``(C+1, D)`` is the (L+1)-way classifier ``w``, row 0 = background; logits are
-    ``scale·cos(v, w_c)``. Our reading: BANA's classifier section (Sec. 3.1) only says "softmax classifier"; the
-    cosine form follows docs/methods.md (BANA uses it for its segmenter, footnote 4, "to encourage the classifier
-    weights to be more representative"), which also makes ``cams`` directly comparable to the attention map A
-    (both cosines in [0, 1]). The official stage-1 code uses a plain linear classifier.
+    ``weight`` ``(C+1, D)`` is the (L+1)-way classifier ``w``, row 0 = background. ``classifier: linear``
+    (default): logits ``w_c·v`` and CAMs ``ReLU(f·w_c)``, BANA's Eq. 6 and the authors' stage-1 ``ClsNet`` (a
+    bias-free 1x1 conv, weights drawn with std 0.01). ``cosine`` (our earlier reading): logits ``scale·cos(v, w_c)``
+    and CAMs ``ReLU(cos(f, w_c))``; BANA's cosine classifier (footnote 4) is its stage-3 segmenter's. The box
+    generator's in-box unaries u_c come from ``cams``, so they follow the chosen classifier; the background
+    attention A is a cosine with the background queries (Eq. 2) whatever the classifier.
     """
 
     @staticmethod
@@ -120,15 +121,24 @@ class BapHead(ClassifierHead):
         super().__init__()
         self.num_foreground = num_foreground
         self.grid = config.grid
+        self.cosine = config.classifier == "cosine"
         self.scale = config.scale
-        # Rows of unit norm on average: the gradient of cos(v, w) w.r.t. w scales as 1/‖w‖, so a tiny init
-        # (BANA's std 0.01) would multiply the head's effective learning rate by 1/‖w‖.
-        self.weight = nn.Parameter(torch.randn(num_foreground + 1, in_channels) / math.sqrt(in_channels))
+        if self.cosine:
+            # Rows of unit norm on average: the gradient of cos(v, w) w.r.t. w scales as 1/‖w‖, so a tiny init
+            # would multiply the head's effective learning rate by 1/‖w‖.
+            init = torch.randn(num_foreground + 1, in_channels) / math.sqrt(in_channels)
+        else:
+            init = torch.randn(num_foreground + 1, in_channels) * 0.01  # the authors' normal_(std=0.01)
+        self.weight = nn.Parameter(init)
 
     def classify(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(L+1)-way logits ``scale·cos(v, w_c)`` ``(..., C+1)`` of vectors ``(..., D)``; column 0 = background."""
+        """(L+1)-way logits ``(..., C+1)`` of vectors ``(..., D)``, column 0 = background: ``w_c·v`` (linear) or
+        ``scale·cos(v, w_c)`` (cosine)."""
         vectors = _compute(vectors)
-        return cosine_logits(vectors, self.weight.to(vectors.dtype), self.scale)
+        weight = self.weight.to(vectors.dtype)
+        if self.cosine:
+            return cosine_logits(vectors, weight, self.scale)
+        return vectors @ weight.T
 
     @staticmethod
     def background_mask(boxes: torch.Tensor, feature_shape: tuple[int, int],
@@ -220,7 +230,7 @@ class BapHead(ClassifierHead):
 
     @_full_precision
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Image logits ``(N, C)``: ``scale·cos(GAP(f), w_c)`` for the foreground classes c = 1..C.
+        """Image logits ``(N, C)`` of GAP(f) for the foreground classes c = 1..C (``classify``'s logits).
 
         Not part of BANA's training (that is ``BapObjective``); it lets the head stand in for ``GapHead`` with the
         generic multi-label loss and CAM tooling. Our reading: the background row is left out, since image-level
@@ -231,9 +241,17 @@ class BapHead(ClassifierHead):
 
     @_full_precision
     def cams(self, features: torch.Tensor) -> torch.Tensor:
-        """Un-normalised CAMs ``(N, C, h, w)``: ``ReLU(cos(f(p), w_c))`` for the foreground classes (the contract
-        of ``GapHead.cams``; the box generator divides by each CAM's maximum inside its boxes, BANA Eq. 5)."""
+        """Un-normalised CAMs ``(N, C, h, w)`` of the foreground classes: ``ReLU(f(p)·w_c)`` (linear, BANA Eq. 6)
+        or ``ReLU(cos(f(p), w_c))`` (cosine); the contract of ``GapHead.cams``. The box generator divides each by
+        its maximum inside its boxes (BANA Eq. 5)."""
         features = _compute(features)
-        unit_w = F.normalize(self.weight[1:].to(features.dtype), dim=-1, eps=_EPS)
-        cos = torch.einsum("cd,ndhw->nchw", unit_w, F.normalize(features, dim=1, eps=_EPS))
-        return F.relu(cos)
+        weight = self.weight[1:].to(features.dtype)
+        if self.cosine:
+            weight = F.normalize(weight, dim=-1, eps=_EPS)
+            features = F.normalize(features, dim=1, eps=_EPS)
+        return F.relu(torch.einsum("cd,ndhw->nchw", weight, features))
+
+    def class_weights(self) -> torch.Tensor:
+        """The classifier's rows ``(C+1, D)``, row 0 = background: the box generator's Y_ret falls back to the
+        normalised ``w_c`` for a tag absent from Y_crf (authors' stage2.py)."""
+        return self.weight.detach()

@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from wsss_ray.core.crf import refine_cams, threshold_cams
+from wsss_ray.core.crf import threshold_cams
 from wsss_ray.core.inference import multiscale_cams
 from wsss_ray.core.labels import IGNORE_LABEL
-from wsss_ray.methods.base import Generator
+from wsss_ray.methods.base import Generator, refine_cam_mask
 from wsss_ray.methods.cam.config import ImageCamGeneratorConfig
 
 
@@ -34,5 +34,5 @@ class ImageCamGenerator(Generator[ImageCamGeneratorConfig]):
         cams = arrays["cams"].astype(np.float32)
         return {
             "cam": threshold_cams(cams, labels, self.config.bg_score),
-            "pseudo": refine_cams(image, cams, labels, self.config.crf, self.config.bg_score, self.config.confidence),
+            "pseudo": refine_cam_mask(image, cams, labels, self.config),
         }

@@ -7,12 +7,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from wsss_ray.core.crf import refine_cams
 from wsss_ray.core.inference import multiscale_cams
 from wsss_ray.core.items import BadItemError
 from wsss_ray.core.labels import IGNORE_LABEL
 from wsss_ray.data.image_io import read_label
-from wsss_ray.methods.base import Generator
+from wsss_ray.methods.base import Generator, refine_cam_mask
 from wsss_ray.methods.cdsp.config import ScribbleGeneratorConfig
 from wsss_ray.methods.cdsp.distance import apply_scribbles, boundary_distance, scribble_distance, to_uint8
 
@@ -40,7 +39,7 @@ class ScribbleGenerator(Generator[ScribbleGeneratorConfig]):
         if scribble.shape != image.shape[:2]:
             raise BadItemError(record["scribble_uri"], f"scribble {scribble.shape} differs from image {image.shape[:2]}")
         cams = arrays["cams"].astype(np.float32)
-        mask = refine_cams(image, cams, labels, self.config.crf, self.config.bg_score, self.config.confidence)
+        mask = refine_cam_mask(image, cams, labels, self.config)
         pseudo = apply_scribbles(mask, scribble)
         cfg = self.config
         d_s = scribble_distance(scribble, cfg.lambda_s, cfg.scribble_sources, cfg.quantise)

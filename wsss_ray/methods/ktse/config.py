@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from wsss_ray.core.config import Fraction, PositiveInt, StrictModel
+from wsss_ray.core.config import Fraction, ParConfig, PositiveInt, StrictModel
 
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
@@ -16,8 +16,11 @@ class KtseHeadConfig(StrictModel):
     (GPP) layer (Yoon et al. ECCV 2022), the "strong baseline" of KTSE's Table 6."""
 
     name: Literal["ktse"] = "ktse"
-    # Pyramid levels of GPP: the feature map is pooled over 1x1, 2x2, ... grids and the levels are gated.
-    pyramid: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4]  # noqa: RUF012 - a pydantic field
+    # Pyramid levels of GPP: the feature map is average-pooled to s×s grids, upsampled back and the levels gated
+    # in order. Authors' cam2logit: 2, 4, 8, 16 (AEFT's GPP too). A level s at least the map's size pools nothing
+    # new (on a 2x2 map, levels 4, 8 and 16 give F itself back): the gates then mix F with coarser levels only.
+    # [1, 2, 4] is our earlier reading (chosen for stride-16 maps; no measurement behind it).
+    pyramid: Annotated[list[PositiveInt], Field(min_length=1)] = [2, 4, 8, 16]  # noqa: RUF012 - a pydantic field
     # The channels GPP pools and gates: the C foreground ones (authors: ``cam2logit(cam_seg[:, 1:])``, so the
     # background channel learns from SSR's CE alone), or all C+1 (our former reading; the gates then see the
     # background channel and L_cls reaches it through them).
@@ -51,6 +54,13 @@ class KtseLossConfig(StrictModel):
     # as well); "min_max" = (x − min)/(max − min), what the authors use for M^f and MGA's mask (our former
     # reading for Ŷ too: it stretches a map that is positive everywhere, so fewer pixels pass β_h).
     label_norm: Literal["max", "min_max"] = "max"
+    # Where Ŷ's CAM is normalised: "feature" = at the feature map's resolution, then upsampled to the crop
+    # (authors' refine_cams_with_bkg_v2); "input" = upsampled first, then normalised (our earlier reading).
+    label_norm_at: Literal["feature", "input"] = "feature"
+    # Ŷ refined by PAR (Sec. 3.3 "with the pixel-adaptive refinement module"; the code's refine_cams_with_bkg_v2:
+    # PAR on softmax([β, A]) at half resolution, core.par) or used as thresholded ("none", our earlier reading).
+    ssr_refine: Literal["par", "none"] = "par"
+    par: ParConfig = ParConfig()
     omega_fg: NonNegativeFloat = 0.0125
     beta_o: Fraction = 0.2
     lambda_inter: NonNegativeFloat = 0.005
@@ -84,7 +94,8 @@ class KtseLossConfig(StrictModel):
     erase_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.6
 
     # Added later, at the value that reproduces the earlier models: left out of the stage key (``key_dump``).
-    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"label_norm": "min_max"}
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"label_norm": "min_max", "label_norm_at": "input",
+                                             "ssr_refine": "none", "par": ParConfig()}
 
     @model_validator(mode="after")
     def _thresholds(self) -> KtseLossConfig:

@@ -14,9 +14,11 @@ and KTSE's losses can compare them between branches. Image logits q^c come from 
 
 The GPP is AEFT's (its paper and public code) run on the C foreground channels, as the authors' code does
 (``gpp_channels: foreground``; ``all`` is our former reading: all C+1 channels, gates seeing the background
-one, the foreground logits then channels 1..C of q). Our reading where KTSE is silent: the pyramid levels come
-from the config (AEFT and the KTSE code use 2, 4, 8, 16 on a stride-8 ResNet-38; our default 1, 2, 4 suits the
-coarser stride-16 maps), a single level meaning no gate (G = P_s).
+one, the foreground logits then channels 1..C of q). The pyramid levels come from the config; the default 2, 4, 8,
+16 is the KTSE code's ``cam2logit`` (gates applied 2→4, then →8, then →16), with which the head computes exactly
+what that function does. A single level means no gate (G = P_s). A level at least the map's size pools nothing
+new: adaptive pooling then repeats each cell, and the bilinear resize back returns F itself when the level is a
+multiple of the map's size (a 2x2 map: levels 4, 8, 16 are F).
 """
 
 from __future__ import annotations
@@ -107,3 +109,7 @@ class KtseHead(ClassifierHead):
     def cams(self, features: torch.Tensor) -> torch.Tensor:
         """Un-normalised CAMs (N, C, h, w) = ReLU of the foreground channels of F (GapHead.cams' contract)."""
         return F.relu(self.cam_features(features)[:, 1:])
+
+    def class_weights(self) -> torch.Tensor:
+        """The 1x1 classifier's rows ``(C+1, D)``, row 0 = background."""
+        return self.classifier.weight.detach().flatten(1)

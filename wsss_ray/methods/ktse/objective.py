@@ -27,6 +27,7 @@ from wsss_ray.methods.ktse.ssr import (
     anchor_cam,
     foreground_mask,
     inter_class_loss,
+    par_pseudo_label,
     present_peak,
     rectified_up,
     split_cross_entropy,
@@ -89,7 +90,7 @@ class KtseObjective(ClassifierObjective):
         terms: dict[str, torch.Tensor] = {}
         label = None
         if config.ssr:
-            label, terms["ce"], terms["inter"] = self._ssr(f_a, present, cam_input)
+            label, terms["ce"], terms["inter"] = self._ssr(f_a, present, cam_input, images)
         if config.sie:
             terms["kt"], synthetic_ce = self._sie(model, images, present, f_a, label)
             if synthetic_ce is not None:
@@ -99,22 +100,19 @@ class KtseObjective(ClassifierObjective):
             terms["global"], terms["local"] = self._mga(model, images, present, f_a[:, 1:], cam_input)
         return terms
 
-    def _ssr(self, f_a: torch.Tensor, present: torch.Tensor,
-             cam_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _ssr(self, f_a: torch.Tensor, present: torch.Tensor, cam_input: torch.Tensor,
+             images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ŷ, L_ce and L_inter of the anchor, at the crop's resolution or (former reading) the feature map's."""
         config = self.config
         on_input = config.ce_resolution == "input"
         cam = cam_input if on_input else anchor_cam(f_a[:, 1:], None)
         logits = rectified_up(f_a, cam.shape[-2:]) if on_input else f_a
-        # Ŷ from Eq. 1's A (authors' refine_cams_with_bkg_v2 too); M^f below from the min-max CAM (authors). At
-        # the crop's resolution the foreground channels of ``logits`` are already up(ReLU(F)): normalise those.
-        if config.label_norm == "min_max":
-            label_cam = cam
-        elif on_input:
-            label_cam = NORMS[config.label_norm](logits[:, 1:].detach())
+        label_cam = self._label_cam(f_a, logits, cam.shape[-2:]) if on_input else \
+            anchor_cam(f_a[:, 1:], None, config.label_norm)
+        if config.ssr_refine == "par":
+            label = par_pseudo_label(label_cam, present, images, config.beta_h, config.beta_l, config.par)
         else:
-            label_cam = anchor_cam(f_a[:, 1:], None, config.label_norm)
-        label = ssr_pseudo_label(label_cam, present, config.beta_h, config.beta_l)
+            label = ssr_pseudo_label(label_cam, present, config.beta_h, config.beta_l)
         ce = ssr_cross_entropy(logits, label, present, config.omega_fg, config.fg_weighting)
         # L_inter's maps: the CE's up(ReLU(F)) (authors), or features its own ReLU may or may not rectify.
         inter_maps = (logits if config.inter_on_relu else _resize(f_a, cam.shape[-2:])) if on_input else f_a
@@ -122,6 +120,16 @@ class KtseObjective(ClassifierObjective):
         inter = inter_class_loss(inter_maps[:, 1:], present, mask, channels=config.inter_channels,
                                  detach_max=config.inter_detach_max, on_relu=config.inter_on_relu)
         return label, ce, inter
+
+    def _label_cam(self, f_a: torch.Tensor, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """Ŷ's normalised CAM A at the crop's size. ``label_norm_at: feature`` (authors): F normalised at the
+        feature map's resolution, then upsampled; ``input``: the CE's up(ReLU(F)) normalised (earlier reading).
+        M^f (below) keeps the min-max CAM of the upsampled map (authors)."""
+        norm = NORMS[self.config.label_norm]
+        with torch.no_grad():
+            if self.config.label_norm_at == "feature":
+                return _resize(norm(f_a[:, 1:].detach().float()), size)
+            return norm(logits[:, 1:].detach())
 
     def _sie(self, model: nn.Module, images: torch.Tensor, present: torch.Tensor, f_a: torch.Tensor,
              label: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -6,8 +6,9 @@ the gap between the largest and second-largest class activation (Eq. 6-7). Where
 authors' code (chentao2016/KTSE, ``get_seg_loss``) decides: the CE logits and L_inter see ReLU'd features
 upsampled to the crop; background and foreground CE are two separate means and only single-tag ("simple")
 images get the foreground CE; L_inter runs over all foreground channels of multi-tag ("complex") images with
-V^max detached, so it bottoms out once V^2nd ≤ 0 instead of growing without bound. The PAR refinement of Ŷ is
-not applied (our reading). The other readings are options of :class:`KtseLossConfig`.
+V^max detached, so it bottoms out once V^2nd ≤ 0 instead of growing without bound. Ŷ is refined with PAR
+(Sec. 3.3 "with the pixel-adaptive refinement module"; the code's ``refine_cams_with_bkg_v2``:
+:func:`par_pseudo_label`). The other readings are options of :class:`KtseLossConfig`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from wsss_ray.core.config import ParConfig
 from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.core.par import par_refine
 
 # KTSE's max_norm offset, and the floor of L_inter's mask count (the authors' 1e-5).
 EPS = 1e-5
@@ -82,6 +85,40 @@ def ssr_pseudo_label(cam: torch.Tensor, present: torch.Tensor, beta_h: float, be
         background = torch.zeros_like(label)
         ignore = torch.full_like(label, IGNORE_LABEL)
         return torch.where(peak > beta_h, label, torch.where(peak <= beta_l, background, ignore))
+
+
+def _resized(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def par_pseudo_label(cam: torch.Tensor, present: torch.Tensor, images: torch.Tensor, beta_h: float,
+                     beta_l: float, par: ParConfig) -> torch.Tensor:
+    """Ŷ (N, H, W) long of Eq. 4 refined with PAR, the authors' ``refine_cams_with_bkg_v2``, from the normalised
+    anchor CAM A (N, C, H, W) and the images (N, 3, ·, ·) (resized to (H, W); any normalisation, see core.par).
+
+    For each background plane β ∈ {β_h, β_l}: [β, A] is resized to (H, W)/``par.downscale``, soft-maxed over
+    the background and the present classes (absent ones get 0), refined by PAR on the resized image, resized
+    back and arg-maxed (0 = background, c = class c). Ŷ takes the β_h map's class where it is foreground,
+    0 where both maps say background and 255 elsewhere. Without PAR this is :func:`ssr_pseudo_label`.
+    """
+    with torch.no_grad(), torch.autocast(device_type=cam.device.type, enabled=False):
+        size = (cam.shape[-2], cam.shape[-1])
+        small = (max(1, size[0] // par.downscale), max(1, size[1] // par.downscale))
+        # Only background and the classes present somewhere in the batch can win: PAR runs on those channels.
+        columns = torch.cat([torch.zeros(1, dtype=torch.long, device=cam.device),
+                             present.any(0).nonzero().flatten() + 1])
+        cam_small = _resized(cam.float(), small)
+        image_small = _resized(_resized(images.float(), size), small)
+        absent = ~torch.cat([torch.ones_like(present[:, :1]), present], dim=1)[:, columns]
+        votes = []
+        for beta in (beta_h, beta_l):
+            scores = torch.cat([torch.full_like(cam_small[:, :1], beta), cam_small], dim=1)[:, columns]
+            probs = scores.masked_fill(absent[:, :, None, None], float("-inf")).softmax(dim=1)
+            refined = _resized(par_refine(image_small, probs, par), size)
+            votes.append(columns[refined.argmax(dim=1)])
+        high, low = votes
+        ignore = torch.full_like(high, IGNORE_LABEL)
+        return torch.where(high != 0, high, torch.where(low == 0, torch.zeros_like(low), ignore))
 
 
 def foreground_mask(peak: torch.Tensor, beta_o: float) -> torch.Tensor:

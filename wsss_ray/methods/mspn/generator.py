@@ -7,9 +7,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from wsss_ray.core.crf import refine_cams
 from wsss_ray.core.labels import IGNORE_LABEL
-from wsss_ray.methods.base import Generator
+from wsss_ray.methods.base import Generator, refine_cam_mask
 from wsss_ray.methods.mspn.config import MultiSeedGeneratorConfig
 from wsss_ray.methods.mspn.seeds import clean_mask, dropout_cams, proposals, seed_value, vote
 
@@ -39,8 +38,7 @@ class MultiSeedGenerator(Generator[MultiSeedGeneratorConfig]):
     def refine_step(self, image: np.ndarray, arrays: dict[str, np.ndarray], record: dict[str, Any],
                     labels: list[int]) -> dict[str, np.ndarray]:
         cams = arrays["cams"].astype(np.float32)
-        maps = np.stack([refine_cams(image, seed_cams, labels, self.config.crf, self.config.bg_score,
-                                     self.config.confidence) for seed_cams in cams])
+        maps = np.stack([refine_cam_mask(image, seed_cams, labels, self.config) for seed_cams in cams])
         majority, agreement = vote(maps)
         return {"pseudo": clean_mask(majority, agreement, self.config.agreement), "majority": majority,
                 "agreement": agreement, "single": maps[0], "proposed": proposals(maps, [0, *labels])}

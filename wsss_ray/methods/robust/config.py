@@ -3,7 +3,7 @@ cross-entropy), SCE, the noise-pruned curriculum loss and robust early-learning.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -48,3 +48,10 @@ class EarlyLearningConfig(StrictModel):
     gradient; the others only decay (weight decay), so they cannot memorise noisy labels."""
 
     key_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
+    # ``global``: one threshold over all conv/linear weights together (the paper sorts all parameters; the
+    # authors' CDR code ranks the 2-D/4-D weights and leaves biases and norm parameters alone). ``per_tensor``:
+    # our earlier reading, each tensor (biases included) keeps its own top fraction.
+    ranking: Literal["global", "per_tensor"] = "global"
+
+    # Added later, at the value that reproduces the earlier models: left out of the stage key (``key_dump``).
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"ranking": "per_tensor"}

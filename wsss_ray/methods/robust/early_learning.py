@@ -22,27 +22,31 @@ class EarlyLearning(TrainHook):
     and before ``optimizer.step()`` (after the last backward of a gradient-accumulation window; under DDP the
     gradients are already all-reduced then, so every rank keeps the same set).
 
-    Selection scope — per tensor, here. Each parameter tensor keeps its own top ``max(1, floor(K·numel))``
-    entries, so every layer (biases and norm layers included) keeps learning something. This is *not* what the
-    references do: OuT says "we sort all parameters according to the g_i and select the top K", and the authors'
-    code (xiaoboxia/CDR, ``train_one_step``) thresholds one global top-K over the concatenation of all 2-D/4-D
-    weights, leaves biases and norm parameters untouched, and also multiplies the kept gradients by that same
-    fraction. Per tensor is our reading for segmentation, where a deep backbone's tensors differ in gradient scale
-    by orders of magnitude and a global cut could freeze whole layers (the new decoder head, say). To get the
-    authors' treatment of biases, pass only the weight tensors (``p.dim() in (2, 4)``).
+    Selection scope, ``ranking``:
+
+    * ``global`` (default): OuT "sort[s] all parameters according to the g_i and select the top K", and the
+      authors' code (xiaoboxia/CDR, ``train_one_step``) takes one threshold, the ``int(K·n)``-th largest g over
+      the n entries of all conv/linear weights (2-D and 4-D tensors), keeps every weight entry with g at or above
+      it (ties included) and leaves the gradients of biases and norm parameters untouched. The CDR code also
+      multiplies the kept gradients by a clip factor; the paper's update has no such factor, so we do not.
+    * ``per_tensor`` (our earlier reading): each tensor, biases and norm layers included, keeps its own top
+      ``max(1, floor(K·numel))`` entries (``torch.topk``), so no layer is frozen whole.
 
     Other readings: with momentum, a non-key parameter still moves by its momentum buffer for a few steps (the
-    optimizer is not touched); ties at the cut are broken by ``torch.topk``; parameters whose ``.grad`` is None
-    are skipped (frozen layers, unused branches). Gradient scaling (AMP) does not change the ranking.
+    optimizer is not touched); parameters whose ``.grad`` is None are skipped (frozen layers, unused branches).
+    Gradient scaling (AMP) does not change the ranking.
 
     As a training hook, ``after_backward`` applies it to every parameter of the train step (model and objective)
-    and logs the kept fraction as ``key_fraction``.
+    and logs the kept fraction of the ranked entries as ``key_fraction``.
     """
 
-    def __init__(self, key_fraction: float = 0.4) -> None:
+    def __init__(self, key_fraction: float = 0.4, ranking: str = "global") -> None:
         if not 0.0 < key_fraction <= 1.0:
             raise ValueError(f"key_fraction must be in (0, 1], got {key_fraction}")
+        if ranking not in ("global", "per_tensor"):
+            raise ValueError(f"ranking must be 'global' or 'per_tensor', got {ranking!r}")
         self.key_fraction = key_fraction
+        self.ranking = ranking
 
     def after_backward(self, step: nn.Module) -> dict[str, float]:
         return {"key_fraction": self.apply(step.parameters())}
@@ -54,21 +58,17 @@ class EarlyLearning(TrainHook):
 
     @torch.no_grad()
     def apply(self, parameters: Iterable[nn.Parameter]) -> float:
-        """Zero the loss gradient of every non-critical entry in place; return the fraction of entries kept.
+        """Zero the loss gradient of every non-critical entry in place; return the fraction of the ranked entries
+        kept (1.0 when none was ranked). ``g = |grad ⊙ w|`` is computed in float32."""
+        with_grad = [p for p in parameters if p.grad is not None and p.grad.numel() > 0]
+        if self.ranking == "per_tensor":
+            return self._per_tensor(with_grad)
+        return self._global([p for p in with_grad if p.dim() in (2, 4)])
 
-        ``g = |grad ⊙ w|`` is computed in float32 per tensor; the ``num_kept(numel)`` largest entries keep their
-        gradient, the others get 0. The returned fraction is over all entries that had a gradient (1.0 when
-        none had).
-        """
-        kept = 0
-        total = 0
+    def _per_tensor(self, parameters: list[nn.Parameter]) -> float:
+        kept = total = 0
         for param in parameters:
-            grad = param.grad
-            if grad is None:
-                continue
-            numel = grad.numel()
-            if numel == 0:
-                continue
+            grad, numel = param.grad, param.grad.numel()
             k = self.num_kept(numel)
             if k < numel:
                 importance = (grad.float() * param.float()).abs().flatten()
@@ -78,3 +78,18 @@ class EarlyLearning(TrainHook):
             kept += k
             total += numel
         return kept / total if total else 1.0
+
+    def _global(self, weights: list[nn.Parameter]) -> float:
+        if not weights:
+            return 1.0
+        importance = [(p.grad.float() * p.float()).abs() for p in weights]
+        every = torch.cat([g.flatten() for g in importance])
+        # The k-th largest g over all weights, k = int(K·n) (at least 1): the (n − k + 1)-th smallest, which
+        # kthvalue finds without sorting a top-k of tens of millions of entries.
+        threshold = every.kthvalue(every.numel() - self.num_kept(every.numel()) + 1).values
+        kept = 0
+        for param, g in zip(weights, importance, strict=True):
+            critical = g >= threshold
+            param.grad.masked_fill_(~critical, 0)
+            kept += int(critical.sum())
+        return kept / every.numel()
