@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from wsss_ray.data.pseudo_noise import PseudoErrorRates, corrupt_like_pseudo, error_counts, measure_error_rates
+from wsss_ray.data.pseudo_noise import (
+    PseudoErrorRates,
+    corrupt_like_pseudo,
+    error_counts,
+    fill_ignore,
+    measure_error_rates,
+)
 
 ZERO = PseudoErrorRates(swap=0.0, shrink_px=0.0, grow_px=0.0, missing=0.0, spill=0.0)
 
@@ -44,6 +50,20 @@ def test_a_whole_object_swap_counts_only_as_a_swap() -> None:
     assert (counts["objects"], counts["swapped"]) == (2, 1)
     assert counts["area"] == 9 and counts["shrink"] == 0  # only object 2 scored; class 3 is not background
     assert measure_error_rates([(pseudo, truth)], band=1)[0].swap == 0.5
+    assert error_counts(pseudo, truth, band=1, classes={2})["swapped"] == 0  # object 1 left out
+
+
+def test_the_ground_truths_ignore_band_is_scored_as_its_nearest_label() -> None:
+    # A 2-px 255 band between an object (cols 0-2) and background (cols 5-7): col 3 is 1 px from the object and
+    # 2 px from the background, col 4 the other way round, so the band splits between them.
+    banded = np.tile(np.array([1, 1, 1, 255, 255, 0, 0, 0], np.uint8), (3, 1))
+    filled = np.tile(np.array([1, 1, 1, 1, 0, 0, 0, 0], np.uint8), (3, 1))
+    np.testing.assert_array_equal(fill_ignore(banded), filled)
+    pseudo = filled.copy()
+    pseudo[:, 4] = 1  # one column grown into the (former) band: counted as the filled truth's background
+    assert error_counts(pseudo, banded, band=1) == error_counts(pseudo, filled, band=1)
+    assert error_counts(pseudo, banded, band=1)["grow"] == 3
+    np.testing.assert_array_equal(fill_ignore(np.full((2, 2), 255, np.uint8)), np.full((2, 2), 255))
 
 
 def test_shape_mismatch_and_no_pairs_are_errors() -> None:

@@ -14,7 +14,9 @@ of a label map (0 background, 255 ignored):
 - **spill**: background pixels farther than ``band`` from the object labelled as its class, per object pixel —
   CAMs spread onto the background that co-occurs with the object (water under boats, sky around planes).
 
-Swapped objects count only towards the swap rate. Sums are pooled over every object of every image, so a large
+VOC's masks (and the toy data's) carry a ~2 px band of 255 on every boundary; :func:`error_counts` first gives
+each 255 pixel of the ground truth its nearest label (:func:`fill_ignore`), so the band is scored like the rest
+(a pseudo-mask has no such band). Swapped objects count only towards the swap rate. Sums are pooled over every object of every image, so a large
 object weighs more than a small one, as it does in the pixel counts a segmenter trains on.
 """
 
@@ -47,6 +49,15 @@ class PseudoErrorRates:
         return asdict(self)
 
 
+def fill_ignore(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with each 255 pixel given the label of its nearest (Euclidean) labelled pixel; all-255 stays."""
+    unknown = mask == IGNORE
+    if not unknown.any() or unknown.all():
+        return mask.copy()
+    _, (rows, cols) = ndimage.distance_transform_edt(unknown, return_indices=True)
+    return mask[rows, cols]
+
+
 def _objects(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """(class, region) of each 4-connected component of each foreground class."""
     found = []
@@ -61,15 +72,20 @@ def _outline(region: np.ndarray) -> np.ndarray:
     return region & ~ndimage.binary_erosion(region, _CROSS, border_value=0)
 
 
-def error_counts(pseudo: np.ndarray, truth: np.ndarray, band: int = 2) -> dict[str, int]:
+def error_counts(pseudo: np.ndarray, truth: np.ndarray, band: int = 2,
+                 classes: set[int] | None = None) -> dict[str, int]:
     """Pixel and object counts of the four errors of ``pseudo`` against ``truth`` (same shape), summed over the
-    image's objects; :func:`rates_from_counts` turns (summed) counts into :class:`PseudoErrorRates`."""
+    image's objects (of ``classes`` only, if given); :func:`rates_from_counts` turns (summed) counts into
+    :class:`PseudoErrorRates`."""
     if pseudo.shape != truth.shape:
         raise ValueError(f"pseudo-mask shape {pseudo.shape} differs from the ground truth's {truth.shape}")
+    truth = fill_ignore(truth)
     counts = dict.fromkeys(("objects", "swapped", "outline", "ring", "shrink", "grow", "interior", "missing", "area",
                             "spill"), 0)
     background = truth == 0
     for label, region in _objects(truth):
+        if classes is not None and label not in classes:
+            continue
         counts["objects"] += 1
         inside = pseudo[region]
         other = (inside != label) & (inside != 0) & (inside != IGNORE)
