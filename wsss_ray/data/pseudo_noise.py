@@ -149,16 +149,17 @@ def _nearest(candidates: np.ndarray, seed: tuple[int, int], count: int) -> np.nd
 
 
 def _spill_lobe(background: np.ndarray, far: np.ndarray, start: tuple[int, int], count: int) -> np.ndarray:
-    """The background pixels nearest to ``start`` (an outline pixel), up to the ``count``-th of them in ``far``:
-    a lobe attached to the object, with ``count`` pixels beyond the band (what :func:`error_counts` counts)."""
-    ys, xs = np.nonzero(background)
+    """A compact blob of ``count`` ``far`` pixels around the ``far`` pixel nearest to ``start`` (an outline pixel),
+    joined to the object by the straight line of background pixels between them: a lobe attached to the object
+    whose pixels within the band are only that line (so it reads back as spill, hardly as an outward shift)."""
     lobe = np.zeros_like(background)
     if count <= 0 or not far.any():
         return lobe
-    order = np.argsort((ys - start[0]) ** 2 + (xs - start[1]) ** 2, kind="stable")
-    reached = np.cumsum(far[ys[order], xs[order]])
-    last = int(np.searchsorted(reached, count))  # first index where ``count`` far pixels are in
-    lobe[ys[order[: last + 1]], xs[order[: last + 1]]] = True
+    entry = np.argwhere(_nearest(far, start, 1))[0]
+    lobe |= _nearest(far, (int(entry[0]), int(entry[1])), count)
+    steps = int(np.abs(entry - np.asarray(start)).max()) + 1
+    line = np.rint(np.linspace(start, entry, steps)).astype(int)
+    lobe[line[:, 0], line[:, 1]] |= background[line[:, 0], line[:, 1]]
     return lobe
 
 
@@ -173,9 +174,8 @@ def corrupt_like_pseudo(truth: np.ndarray, rates: PseudoErrorRates, rng: np.rand
     """``truth`` with the four errors drawn at ``rates``, object by object: swapped for a random other foreground
     class (1..``num_classes``) with probability ``swap``; otherwise its outline moved out by ``grow_px`` and in by
     ``shrink_px`` pixels (rounded at random, so right on average), a compact hole of ``missing`` × its interior
-    cut out, and a lobe grown onto the background around a random outline pixel until ``spill`` × its area of
-    it lies beyond ``band`` pixels (its part inside the band, which keeps it attached, reads back as a little extra
-    ``grow_px``). 255 stays 255; later objects overwrite earlier ones."""
+    cut out, and a lobe of ``spill`` × its area grown onto the background beyond ``band`` pixels, next to a
+    random outline pixel and joined to it by a line (which reads back as a little extra ``grow_px``). 255 stays 255; later objects overwrite earlier ones."""
     out = truth.copy()
     background = truth == 0
     for label, region in _objects(truth):
