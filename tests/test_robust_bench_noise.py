@@ -1,10 +1,15 @@
 """Pseudo-mask error rates and the corruption that draws them (``wsss_ray.data.pseudo_noise``), on hand-made
-masks whose counts are worked out in the comments. Pure numpy: no Ray."""
+masks whose counts are worked out in the comments. And the robust-regime bench's
+memorisation share and onset (``bench/regime_train.py``, ``bench/regime_report.py``). No Ray.""" 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from wsss_ray.data.pseudo_noise import (
@@ -127,3 +132,26 @@ def test_fractional_rates_are_right_on_average() -> None:
     rng = np.random.default_rng(0)
     pairs = [(corrupt_like_pseudo(truth, rates, rng, 4, band=2), truth) for _ in range(200)]
     assert measure_error_rates(pairs, band=2)[0].shrink_px == pytest.approx(0.5, abs=0.08)
+
+
+# ------------------------------------------------------------------------------------------------- the bench's figures
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from regime_report import memorises, onset  # bench/ is not a package
+from regime_train import memorisation
+
+
+def test_memorisation_shares_on_hand_counted_pixels() -> None:
+    clean = torch.tensor([[0, 0, 1, 1, 255]])
+    noisy = torch.tensor([[1, 0, 0, 1, 1]])    # noisy pixels: 0 (label 1, GT 0) and 2 (label 0, GT 1); 4 ignored
+    predicted = torch.tensor([[1, 0, 1, 0, 1]])  # pixel 0 memorised, pixel 2 right; clean pixels 1 right, 3 wrong
+    assert memorisation(predicted, clean, noisy) == {"memorised": 0.5, "noisy_right": 0.5, "clean_right": 0.5}
+
+
+def test_onset_is_where_the_curve_leaves_its_low_band_for_good() -> None:
+    # low 0, end = mean(0.8, 0.9, 0.9) = 0.8667, bar = 0.25 of the rise = 0.2167; below it: epochs 0, 2, 3 (the
+    # early swing to 0.3 at epoch 1 does not count) → 4 epochs trained before the rise.
+    curve = [0.0, 0.3, 0.05, 0.1, 0.5, 0.8, 0.9, 0.9]
+    assert onset(curve) == 4
+    assert memorises(curve, 0.15) and not memorises([0.2, 0.25, 0.3], 0.15)
+    assert onset([0.5, 0.4, 0.3, 0.3, 0.3]) is None and onset([]) is None  # ends at its minimum: no rise
