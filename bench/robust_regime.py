@@ -187,14 +187,16 @@ def run_rows(args: argparse.Namespace, arrays: dict[str, Any], report: dict[str,
                   f"{100 * last['memorised']:5.1f} % ({result['seconds']:.0f} s)", flush=True)
 
     try:
-        run_all([{"row": BASE, "group": "baseline", "overrides": {}, "label_key": "label", "baseline": None}])
-        curve = regime_report.mean_curve([r for r in results if r["row"] == BASE], "memorised")
-        onset = regime_report.onset(curve)
-        report["onset"], report["memorises"] = onset, regime_report.memorises(curve, args.memorises)
-        regime_report.print_curve(results, BASE, onset, args.memorises)
-        if not report["memorises"] and not args.judge_anyway:
-            print("the baseline does not memorise: no method is judged (--judge-anyway runs them regardless)")
-            return
+        onset = report["onset"] = args.onset
+        if onset is None:  # the baseline first: its curve says whether, and from when, it memorises
+            run_all([{"row": BASE, "group": "baseline", "overrides": {}, "label_key": "label", "baseline": None}])
+            curve = regime_report.mean_curve([r for r in results if r["row"] == BASE], "memorised")
+            onset = regime_report.onset(curve)
+            report["onset"], report["memorises"] = onset, regime_report.memorises(curve, args.memorises)
+            regime_report.print_curve(results, BASE, onset, args.memorises)
+            if not report["memorises"] and not args.judge_anyway:
+                print("the baseline does not memorise: no method is judged (--judge-anyway runs them regardless)")
+                return
         run_all(rows(args, onset if onset is not None else max(1, args.epochs // 4)))
     finally:
         if pool is not None:
@@ -223,14 +225,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--judge-anyway", action="store_true")
     parser.add_argument("--only", nargs="*", help="run only the method rows containing one of these words")
     parser.add_argument("--out", default="robust_regime.json", help="results JSON (rewritten after each run)")
-    parser.add_argument("--report", help="only print the tables of this results JSON")
+    parser.add_argument("--onset", type=int, help="skip the baseline; OuT's inflection / curriculum start (epochs) "
+                        "as an earlier run's baseline gave it (to split the rows over processes)")
+    parser.add_argument("--report", nargs="+", help="only print the tables of these results JSONs (their runs "
+                        "merged, the first one's settings and onset)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     if args.report:
-        regime_report.print_all(json.loads(Path(args.report).read_text()))
+        reports = [json.loads(Path(p).read_text()) for p in args.report]
+        merged = {**reports[0], "runs": [r for rep in reports for r in rep.get("runs", [])]}
+        regime_report.print_all(merged)
         return
     torch.set_num_threads(args.threads)
     source = json.loads(Path(args.rates).read_text())
