@@ -239,6 +239,8 @@ def main() -> None:
         merged = {**reports[0], "runs": [r for rep in reports for r in rep.get("runs", [])]}
         regime_report.print_all(merged)
         return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA GPU on this machine")
     torch.set_num_threads(args.threads)
     source = json.loads(Path(args.rates).read_text())
     rates = PseudoErrorRates(**source["rates"]).scaled(args.size / source["image_size"])
