@@ -75,14 +75,16 @@ def print_rows(report: dict[str, Any]) -> None:
     args = report["args"]
     print(f"\nfinal val mIoU vs clean ground truth, mean ± std over seeds ({args['epochs']} epochs, "
           f"{args['num_train']} images at {args['size']}², batch {args['batch']}, {args['device']}); best epoch beside; "
-          "memorised share of the noisy training pixels at the end")
+          "memorised share of the noisy training pixels at the end; s/run: CPU seconds of the run's process on "
+          "a CPU (wall where not recorded), wall seconds on a GPU")
     print(f"{'method':40s} {'n':>2s} {'final mIoU':>12s} {'best epoch':>12s} {'memorised':>12s} {'s/run':>6s}  "
           "paper direction (method > its baseline)")
     for name, rs in by_row.items():
         base = rs[0]["baseline"]
         claim = verdict(final[name], final[base]) if base in final else ""
         mem = mean_std([r["epochs"][-1]["memorised"] for r in rs])
-        seconds = sum(r["seconds"] for r in rs) / len(rs)
+        seconds = sum(r.get("cpu_seconds", r["seconds"]) if args["device"] == "cpu" else r["seconds"]
+                      for r in rs) / len(rs)
         print(f"{name:40s} {len(rs):2d} {_fmt(final[name]):>12s} {_fmt(best[name]):>12s} {_fmt(mem):>12s} "
               f"{seconds:6.0f}  {claim}")
 
