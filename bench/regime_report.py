@@ -101,6 +101,3 @@ def print_all(report: dict[str, Any], static: bool = True) -> None:
     base = "baseline: CE on the noisy masks"
     print_curve(runs, base, report.get("onset"), args["memorises"])
     print_rows(report)
-    for name in dict.fromkeys(r["row"] for r in runs if r["group"] != "baseline"):
-        if args.get("curves"):
-            print_curve(runs, name, None, args["memorises"])
