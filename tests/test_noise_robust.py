@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_ray.methods.bana.nal import noise_aware_loss
+from wsss_ray.methods.bana.losses import noise_aware_loss
 from wsss_ray.methods.mspn.losses import decode_proposed, mspn_hybrid_loss
-from wsss_ray.methods.robust.early_learning import EarlyLearning
+from wsss_ray.methods.robust.hook import EarlyLearning
 from wsss_ray.methods.robust.losses import curriculum_cross_entropy, symmetric_cross_entropy
 
 L2, L3 = math.log(2.0), math.log(3.0)
@@ -183,8 +183,8 @@ def test_curriculum_objective_starts_at_its_epoch() -> None:
 
 
 def test_curriculum_inflection_start_follows_the_corrector() -> None:
-    from wsss_ray.config import SegTrainConfig
     from wsss_ray.methods.registry import resolved_segmentation_loss
+    from wsss_ray.pipeline_config import SegTrainConfig
 
     def start(config: SegTrainConfig) -> int:
         return resolved_segmentation_loss(config.loss, config.corrector).start_epoch

@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from wsss_ray.config import PipelineConfig, config_hash
 from wsss_ray.core import storage
-from wsss_ray.core.config import DatasetConfig, key_dump
+from wsss_ray.core.config_base import DatasetConfig, key_dump
 from wsss_ray.core.progress import format_duration, log
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import class_names as dataset_class_names
 from wsss_ray.models.card import ensure_model_card
+from wsss_ray.pipeline_config import PipelineConfig, config_hash
 from wsss_ray.report.console import print_results, print_stage_summary, stage_summary_line
 
 STAGES = ("ingest", "train_cls", "pseudo_labels", "train_seg", "evaluate")

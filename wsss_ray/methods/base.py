@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from wsss_ray.core.config import CrfConfig, Fraction, Scales, StrictModel, crf_field
+from wsss_ray.core.config_base import CrfConfig, Fraction, Scales, StrictModel, crf_field
 from wsss_ray.core.labels import IGNORE_LABEL
 
 

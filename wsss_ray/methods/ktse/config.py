@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from wsss_ray.core.config import Fraction, PositiveInt, StrictModel
+from wsss_ray.core.config_base import Fraction, PositiveInt, StrictModel
 
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 

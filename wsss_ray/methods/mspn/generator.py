@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from wsss_ray.core.crf import refine_cams
 from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.maths.crf import refine_cams
 from wsss_ray.methods.base import Generator
 from wsss_ray.methods.mspn.config import MultiSeedGeneratorConfig
 from wsss_ray.methods.mspn.seeds import clean_mask, dropout_cams, proposals, seed_value, vote

@@ -1,6 +1,6 @@
 """The config machinery every section uses, and the sections shared across stages and methods.
 
-A config is one YAML file describing a whole experiment (``wsss_ray.config`` composes it). Sections are frozen
+A config is one YAML file describing a whole experiment (``wsss_ray.pipeline_config`` composes it). Sections are frozen
 pydantic models: unknown keys and wrong types are errors that name the file and the dotted field path, e.g.
 ``demo.yaml: train_seg.loss.label_smoothing: Input should be less than 1, got 1.5``. Defaults follow the papers;
 each default says where it comes from (``docs/methods.md`` lists the choices we made where a paper is silent).
@@ -300,7 +300,7 @@ class SegModelConfig(StrictModel):
     sync_bn: bool | Literal["auto"] = "auto"
     # The final 1x1 classifier: ``conv`` = W·φ + b; ``cosine`` = cosine_scale · cos(φ, W_c), no bias (BANA's
     # segmenter, footnote 4 and stage3_vgg.py, TEMP 20). ``train_seg`` picks cosine for the NAL loss when the
-    # config leaves it unset or says ``auto`` (wsss_ray.config.SegTrainConfig).
+    # config leaves it unset or says ``auto`` (wsss_ray.pipeline_config.SegTrainConfig).
     classifier: Literal["conv", "cosine"] = "conv"
     cosine_scale: PositiveFloat = 20.0
 
