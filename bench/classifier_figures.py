@@ -22,14 +22,14 @@ from cam_figures import (
     zero_cam_outcome,
 )
 
-from wsss_ray.core.crf import threshold_cams
-from wsss_ray.core.inference import multiscale_cams
-from wsss_ray.core.metrics import ConfusionMatrix
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
 from wsss_ray.data.image_io import read_image, read_label
 from wsss_ray.data.toy import render_image
 from wsss_ray.data.weak_labels import weak_tags
+from wsss_ray.maths.crf import threshold_cams
+from wsss_ray.maths.inference import multiscale_cams
+from wsss_ray.maths.metrics import ConfusionMatrix
 from wsss_ray.methods.bana.boxes import boxes_array, class_box_masks
 
 NUM_CLASSES = 21

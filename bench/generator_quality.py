@@ -29,13 +29,13 @@ from typing import Any
 
 import ray
 
-from wsss_ray.config import ClassifierTrainConfig, PseudoLabelConfig
-from wsss_ray.core.config import DatasetConfig
+from wsss_ray.core.config_base import DatasetConfig
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
 from wsss_ray.data.image_io import read_label
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.methods.mspn.seeds import clean_mask
+from wsss_ray.pipeline_config import ClassifierTrainConfig, PseudoLabelConfig
 from wsss_ray.stages.ingest import build_manifest, load_manifest
 from wsss_ray.stages.pseudo_labels import generate_pseudo_labels
 from wsss_ray.stages.train_cls import train_classifier

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from gpu_rows import Row, device_of, partial, start_ray, sync
 
-from wsss_ray.core.config import SegModelConfig, SpeedConfig
+from wsss_ray.core.config_base import SegModelConfig, SpeedConfig
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
 from wsss_ray.methods.registry import SEGMENTATION_OBJECTIVES
@@ -56,7 +56,7 @@ def batches(device: torch.device, crop: int, batch: int, count: int, seed: int =
 
 def our_step(model: dict[str, Any], device: torch.device, speed: SpeedConfig, seed: int = 0) -> Step:
     """The loop's step on one device (no DDP): model + cross-entropy objective, SGD, the speed options."""
-    from wsss_ray.config import SegTrainConfig
+    from wsss_ray.pipeline_config import SegTrainConfig
 
     config = SegTrainConfig.model_validate({"model": model, "optimizer": OPTIMIZER})
     torch.manual_seed(seed)
@@ -234,9 +234,9 @@ def row_pseudo_labels(args: argparse.Namespace) -> Row:
         import pydensecrf.densecrf  # noqa: F401
     except ImportError:
         return "SKIP", "pydensecrf2 is not installed (WITH_CRF=1 builds it on the GPU machine)"
-    from wsss_ray.config import ClassifierTrainConfig, PseudoLabelConfig
     from wsss_ray.data.classes import VOC_CLASSES
     from wsss_ray.methods.registry import build_classifier
+    from wsss_ray.pipeline_config import ClassifierTrainConfig, PseudoLabelConfig
     from wsss_ray.stages.pseudo_labels import CamActor, generate_pseudo_labels, refine_and_write
 
     count, size = (12, 64) if args.dry_run else (160, 128)
@@ -278,7 +278,7 @@ def row_pseudo_labels(args: argparse.Namespace) -> Row:
 
 
 def row_evaluate(args: argparse.Namespace) -> Row:
-    from wsss_ray.config import EvaluateConfig
+    from wsss_ray.pipeline_config import EvaluateConfig
     from wsss_ray.stages.evaluate import evaluate_segmentation
 
     path = args.root / "stage.json"

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.config import SegTrainConfig
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
 from wsss_ray.methods.out_correction.correction import correct_pseudo_masks
-from wsss_ray.methods.out_correction.corrector import build_teacher, teacher_probabilities
+from wsss_ray.methods.out_correction.hook import build_teacher, teacher_probabilities
 from wsss_ray.methods.registry import SEGMENTATION_OBJECTIVES
 from wsss_ray.models.deeplab import build_segmentation_model
+from wsss_ray.pipeline_config import SegTrainConfig
 from wsss_ray.training.step import TrainStep
 
 Row = tuple[str, str]  # (PASS / FAIL / SKIP, detail)

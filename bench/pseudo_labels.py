@@ -44,18 +44,18 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.config import ClassifierTrainConfig, PseudoLabelConfig
 from wsss_ray.core import storage
-from wsss_ray.core.config import CrfConfig
-from wsss_ray.core.crf import cams_to_probs, crf_inference, refine_cams, threshold_cams
-from wsss_ray.core.metrics import ConfusionMatrix
+from wsss_ray.core.config_base import CrfConfig
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.data.voc import VocReader
+from wsss_ray.maths.crf import cams_to_probs, crf_inference, refine_cams, threshold_cams
+from wsss_ray.maths.metrics import ConfusionMatrix
 from wsss_ray.methods.cam.config import ImageCamGeneratorConfig
 from wsss_ray.methods.registry import build_classifier
+from wsss_ray.pipeline_config import ClassifierTrainConfig, PseudoLabelConfig
 from wsss_ray.stages.pseudo_labels import generate_pseudo_labels, images_per_task, refine_and_write
 
 # psutil is not installed on its own: Ray vendors it (ray/thirdparty_files) and puts it on sys.path when `ray`

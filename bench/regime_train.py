@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss_ray.config import SegTrainConfig
-from wsss_ray.core.inference import normalize
-from wsss_ray.core.metrics import ConfusionMatrix
+from wsss_ray.maths.inference import normalize
+from wsss_ray.maths.metrics import ConfusionMatrix
 from wsss_ray.methods.registry import build_segmentation_objective, build_training_hooks, segmentation_row_fields
 from wsss_ray.models.deeplab import build_segmentation_model
+from wsss_ray.pipeline_config import SegTrainConfig
 from wsss_ray.training.optim import build_optimizer, set_lr
 from wsss_ray.training.step import TrainStep
 

@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from wsss_ray.core.config import SegModelConfig
-from wsss_ray.methods.out_correction.corrector import build_teacher, teacher_probabilities
+from wsss_ray.core.config_base import SegModelConfig
+from wsss_ray.methods.out_correction.hook import build_teacher, teacher_probabilities
 from wsss_ray.models.deeplab import build_segmentation_model
 
 NUM_CLASSES = 21

@@ -14,9 +14,9 @@ import fidelity_figures as ff
 import numpy as np
 from scipy import ndimage
 
-from wsss_ray.core.metrics import ConfusionMatrix
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
 from wsss_ray.data.weak_labels import weak_tags
+from wsss_ray.maths.metrics import ConfusionMatrix
 from wsss_ray.methods.bana.boxes import prototypes, retrieve
 from wsss_ray.methods.cdsp.distance import boundary_distance, scribble_distance, to_uint8
 from wsss_ray.methods.mspn.seeds import proposals, vote

@@ -108,7 +108,7 @@ def make_data(args: argparse.Namespace, rates: PseudoErrorRates, work: Path) -> 
 
 def static_figures(arrays: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The noisy masks' error rates measured back, and each training map's pixel accuracy and mIoU vs GT."""
-    from wsss_ray.core.metrics import ConfusionMatrix
+    from wsss_ray.maths.metrics import ConfusionMatrix
 
     measured, counts = measure_error_rates(list(zip(arrays["label"], arrays["clean"], strict=True)), args.band)
     figures: dict[str, Any] = {"measured_rates": measured.as_dict(), "counts": counts}

@@ -67,14 +67,14 @@ from pretrained_backbone import pretrained_backbone
 from robust_cost import add_cost_arguments, run_cost
 from robust_inputs import NUM_CLASSES, make_inputs, print_static, static_figures
 
-from wsss_ray.config import SegTrainConfig
-from wsss_ray.core.config import DatasetConfig
-from wsss_ray.core.inference import normalize
+from wsss_ray.core.config_base import DatasetConfig
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import read_image, read_label
 from wsss_ray.data.toy import make_toy_dataset
+from wsss_ray.maths.inference import normalize
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.models.weights import load_weights
+from wsss_ray.pipeline_config import SegTrainConfig
 from wsss_ray.stages.ingest import build_manifest, load_manifest
 from wsss_ray.stages.train_seg import train_segmentation
 from wsss_ray.training.hooks import TrainHook
@@ -176,7 +176,7 @@ def train_row(rows: list[dict[str, Any]], val: list[dict[str, Any]], stage: Stag
 def probe_model(config: SegTrainConfig, model_uri: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     """After training, on the full training images: prediction mIoU vs the clean masks, rectification / keep vs
     Ω̃ (the corrupted mask), and histograms of σ, max softmax and p(c*) on ~S (Y_crf = Ω̃, Y_ret)."""
-    from wsss_ray.core.metrics import ConfusionMatrix
+    from wsss_ray.maths.metrics import ConfusionMatrix
 
     model = load_weights(build_segmentation_model(config.model, NUM_CLASSES), model_uri).eval()
     cm, rect, hists = ConfusionMatrix(NUM_CLASSES), {}, {}

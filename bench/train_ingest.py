@@ -43,13 +43,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from wsss_ray.config import SegTrainConfig
-from wsss_ray.core.config import DatasetConfig
+from wsss_ray.core.config_base import DatasetConfig
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.methods.registry import SEGMENTATION_OBJECTIVES, map_padding
 from wsss_ray.models.deeplab import build_segmentation_model
+from wsss_ray.pipeline_config import SegTrainConfig
 from wsss_ray.stages.ingest import build_manifest, load_manifest
 from wsss_ray.stages.train_seg import segmentation_sample, train_segmentation
 from wsss_ray.training.ingest import RowSource, epoch_plan, shard_stream, steps_per_epoch, to_device, worker_indices

@@ -188,10 +188,10 @@ def reference_pipeline(ray_cluster: None, s3_server: S3Server,
     checks its outputs and console; test_sweep's base config shares its dataset, classifier and pseudo-label
     sections and output, so the sweeps' shared inputs are these very stages (skipped there as finished).
     """
-    from wsss_ray.config import parse_config
     from wsss_ray.core import storage
     from wsss_ray.data.toy import make_toy_dataset
     from wsss_ray.pipeline import run_pipeline
+    from wsss_ray.pipeline_config import parse_config
 
     data = tmp_path_factory.mktemp("toy")
     make_toy_dataset(str(data), fmt="voc", num_train=16, num_val=6, image_size=64, num_classes=3, seed=3)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from wsss_ray.core.config import Fraction, StrictModel
+from wsss_ray.core.config_base import Fraction, StrictModel
 
 
 class ToyWeightedLossConfig(StrictModel):
@@ -49,8 +49,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from wsss_ray.core.crf import threshold_cams
-from wsss_ray.core.inference import multiscale_cams
+from wsss_ray.maths.crf import threshold_cams
+from wsss_ray.maths.inference import multiscale_cams
 from wsss_ray.core.labels import IGNORE_LABEL
 from wsss_ray.methods.base import Generator
 from wsss_ray.methods.toy.config import ToyCamGeneratorConfig
@@ -112,7 +112,7 @@ import ray
 import wsss_ray
 assert wsss_ray.__file__.startswith(sys.argv[2]), wsss_ray.__file__  # the copy, not the checkout
 ray.init(address=sys.argv[1], runtime_env={"env_vars": {"PYTHONPATH": sys.argv[2]}}, log_to_driver=False)
-from wsss_ray.config import parse_config
+from wsss_ray.pipeline_config import parse_config
 from wsss_ray.pipeline import run_pipeline
 summaries = run_pipeline(parse_config(json.loads(sys.argv[3]), source="toy method"), until="train_seg")
 print("SUMMARIES " + json.dumps(summaries, default=str))

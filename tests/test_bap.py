@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from wsss_ray.config import ClassifierTrainConfig
-from wsss_ray.core.config import BackboneConfig
+from wsss_ray.core.config_base import BackboneConfig
 from wsss_ray.methods.bana.boxes import background_attention, cell_centres_in_boxes
 from wsss_ray.methods.bana.config import BapHeadConfig, BapLossConfig
 from wsss_ray.methods.bana.head import BapHead, cosine_logits
 from wsss_ray.methods.bana.objective import BapObjective
 from wsss_ray.methods.registry import build_classifier
+from wsss_ray.pipeline_config import ClassifierTrainConfig
 
 R2 = math.sqrt(2.0)
 IMAGE = (8, 8)  # 8x8 image, 4x4 features: cell centres at pixels 1, 3, 5, 7

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_ray.config import ClassifierTrainConfig
-from wsss_ray.core.config import BackboneConfig, ParConfig, key_dump
-from wsss_ray.core.inference import image_tensor
+from wsss_ray.core.config_base import BackboneConfig, ParConfig, key_dump
+from wsss_ray.maths.inference import image_tensor
 from wsss_ray.methods.bana.boxes import retrieval_prototypes, retrieve
 from wsss_ray.methods.bana.config import BapHeadConfig, BoxGeneratorConfig
 from wsss_ray.methods.bana.head import BapHead
@@ -21,6 +20,7 @@ from wsss_ray.methods.ktse.head import KtseHead
 from wsss_ray.methods.ktse.objective import KtseObjective
 from wsss_ray.methods.ktse.ssr import anchor_cam, par_pseudo_label
 from wsss_ray.methods.registry import build_classifier, build_generator
+from wsss_ray.pipeline_config import ClassifierTrainConfig
 
 OFFSETS_DX = [-1, 0, 1, -1, 1, -1, 0, 1]  # AFA's 8 neighbours at dilation 1: their column offsets
 DIAGONAL = [True, False, True, False, False, True, False, True]

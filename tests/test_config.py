@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wsss_ray.cli import main
-from wsss_ray.config import ConfigError, PipelineConfig, config_hash, load_config
+from wsss_ray.pipeline_config import ConfigError, PipelineConfig, config_hash, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = "output: out\ndataset:\n  root: data\n"
@@ -158,7 +158,7 @@ def test_segmenter_classifier_follows_the_loss(tmp_path: Path) -> None:
 
 def test_new_model_fields_keep_old_stage_keys(tmp_path: Path) -> None:
     # The classifier fields are left out of the stage key at conv/20.0, so a config from before them keeps its key.
-    from wsss_ray.core.config import key_dump
+    from wsss_ray.core.config_base import key_dump
 
     config = load_config(write(tmp_path, _MINIMAL))
     assert config.train_seg.model_dump(mode="json")["model"]["classifier"] == "conv"  # a dump shows everything
@@ -172,7 +172,7 @@ def test_new_model_fields_keep_old_stage_keys(tmp_path: Path) -> None:
 def test_options_added_at_their_former_value_keep_old_stage_keys() -> None:
     """MSPN's term_mean at own_set, KTSE's label_norm at min_max and gpp_channels at all reproduce the models
     trained before these options: left out of the key. The new KTSE defaults change the models, so the key."""
-    from wsss_ray.core.config import key_dump
+    from wsss_ray.core.config_base import key_dump
     from wsss_ray.methods.ktse.config import KtseHeadConfig, KtseLossConfig
     from wsss_ray.methods.mspn.config import MspnLossConfig
 

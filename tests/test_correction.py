@@ -353,7 +353,7 @@ def test_probabilities_are_float32_softmax_without_grad() -> None:
 
 
 def test_teacher_precision_picks_bf16_only_where_asked_or_native() -> None:
-    from wsss_ray.methods.out_correction.corrector import native_bf16, teacher_dtype
+    from wsss_ray.methods.out_correction.hook import native_bf16, teacher_dtype
 
     cpu = torch.device("cpu")
     assert teacher_dtype("float32", cpu) == torch.float32
@@ -362,7 +362,7 @@ def test_teacher_precision_picks_bf16_only_where_asked_or_native() -> None:
 
 
 def test_bf16_teacher_at_half_scale_matches_float32_teacher() -> None:
-    from wsss_ray.methods.out_correction.corrector import teacher_probabilities
+    from wsss_ray.methods.out_correction.hook import teacher_probabilities
 
     torch.manual_seed(0)
     # A 3x3 conv with well-separated logits: the bf16 forward must give the same classes, float32 probabilities.
@@ -390,7 +390,7 @@ def test_bf16_teacher_at_half_scale_matches_float32_teacher() -> None:
 
 def test_online_corrector_resolves_teacher_precision() -> None:
     from wsss_ray.methods.out_correction.config import OutCorrectorConfig
-    from wsss_ray.methods.out_correction.corrector import OnlineCorrector
+    from wsss_ray.methods.out_correction.hook import OnlineCorrector
 
     net = nn.Conv2d(3, 4, 3, padding=1)
     assert OnlineCorrector(OutCorrectorConfig(teacher_precision="float32"), net, "/unused").dtype == torch.float32
@@ -403,7 +403,7 @@ def test_online_corrector_resolves_teacher_precision() -> None:
 
 def test_inflection_epoch_counts_completed_epochs() -> None:
     from wsss_ray.methods.out_correction.config import OutCorrectorConfig
-    from wsss_ray.methods.out_correction.corrector import OnlineCorrector
+    from wsss_ray.methods.out_correction.hook import OnlineCorrector
 
     corrector = OnlineCorrector(OutCorrectorConfig(), nn.Conv2d(3, 4, 1), "/unused")
     # 0-based epochs: 4 epochs (0..3) on the raw pseudo-masks, corrections from epoch 4 (the 5th counted from 1).
@@ -418,7 +418,7 @@ def test_inflection_epoch_counts_completed_epochs() -> None:
 
 def test_online_corrector_passes_the_buffer_mode() -> None:
     from wsss_ray.methods.out_correction.config import OutCorrectorConfig
-    from wsss_ray.methods.out_correction.corrector import OnlineCorrector
+    from wsss_ray.methods.out_correction.hook import OnlineCorrector
 
     net = nn.BatchNorm2d(1)
     assert OnlineCorrector(OutCorrectorConfig(), net, "/unused").teacher.buffers == "ema"

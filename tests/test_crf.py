@@ -7,9 +7,9 @@ import pytest
 from pydensecrf.densecrf import DenseCRF2D
 from pydensecrf.utils import unary_from_softmax
 
-from wsss_ray.core.config import CrfConfig
-from wsss_ray.core.crf import cams_to_probs, crf_inference, refine_cams, threshold_cams
-from wsss_ray.core.metrics import mask_miou
+from wsss_ray.core.config_base import CrfConfig
+from wsss_ray.maths.crf import cams_to_probs, crf_inference, refine_cams, threshold_cams
+from wsss_ray.maths.metrics import mask_miou
 
 H, W = 72, 96
 CAT, DOG = 8, 12  # VOC class ids of the two synthetic objects

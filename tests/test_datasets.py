@@ -414,7 +414,7 @@ def test_coco_broken_items(coco_root: Path, tmp_path: Path) -> None:
 
 
 def test_val_ground_truth_official_reads_segmentation_class_for_val_only(broken_voc: Path) -> None:
-    from wsss_ray.core.config import DatasetConfig
+    from wsss_ray.core.config_base import DatasetConfig
     from wsss_ray.stages.ingest import ground_truth_sources, make_reader
 
     def records(**fields: str) -> list[dict]:
@@ -447,7 +447,7 @@ def test_val_ground_truth_official_reads_segmentation_class_for_val_only(broken_
 
 
 def test_val_ground_truth_is_in_the_ingest_key_where_it_changes_the_manifest() -> None:
-    from wsss_ray.core.config import DatasetConfig, config_hash
+    from wsss_ray.core.config_base import DatasetConfig, config_hash
     from wsss_ray.pipeline import ingest_key
 
     # The key of a config written before the field existed (the same dump, by hand): its manifests scored val
@@ -468,8 +468,8 @@ def test_val_ground_truth_is_in_the_ingest_key_where_it_changes_the_manifest() -
 def test_metrics_ground_truth_is_read_from_the_manifest(voc_root: Path, tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from wsss_ray.config import parse_config
     from wsss_ray.core.stage_dir import StageDir
+    from wsss_ray.pipeline_config import parse_config
     from wsss_ray.stages.evaluate import ground_truth as _ground_truth
     from wsss_ray.stages.ingest import MANIFEST_SCHEMA, make_reader
 

@@ -46,6 +46,22 @@ def test_every_component_keeps_its_kinds_contract(registry: Registry[Any], base:
         assert component.config().name == component.name  # every setting has a default (the paper's)
 
 
+# A family's files say what they hold (docs/methods.md "Adding a method"): each kind's implementations in the module
+# named for the kind, every component config in config.py.
+KIND_MODULES = {"train_cls.head": "head", "train_cls.loss": "objective", "pseudo_labels.generator": "generator",
+                "train_seg.loss": "objective", "train_seg.corrector": "hook"}
+
+
+@pytest.mark.parametrize(("registry", "base"), REGISTRIES, ids=[r.field for r, _ in REGISTRIES])
+def test_a_family_names_its_modules_by_kind(registry: Registry[Any], base: type) -> None:
+    for component in registry.components():
+        family = component.build.__module__.split(".")
+        assert family[:2] == ["wsss_ray", "methods"] and len(family) == 4, component.build.__module__
+        assert family[3] == KIND_MODULES[registry.field], (component.name, component.build.__module__)
+        assert component.config.__module__ == ".".join([*family[:3], "config"]), (component.name,
+                                                                                   component.config.__module__)
+
+
 @pytest.mark.parametrize("name", list(SEGMENTATION_OBJECTIVES))
 def test_the_maps_an_objective_reads_are_produced_by_what_it_requires(name: str) -> None:
     component = SEGMENTATION_OBJECTIVES[name]
@@ -117,7 +133,7 @@ def test_a_slip_in_a_registry_line_fails_when_it_is_built() -> None:
       "train_seg": {"loss": {"name": "mspn", "agreement": 3}}}, "exceeds the generator's 2 seeds"),
 ])
 def test_every_declared_requirement_is_checked(sections: dict[str, Any], expected: str) -> None:
-    from wsss_ray.config import ConfigError, parse_config
+    from wsss_ray.pipeline_config import ConfigError, parse_config
 
     data = {"output": "out", "dataset": {"root": "data", **sections.pop("dataset", {})}, **sections}
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):

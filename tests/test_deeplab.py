@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_ray.core.config import BackboneConfig, SegModelConfig
+from wsss_ray.core.config_base import BackboneConfig, SegModelConfig
 from wsss_ray.models.deeplab import (
     SEG_MODELS,
     DeepLabV2,

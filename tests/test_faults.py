@@ -34,12 +34,12 @@ from conftest import ray_temp_dir
 from faults_proxy import TcpProxy
 from ray.cluster_utils import Cluster
 
-from wsss_ray.config import PipelineConfig, PseudoLabelConfig, parse_config
 from wsss_ray.core import storage
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.pipeline import run_pipeline, stage_dirs
+from wsss_ray.pipeline_config import PipelineConfig, PseudoLabelConfig, parse_config
 from wsss_ray.stages.ingest import load_manifest
 from wsss_ray.stages.pseudo_labels import generate_pseudo_labels, segmentation_records
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsss_ray.config import SegTrainConfig
-from wsss_ray.core.config import DatasetConfig
+from wsss_ray.core.config_base import DatasetConfig
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.methods.registry import map_padding
+from wsss_ray.pipeline_config import SegTrainConfig
 from wsss_ray.stages.ingest import build_manifest, load_manifest
 from wsss_ray.stages.train_seg import segmentation_sample
 from wsss_ray.training.ingest import ROWS_PER_TASK, RowSource, WarmStart, ramp_blocks, shard_stream

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_ray.config import ClassifierTrainConfig, ConfigError, parse_config
 from wsss_ray.methods.bana.boxes import (
     background_attention,
     box_constrained_argmax,
@@ -37,6 +36,7 @@ from wsss_ray.methods.cdsp.distance import (
 from wsss_ray.methods.mspn.config import MultiSeedGeneratorConfig
 from wsss_ray.methods.mspn.seeds import clean_mask, dropout_cams, seed_value, vote
 from wsss_ray.methods.registry import GENERATORS, build_classifier, build_generator
+from wsss_ray.pipeline_config import ClassifierTrainConfig, ConfigError, parse_config
 
 # --------------------------------------------------------------------------------------------- MSPN
 

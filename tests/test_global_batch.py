@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from wsss_ray.config import ClassifierTrainConfig, SegTrainConfig
-from wsss_ray.core.config import ConfigError
-from wsss_ray.core.pixel_losses import masked_mean
+from wsss_ray.core.config_base import ConfigError
+from wsss_ray.maths.pixel_losses import masked_mean
 from wsss_ray.methods.robust.config import CrossEntropyConfig
 from wsss_ray.methods.robust.losses import cross_entropy
+from wsss_ray.pipeline_config import ClassifierTrainConfig, SegTrainConfig
 from wsss_ray.training.ingest import epoch_plan, steps_per_epoch, worker_indices
 
 
@@ -138,7 +138,7 @@ def _epoch(rank: int, world: int, port: int, out: str) -> None:
     """One epoch of DeepLab (BN in eval mode) on this rank's slices of the global batches (DDP when world > 1)."""
     import os
 
-    from wsss_ray.core.config import SegModelConfig
+    from wsss_ray.core.config_base import SegModelConfig
     from wsss_ray.methods.robust.objective import CrossEntropyObjective
     from wsss_ray.models.deeplab import build_segmentation_model
     from wsss_ray.training.step import TrainStep

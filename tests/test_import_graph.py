@@ -3,16 +3,17 @@ private names (read from the source with ``ast``, like Ray Train's ``test_circul
 
 The layers, bottom first (a unit may import its own layer and the ones below):
 
-- ``core``: the leaf layer (storage, stage dirs, progress, Ray helpers, metrics, CRF, inference, registries)
+- ``core``: the leaf layer (storage, stage dirs, progress, Ray helpers, config base, registries), then ``maths``
+  (CRF, PAR, inference, metrics, per-pixel losses)
 - ``data``, then ``models`` and ``report``; ``kuberay`` (the manifest checks) stands alone
 - ``training``: the method-neutral trainer
 - ``methods.base``, then one unit per method family (``methods.cam``, ``methods.bana``, ...), then
   ``methods.registry`` (the tables that name them all)
-- ``config`` (the stage sections), ``stages``, ``export``, ``preflight``, ``wiring`` (each stage's folder and
+- ``pipeline_config`` (the stage sections), ``stages``, ``export``, ``preflight``, ``wiring`` (each stage's folder and
   inputs, built from the stages before it), ``pipeline``, ``tuning``, ``cli``
 
 Method families are closed: no family imports another, and only ``methods.registry`` imports a family (the
-stages, ``config`` and everything above reach a method through the registry and ``methods.base``), so adding a
+stages, ``pipeline_config`` and everything above reach a method through the registry and ``methods.base``), so adding a
 method is its folder and one registry line.
 """
 
@@ -27,14 +28,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "wsss_ray"
 
 LAYERS: dict[str, float] = {
-    "core": 0, "data": 1, "kuberay": 1, "models": 1.5, "report": 1.5, "training": 2,
+    "core": 0, "maths": 0.5, "data": 1, "kuberay": 1, "models": 1.5, "report": 1.5, "training": 2,
     "methods": 3.0, "methods.base": 3.0, "methods.family": 3.1, "methods.registry": 3.2,
-    "config": 4, "stages": 5, "export": 5.5, "preflight": 5.7, "wiring": 5.8, "pipeline": 6, "tuning": 6.5, "cli": 7,
+    "pipeline_config": 4, "stages": 5, "export": 5.5, "preflight": 5.7, "wiring": 5.8, "pipeline": 6, "tuning": 6.5, "cli": 7,
 }
 
 
 def unit_of(module: str, root: str = "wsss_ray") -> str:
-    """``wsss_ray.methods.bana.nal`` → ``methods.bana``; ``wsss_ray.core.crf`` → ``core``; top modules by name."""
+    """``wsss_ray.methods.bana.losses`` → ``methods.bana``; ``wsss_ray.maths.crf`` → ``core``; top modules by name."""
     parts = module.split(".")[1:] if module.startswith(root + ".") else []
     if not parts:
         return ""
@@ -167,12 +168,16 @@ def _write(root: Path, files: dict[str, str]) -> Path:
       "methods/bana/boxes.py": "def boxes_array(): ...\n"},
      "stages reaches into method family methods.bana"),
     # the experiment config importing a method family for a default
-    ({"config.py": "from wsss_ray.methods.cam.config import GapHeadConfig\n",
+    ({"pipeline_config.py": "from wsss_ray.methods.cam.config import GapHeadConfig\n",
       "methods/cam/config.py": "GapHeadConfig = 1\n"},
-     "config reaches into method family methods.cam"),
+     "pipeline_config reaches into method family methods.cam"),
+    # the infrastructure layer reaching up into the segmentation maths
+    ({"core/storage.py": "from wsss_ray.maths.crf import crf_inference\n",
+      "maths/crf.py": "def crf_inference(): ...\n"},
+     "upward from core to maths"),
     # another package's private name
-    ({"stages/x.py": "from wsss_ray.core.config import _secret\n", "core/config.py": "_secret = 1\n"},
-     "imports the private name _secret of wsss_ray.core.config"),
+    ({"stages/x.py": "from wsss_ray.core.config_base import _secret\n", "core/config_base.py": "_secret = 1\n"},
+     "imports the private name _secret of wsss_ray.core.config_base"),
 ])
 def test_the_checker_catches_what_it_claims(tmp_path: Path, files: dict[str, str], expected: str) -> None:
     found = problems(_write(tmp_path, files))
@@ -180,9 +185,9 @@ def test_the_checker_catches_what_it_claims(tmp_path: Path, files: dict[str, str
 
 
 def test_the_checker_accepts_downward_imports(tmp_path: Path) -> None:
-    package = _write(tmp_path, {"stages/x.py": "from wsss_ray.core.config import Public\nfrom wsss_ray import core\n"
+    package = _write(tmp_path, {"stages/x.py": "from wsss_ray.core.config_base import Public\nfrom wsss_ray import core\n"
                                                "from wsss_ray.methods.registry import GENERATORS\n",
-                                "core/config.py": "Public = 1\n", "core/__init__.py": "",
+                                "core/config_base.py": "Public = 1\n", "core/__init__.py": "",
                                 "methods/registry.py": "from wsss_ray.methods.cam.gen import GENERATORS\n",
                                 "methods/cam/gen.py": "from wsss_ray.methods.base import Generator\nGENERATORS = 1\n",
                                 "methods/base.py": "Generator = 1\n"})

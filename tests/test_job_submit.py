@@ -35,9 +35,9 @@ import pytest
 import yaml
 from conftest import ray_temp_dir, tiny_pipeline
 
-from wsss_ray.config import load_config
 from wsss_ray.core import storage
 from wsss_ray.pipeline import STAGES, stage_dirs
+from wsss_ray.pipeline_config import load_config
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.config import ClassifierTrainConfig
-from wsss_ray.core.config import BackboneConfig
+from wsss_ray.core.config_base import BackboneConfig
 from wsss_ray.methods.ktse.config import KtseHeadConfig, KtseLossConfig
 from wsss_ray.methods.ktse.head import KtseHead, gated_fusion, gpp_pool
 from wsss_ray.methods.ktse.losses import (
@@ -34,6 +33,7 @@ from wsss_ray.methods.ktse.ssr import (
     ssr_pseudo_label,
 )
 from wsss_ray.methods.registry import build_classifier
+from wsss_ray.pipeline_config import ClassifierTrainConfig
 
 
 def t(rows: list) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from wsss_ray.core.metrics import ConfusionMatrix, mask_miou
+from wsss_ray.maths.metrics import ConfusionMatrix, mask_miou
 
 
 def _reference_scores(targets: list[np.ndarray], preds: list[np.ndarray], n: int) -> tuple[np.ndarray, float]:

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_ray.config import ClassifierTrainConfig
-from wsss_ray.core.config import BackboneConfig, SegModelConfig
-from wsss_ray.core.inference import multiscale_cams, normalize
+from wsss_ray.core.config_base import BackboneConfig, SegModelConfig
 from wsss_ray.data.transforms import random_scale_crop_flip
+from wsss_ray.maths.inference import multiscale_cams, normalize
 from wsss_ray.methods.cam.config import MultiLabelSoftMarginConfig
 from wsss_ray.methods.cam.objective import multilabel_soft_margin
 from wsss_ray.methods.registry import build_classifier
@@ -20,6 +19,7 @@ from wsss_ray.methods.robust.config import CrossEntropyConfig
 from wsss_ray.methods.robust.losses import cross_entropy
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.models.resnet import ResNet, build_backbone
+from wsss_ray.pipeline_config import ClassifierTrainConfig
 from wsss_ray.training.ingest import steps_per_epoch
 from wsss_ray.training.optim import set_poly_lr
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_ray.methods.bana.nal import noise_aware_loss
+from wsss_ray.methods.bana.losses import noise_aware_loss
 from wsss_ray.methods.mspn.losses import decode_proposed, mspn_hybrid_loss
 from wsss_ray.methods.robust.config import EarlyLearningConfig
-from wsss_ray.methods.robust.early_learning import EarlyLearning
+from wsss_ray.methods.robust.hook import EarlyLearning
 from wsss_ray.methods.robust.losses import curriculum_cross_entropy, symmetric_cross_entropy
 
 L2, L3 = math.log(2.0), math.log(3.0)
@@ -184,8 +184,8 @@ def test_curriculum_objective_starts_at_its_epoch() -> None:
 
 
 def test_curriculum_inflection_start_follows_the_corrector() -> None:
-    from wsss_ray.config import SegTrainConfig
     from wsss_ray.methods.registry import resolved_segmentation_loss
+    from wsss_ray.pipeline_config import SegTrainConfig
 
     def start(config: SegTrainConfig) -> int:
         return resolved_segmentation_loss(config.loss, config.corrector).start_epoch
@@ -260,8 +260,8 @@ def test_early_learning_global_threshold_over_all_weights_by_hand() -> None:
 
 
 def test_early_learning_ranking_reaches_the_hook_from_the_config() -> None:
-    from wsss_ray.config import SegTrainConfig
     from wsss_ray.methods.registry import build_training_hooks
+    from wsss_ray.pipeline_config import SegTrainConfig
 
     for ranking in ("global", "per_tensor"):
         config = SegTrainConfig(early_learning={"ranking": ranking})

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.config import ClassifierTrainConfig, ConfigError, SegTrainConfig, parse_config
-from wsss_ray.core.config import SegModelConfig
+from wsss_ray.core.config_base import SegModelConfig
 from wsss_ray.methods.mspn.objective import MspnObjective
 from wsss_ray.methods.registry import (
     SEGMENTATION_OBJECTIVES,
@@ -18,6 +17,7 @@ from wsss_ray.methods.registry import (
     segmentation_maps,
 )
 from wsss_ray.models.deeplab import build_segmentation_model
+from wsss_ray.pipeline_config import ClassifierTrainConfig, ConfigError, SegTrainConfig, parse_config
 from wsss_ray.training.optim import set_warmup_cosine_lr
 from wsss_ray.training.step import TrainStep
 

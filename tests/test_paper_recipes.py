@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from wsss_ray.cli import main
-from wsss_ray.config import PipelineConfig, load_config
-from wsss_ray.core.config import CRF_PRESETS
+from wsss_ray.core.config_base import CRF_PRESETS
+from wsss_ray.pipeline_config import PipelineConfig, load_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "papers"
 

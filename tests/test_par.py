@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_ray.core.config import ParConfig, key_dump
-from wsss_ray.core.par import dilated_neighbours, par_affinity, par_at_scale, par_refine, refine_cams_par
+from wsss_ray.core.config_base import ParConfig, key_dump
+from wsss_ray.maths.par import dilated_neighbours, par_affinity, par_at_scale, par_refine, refine_cams_par
 from wsss_ray.methods.cam.config import ImageCamGeneratorConfig
 from wsss_ray.methods.registry import build_generator
 

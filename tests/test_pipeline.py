@@ -20,10 +20,10 @@ from pydensecrf import densecrf
 from pydensecrf.utils import unary_from_softmax
 
 from wsss_ray.core import storage
-from wsss_ray.core.inference import multiscale_cams
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES
 from wsss_ray.data.image_io import read_image, read_label
+from wsss_ray.maths.inference import multiscale_cams
 from wsss_ray.pipeline import STAGE_DOES, run_pipeline, stage_dirs
 from wsss_ray.stages.ingest import load_manifest
 from wsss_ray.stages.pseudo_labels import generate_pseudo_labels, load_classifier, read_stats

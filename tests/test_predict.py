@@ -22,15 +22,15 @@ import torch
 from PIL import Image
 
 from wsss_ray.cli import main
-from wsss_ray.config import EvaluateConfig, SegTrainConfig
 from wsss_ray.core import storage
-from wsss_ray.core.config import CrfConfig, DatasetConfig
-from wsss_ray.core.inference import multiscale_probabilities
-from wsss_ray.core.metrics import ConfusionMatrix
+from wsss_ray.core.config_base import CrfConfig, DatasetConfig
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import VOC_CLASSES, voc_palette
 from wsss_ray.data.image_io import decode_photo, read_image, read_label
 from wsss_ray.data.toy import make_toy_dataset
+from wsss_ray.maths.inference import multiscale_probabilities
+from wsss_ray.maths.metrics import ConfusionMatrix
+from wsss_ray.pipeline_config import EvaluateConfig, SegTrainConfig
 from wsss_ray.stages.evaluate import crf_postprocess, evaluate_segmentation
 from wsss_ray.stages.ingest import build_manifest, load_manifest
 from wsss_ray.stages.predict import (

@@ -28,7 +28,7 @@ from moto import settings as moto_settings
 
 from wsss_ray.cli import main, storage_failure
 from wsss_ray.core import storage
-from wsss_ray.core.config import SegModelConfig
+from wsss_ray.core.config_base import SegModelConfig
 from wsss_ray.core.storage import StorageError
 from wsss_ray.models.card import model_card
 from wsss_ray.models.deeplab import build_segmentation_model
@@ -413,7 +413,7 @@ def test_predict_model_on_an_unreachable_store(tmp_path: Path, monkeypatch: pyte
 def test_a_new_check_is_one_function_in_the_list(tmp_path: Path) -> None:
     """How the GPU check (issue 22) joins: a function ``(config, options) -> problems`` in CONFIG_CHECKS. A check
     that fails on a bug of its own becomes one problem; the others still report theirs."""
-    from wsss_ray.config import parse_config
+    from wsss_ray.pipeline_config import parse_config
     from wsss_ray.preflight import CONFIG_CHECKS, PreflightOptions, Problem, format_report, preflight
 
     config = parse_config({"output": str(tmp_path / "out"), "dataset": {"root": "/nonexistent"},

@@ -41,7 +41,7 @@ def test_init_ray_keeps_ray_logs_off_the_console_unless_verbose(monkeypatch: pyt
                                                                 verbose: bool) -> None:
     import logging
 
-    from wsss_ray.core.config import RayConfig
+    from wsss_ray.core.config_base import RayConfig
 
     calls: list[dict[str, object]] = []
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from wsss_ray.core.config import ConfigError
+from wsss_ray.core.config_base import ConfigError
 from wsss_ray.core.resources import plan_actor_pool, plan_workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ import json, sys, tempfile, time
 import ray, ray.train
 from ray.train import ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from wsss_ray.core.config import ConfigError, OptimizerConfig, WorkersConfig
+from wsss_ray.core.config_base import ConfigError, OptimizerConfig, WorkersConfig
 from wsss_ray.core.ray_utils import model_actor_pool, plan_model_pool
 from wsss_ray.core.resources import plan_workers
 from wsss_ray.core.stage_dir import StageDir

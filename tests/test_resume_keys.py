@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsss_ray.config import parse_config
 from wsss_ray.core import storage
 from wsss_ray.core.stage_dir import SUCCESS
 from wsss_ray.pipeline import stage_dirs
+from wsss_ray.pipeline_config import parse_config
 
 
 def _config(tmp_path: Path, **sections: object) -> object:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from wsss_ray.config import PipelineConfig, SegTrainConfig
-from wsss_ray.core.config import SpeedConfig
+from wsss_ray.core.config_base import SpeedConfig
 from wsss_ray.methods.registry import SEGMENTATION_OBJECTIVES
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.pipeline import stage_dirs
+from wsss_ray.pipeline_config import PipelineConfig, SegTrainConfig
 from wsss_ray.training.optim import build_optimizer
 from wsss_ray.training.speed import compile_step, optimizer_options, prepare_step
 from wsss_ray.training.step import TrainStep

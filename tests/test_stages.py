@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from wsss_ray.cli import main
-from wsss_ray.config import ClassifierTrainConfig
 from wsss_ray.core import storage
-from wsss_ray.core.config import DatasetConfig
+from wsss_ray.core.config_base import DatasetConfig
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import read_label
+from wsss_ray.pipeline_config import ClassifierTrainConfig
 from wsss_ray.stages.ingest import build_manifest, load_failures, load_manifest
 from wsss_ray.stages.train_cls import train_classifier
 

@@ -21,8 +21,8 @@ import pytest
 import ray
 import yaml
 
-from wsss_ray.config import ConfigError
 from wsss_ray.core import storage
+from wsss_ray.pipeline_config import ConfigError
 from wsss_ray.tuning.space import TRIAL_METRICS, load_space
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,19 +15,19 @@ import pytest
 import torch
 from conftest import kill_worker_when
 
-from wsss_ray.config import ClassifierTrainConfig, SegTrainConfig
 from wsss_ray.core import storage
-from wsss_ray.core.config import DatasetConfig, SegModelConfig
-from wsss_ray.core.inference import multiscale_cams
+from wsss_ray.core.config_base import DatasetConfig, SegModelConfig
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
 from wsss_ray.data.toy import make_toy_dataset
 from wsss_ray.data.weak_labels import weak_tags
+from wsss_ray.maths.inference import multiscale_cams
 from wsss_ray.methods.cdsp.distance import boundary_distance, scribble_distance, to_uint8
 from wsss_ray.methods.mspn.seeds import proposals, vote
 from wsss_ray.methods.registry import build_classifier
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.models.weights import load_weights
+from wsss_ray.pipeline_config import ClassifierTrainConfig, SegTrainConfig
 from wsss_ray.stages.ingest import build_manifest, load_manifest
 from wsss_ray.stages.train_cls import train_classifier
 from wsss_ray.stages.train_seg import train_segmentation
@@ -241,8 +241,8 @@ CHAINS = {
 @pytest.mark.parametrize("chain", list(CHAINS))
 def test_paper_chain_runs_through_the_pipeline(ray_cluster: None, toy: dict[str, Any], tmp_path: Path,
                                                chain: str) -> None:
-    from wsss_ray.config import parse_config
     from wsss_ray.pipeline import run_pipeline
+    from wsss_ray.pipeline_config import parse_config
 
     small = {"name": "resnet_tiny", "output_stride": 16}
     sections = CHAINS[chain]

@@ -12,10 +12,10 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from wsss_ray.config import PipelineConfig, parse_config
 from wsss_ray.core import storage
 from wsss_ray.core.results import FinishedStages, TrainingResult
 from wsss_ray.core.stage_dir import StageDir
+from wsss_ray.pipeline_config import PipelineConfig, parse_config
 from wsss_ray.stages.ingest import FAILURES_SCHEMA, MANIFEST_SCHEMA
 from wsss_ray.wiring import (
     STAGES,

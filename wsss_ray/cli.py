@@ -7,8 +7,8 @@ import json
 import re
 import sys
 
-from wsss_ray.config import ConfigError, PipelineConfig, load_config
 from wsss_ray.core.storage import StorageError
+from wsss_ray.pipeline_config import ConfigError, PipelineConfig, load_config
 
 STAGE_COMMANDS = {"ingest": "ingest", "train-cls": "train_cls", "pseudo-labels": "pseudo_labels",
                   "train-seg": "train_seg", "evaluate": "evaluate"}
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from wsss_ray.core.config import CrfConfig, RayConfig
+    from wsss_ray.core.config_base import CrfConfig, RayConfig
     from wsss_ray.core.ray_utils import init_ray
     from wsss_ray.stages.predict import PredictOptions, predict_images
 

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from wsss_ray.config import PipelineConfig
 from wsss_ray.core import storage
 from wsss_ray.core.progress import format_duration, log
 from wsss_ray.core.results import FinishedStages, ReportedRun
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.models.card import ensure_model_card
+from wsss_ray.pipeline_config import PipelineConfig
 from wsss_ray.report.console import print_results, print_stage_summary, stage_summary_line
 from wsss_ray.report.run import RunFacts, failure_rows, run_metrics, write_run_report
 from wsss_ray.wiring import STAGES, StageWiring, ingest_key, stage_dirs

@@ -19,8 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from wsss_ray.config import PipelineConfig, config_hash
-from wsss_ray.core.config import DatasetConfig, key_dump
+from wsss_ray.core.config_base import DatasetConfig, key_dump
 from wsss_ray.core.records import ManifestRecord, TrainingRecord
 from wsss_ray.core.results import (
     EvaluationResult,
@@ -32,6 +31,7 @@ from wsss_ray.core.results import (
 )
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.classes import class_names as dataset_class_names
+from wsss_ray.pipeline_config import PipelineConfig, config_hash
 
 STAGES = ("ingest", "train_cls", "pseudo_labels", "train_seg", "evaluate")
 # Stages whose trained weights key the stages after them: the folders are re-keyed once one finishes.

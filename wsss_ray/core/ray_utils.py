@@ -10,7 +10,7 @@ import socket
 import ray
 from ray.data import ActorPoolStrategy
 
-from wsss_ray.core.config import RayConfig
+from wsss_ray.core.config_base import RayConfig
 from wsss_ray.core.progress import log
 from wsss_ray.core.resources import PoolPlan, UseGpu, plan_actor_pool
 

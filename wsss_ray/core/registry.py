@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from wsss_ray.core.config import component_union
+from wsss_ray.core.config_base import component_union
 
 # What a ``requires`` may name: another config section's choice, each checked by ``PipelineConfig``.
 REQUIREMENT_KEYS = ("supervision", "generator", "head", "loss")

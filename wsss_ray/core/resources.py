@@ -10,7 +10,7 @@ decided here, before anything is submitted, from what the cluster has:
   cluster can place up to the requested count (a training group: the largest count that also divides the global
   batch, so every count trains on the same batches); no GPUs: the requested count on CPUs.
 - ``use_gpu: true``: the requested count on GPUs; fewer GPUs than that and no autoscaler is a
-  :class:`~wsss_ray.core.config.ConfigError` naming the config field and the GPUs seen.
+  :class:`~wsss_ray.core.config_base.ConfigError` naming the config field and the GPUs seen.
 
 These functions take plain values (no Ray calls), so the pre-flight checks and the stages share them and tests
 can drive every case; :func:`wsss_ray.core.ray_utils.cluster_gpus` and ``cluster_autoscales`` give the inputs.
@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from wsss_ray.core.config import ConfigError
+from wsss_ray.core.config_base import ConfigError
 
 UseGpu = bool | Literal["auto"]
 

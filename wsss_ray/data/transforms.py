@@ -1,4 +1,4 @@
-"""Training-time augmentation, as pure numpy/torch functions (input normalisation: ``core.inference``).
+"""Training-time augmentation, as pure numpy/torch functions (input normalisation: ``maths.inference``).
 
 Augmentation follows torchvision's segmentation reference and the papers: random scale, pad-and-crop to a
 fixed square, random horizontal flip. The image is padded with zeros (mean colour after normalisation would be

@@ -25,10 +25,10 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from wsss_ray.core.config import CrfConfig, Fraction, ParConfig, Scales, StrictModel, crf_field
-from wsss_ray.core.crf import refine_cams
+from wsss_ray.core.config_base import CrfConfig, Fraction, ParConfig, Scales, StrictModel, crf_field
 from wsss_ray.core.labels import IGNORE_LABEL
-from wsss_ray.core.par import refine_cams_par
+from wsss_ray.maths.crf import refine_cams
+from wsss_ray.maths.par import refine_cams_par
 
 
 class GeneratorSettings(StrictModel):

@@ -36,14 +36,14 @@ from wsss_ray.methods.mspn.config import MspnLossConfig, MultiSeedGeneratorConfi
 from wsss_ray.methods.mspn.generator import MultiSeedGenerator
 from wsss_ray.methods.mspn.objective import MspnObjective
 from wsss_ray.methods.out_correction.config import OutCorrectorConfig
-from wsss_ray.methods.out_correction.corrector import OnlineCorrector
+from wsss_ray.methods.out_correction.hook import OnlineCorrector
 from wsss_ray.methods.robust.config import (
     CrossEntropyConfig,
     CurriculumConfig,
     EarlyLearningConfig,
     SymmetricCrossEntropyConfig,
 )
-from wsss_ray.methods.robust.early_learning import EarlyLearning
+from wsss_ray.methods.robust.hook import EarlyLearning
 from wsss_ray.methods.robust.objective import CrossEntropyObjective, CurriculumObjective, SceObjective
 from wsss_ray.models.classifier import CamClassifier
 from wsss_ray.models.resnet import build_backbone

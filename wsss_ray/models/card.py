@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from wsss_ray.core import storage
-from wsss_ray.core.config import SegModelConfig
-from wsss_ray.core.inference import IMAGENET_MEAN, IMAGENET_STD
+from wsss_ray.core.config_base import SegModelConfig
 from wsss_ray.data.classes import voc_palette
+from wsss_ray.maths.inference import IMAGENET_MEAN, IMAGENET_STD
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.models.weights import load_weights
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_ray.core.config import SegModelConfig
+from wsss_ray.core.config_base import SegModelConfig
 from wsss_ray.models.resnet import ResNet, build_backbone
 
 

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from wsss_ray.config import PipelineConfig
+from wsss_ray.pipeline_config import PipelineConfig
 from wsss_ray.preflight.dataset import check_dataset
 from wsss_ray.preflight.gpus import check_gpus
 from wsss_ray.preflight.output import check_output

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from wsss_ray.config import PipelineConfig
 from wsss_ray.core import storage
-from wsss_ray.core.config import DatasetConfig
+from wsss_ray.core.config_base import DatasetConfig
+from wsss_ray.pipeline_config import PipelineConfig
 from wsss_ray.preflight import probe
 from wsss_ray.preflight.problem import REPRODUCE_DOC, PreflightOptions, Problem
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-from wsss_ray.config import PipelineConfig
 from wsss_ray.core.ray_utils import AUTOSCALING_VAR, cluster_address
 from wsss_ray.core.resources import UnplaceableError, plan_actor_pool, plan_workers
+from wsss_ray.pipeline_config import PipelineConfig
 from wsss_ray.preflight.problem import PreflightOptions, Problem
 
 

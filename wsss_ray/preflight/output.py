@@ -6,8 +6,8 @@ from __future__ import annotations
 import getpass
 import os
 
-from wsss_ray.config import PipelineConfig
 from wsss_ray.core import storage
+from wsss_ray.pipeline_config import PipelineConfig
 from wsss_ray.preflight import probe
 from wsss_ray.preflight.problem import PreflightOptions, Problem
 

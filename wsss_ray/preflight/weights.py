@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import torch
 
-from wsss_ray.config import PipelineConfig
-from wsss_ray.core.config import BackboneConfig
+from wsss_ray.core.config_base import BackboneConfig
 from wsss_ray.models.resnet import NO_WEIGHTS, ResNet, backbone_state
+from wsss_ray.pipeline_config import PipelineConfig
 from wsss_ray.preflight import probe
 from wsss_ray.preflight.problem import REPRODUCE_DOC, PreflightOptions, Problem
 

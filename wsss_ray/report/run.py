@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from wsss_ray.core import storage
-from wsss_ray.core.metrics import ConfusionMatrix
 from wsss_ray.core.records import ManifestRecord
 from wsss_ray.core.results import EvaluationResult, FinishedStages
 from wsss_ray.data.image_io import read_image, read_label
+from wsss_ray.maths.metrics import ConfusionMatrix
 from wsss_ray.report.html import write_report
 
 

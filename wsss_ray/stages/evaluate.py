@@ -17,20 +17,20 @@ import numpy as np
 import ray
 import torch
 
-from wsss_ray.config import EvaluateConfig, PipelineConfig
 from wsss_ray.core import storage
-from wsss_ray.core.config import CrfConfig, SegModelConfig
-from wsss_ray.core.crf import crf_inference
-from wsss_ray.core.inference import multiscale_probabilities
+from wsss_ray.core.config_base import CrfConfig, SegModelConfig
 from wsss_ray.core.items import ItemLoop, guarded
-from wsss_ray.core.metrics import ConfusionMatrix
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import model_actor_pool, plan_model_pool
 from wsss_ray.core.records import ManifestRecord
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
+from wsss_ray.maths.crf import crf_inference
+from wsss_ray.maths.inference import multiscale_probabilities
+from wsss_ray.maths.metrics import ConfusionMatrix
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.models.weights import load_weights
+from wsss_ray.pipeline_config import EvaluateConfig, PipelineConfig
 from wsss_ray.stages.ingest import ground_truth_sources, load_manifest
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 
 from wsss_ray.core import storage
-from wsss_ray.core.config import DatasetConfig
+from wsss_ray.core.config_base import DatasetConfig
 from wsss_ray.core.items import BadItemError, ItemLoop
 from wsss_ray.core.progress import log
 from wsss_ray.core.records import ManifestRecord

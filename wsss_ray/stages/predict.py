@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from wsss_ray.core import storage
-from wsss_ray.core.config import CrfConfig, config_hash
-from wsss_ray.core.inference import multiscale_probabilities
+from wsss_ray.core.config_base import CrfConfig, config_hash
 from wsss_ray.core.items import ItemLoop, guarded, read_rows_parts, write_rows_part
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import cluster_cpus, model_actor_pool, plan_model_pool
 from wsss_ray.data.image_io import decode_photo, encode_jpeg, encode_label_png
+from wsss_ray.maths.inference import multiscale_probabilities
 from wsss_ray.models.card import MODEL_CARD, TrainedModel, ensure_model_card, resolve_model
 from wsss_ray.report.figures import overlay
 from wsss_ray.stages.evaluate import crf_postprocess

@@ -18,19 +18,19 @@ import pyarrow as pa
 import ray
 import torch
 
-from wsss_ray.config import ClassifierTrainConfig, GeneratorConfig, PipelineConfig, PseudoLabelConfig
 from wsss_ray.core import storage
 from wsss_ray.core.items import ItemLoop, guarded, read_rows_parts, write_rows_part
-from wsss_ray.core.metrics import ConfusionMatrix
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import cluster_cpus, model_actor_pool, plan_model_pool
 from wsss_ray.core.records import ManifestRecord, TrainingRecord
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.data.image_io import encode_label_png, read_image, read_label
 from wsss_ray.data.weak_labels import weak_tags
+from wsss_ray.maths.metrics import ConfusionMatrix
 from wsss_ray.methods.registry import GENERATORS, SEGMENTATION_OBJECTIVES, build_classifier, build_generator
 from wsss_ray.models.classifier import CamClassifier
 from wsss_ray.models.weights import load_weights
+from wsss_ray.pipeline_config import ClassifierTrainConfig, GeneratorConfig, PipelineConfig, PseudoLabelConfig
 
 STATS_FLUSH_ROWS = 64
 # Images per Ray Data block, i.e. per CAM-actor call and per CRF task (see ``images_per_task``).

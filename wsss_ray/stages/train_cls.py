@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from wsss_ray.config import ClassifierTrainConfig
-from wsss_ray.core.config import AugmentConfig
+from wsss_ray.core.config_base import AugmentConfig
 from wsss_ray.core.progress import log
 from wsss_ray.core.records import ManifestRecord
 from wsss_ray.core.stage_dir import StageDir
@@ -18,6 +17,7 @@ from wsss_ray.data.image_io import read_image
 from wsss_ray.data.transforms import apply_geometry, random_geometry
 from wsss_ray.data.weak_labels import weak_tags
 from wsss_ray.methods.registry import CLASSIFIER_HEADS, build_classifier, build_classifier_objective
+from wsss_ray.pipeline_config import ClassifierTrainConfig
 from wsss_ray.training.checkpoint import export_model
 from wsss_ray.training.ingest import RowSource, augment_rng, steps_per_epoch
 from wsss_ray.training.loop import TrainSpec, fit

@@ -18,8 +18,7 @@ from typing import Any
 from PIL import Image
 from torch import nn
 
-from wsss_ray.config import SegTrainConfig
-from wsss_ray.core.config import AugmentConfig
+from wsss_ray.core.config_base import AugmentConfig
 from wsss_ray.core.items import BadItemError
 from wsss_ray.core.progress import log
 from wsss_ray.core.records import ManifestRecord, TrainingRecord
@@ -35,6 +34,7 @@ from wsss_ray.methods.registry import (
 )
 from wsss_ray.models.card import ensure_model_card
 from wsss_ray.models.deeplab import build_segmentation_model
+from wsss_ray.pipeline_config import SegTrainConfig
 from wsss_ray.training.checkpoint import export_model
 from wsss_ray.training.hooks import TrainHook
 from wsss_ray.training.ingest import RowSource, augment_rng, steps_per_epoch

@@ -26,8 +26,8 @@ import ray
 import torch
 
 from wsss_ray.core import storage
-from wsss_ray.core.config import ConfigError
-from wsss_ray.core.inference import normalize
+from wsss_ray.core.config_base import ConfigError
+from wsss_ray.maths.inference import normalize
 
 # Rows per block (one actor call): Ray Data's cost per block (the executor's scheduling round, the object
 # store put and get, the Arrow conversion) is ~0.1 s on a loaded 2-CPU machine whatever the block holds,

@@ -30,14 +30,14 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from wsss_ray.core import storage
-from wsss_ray.core.config import OptimizerConfig, SpeedConfig, WorkersConfig
-from wsss_ray.core.inference import normalize
-from wsss_ray.core.metrics import TorchConfusionMatrix
+from wsss_ray.core.config_base import OptimizerConfig, SpeedConfig, WorkersConfig
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import cluster_autoscales, cluster_cpus
 from wsss_ray.core.resources import WorkerPlan, plan_workers
 from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
+from wsss_ray.maths.inference import normalize
+from wsss_ray.maths.metrics import TorchConfusionMatrix
 from wsss_ray.training.checkpoint import latest_epoch, report_epoch, restore
 from wsss_ray.training.console import EpochLines
 from wsss_ray.training.hooks import TrainHook

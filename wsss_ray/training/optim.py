@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from wsss_ray.core.config import OptimizerConfig
+from wsss_ray.core.config_base import OptimizerConfig
 
 
 def build_optimizer(groups: tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]], config: OptimizerConfig,

@@ -1,4 +1,4 @@
-"""The speed options of a training step (:class:`~wsss_ray.core.config.SpeedConfig`), applied on CUDA only.
+"""The speed options of a training step (:class:`~wsss_ray.core.config_base.SpeedConfig`), applied on CUDA only.
 
 Each option is a config field whose default is what a profile on the target GPU shows wins
 (``bench/gpu_check.py``'s speed-options row measures them on and off, side by side). On CPU every option is
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsss_ray.core.config import SpeedConfig
+from wsss_ray.core.config_base import SpeedConfig
 
 
 def active(speed: SpeedConfig, device: torch.device) -> SpeedConfig:

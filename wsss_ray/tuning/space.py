@@ -2,7 +2,7 @@
 
 A space names the pipeline config it varies (``base_config``), what one trial runs (``trial``), the metric Tune
 optimises, the scheduler, and ``params``: dotted config paths, each with one distribution. Every path is checked
-against :class:`~wsss_ray.config.PipelineConfig` by applying sample values to the base config, so a typo or an
+against :class:`~wsss_ray.pipeline_config.PipelineConfig` by applying sample values to the base config, so a typo or an
 out-of-range value fails before any trial starts, with an error that names the space file and the field, e.g.
 ``tuning/lr.yaml: params.train_seg.optimiser.lr: unknown field``. A path must also lie in a config section the
 trial runs (``TRIAL_SECTIONS``): a ``train_seg`` trial trains on the shared pseudo-masks, so a
@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from wsss_ray.config import PipelineConfig, load_config, parse_config
-from wsss_ray.core.config import ConfigError, PositiveInt, StrictModel, format_errors
+from wsss_ray.core.config_base import ConfigError, PositiveInt, StrictModel, format_errors
+from wsss_ray.pipeline_config import PipelineConfig, load_config, parse_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

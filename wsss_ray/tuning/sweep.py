@@ -31,13 +31,13 @@ from ray.train import Checkpoint
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from wsss_ray.config import ConfigError, PipelineConfig, config_hash
 from wsss_ray.core import storage
 from wsss_ray.core.progress import log
 from wsss_ray.core.ray_utils import cluster_address, cluster_autoscales, cluster_cpus, cluster_gpus
 from wsss_ray.core.records import ManifestRecord
 from wsss_ray.core.resources import plan_actor_pool, plan_workers
 from wsss_ray.core.stage_dir import StageDir
+from wsss_ray.pipeline_config import ConfigError, PipelineConfig, config_hash
 from wsss_ray.tuning.space import (
     EPOCH_TRIALS,
     TRIAL_METRICS,

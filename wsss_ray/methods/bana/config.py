@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from wsss_ray.core.config import CrfConfig, PositiveFloat, PositiveInt, Scales, StrictModel, crf_field, crf_preset
+from wsss_ray.core.config_base import CrfConfig, PositiveFloat, PositiveInt, Scales, StrictModel, crf_field, crf_preset
 from wsss_ray.methods.base import MultiScaleSettings
 
 

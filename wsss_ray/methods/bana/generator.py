@@ -8,9 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.core.crf import crf_inference
-from wsss_ray.core.inference import multiscale_cams, normalize
 from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.maths.crf import crf_inference
+from wsss_ray.maths.inference import multiscale_cams, normalize
 from wsss_ray.methods.bana.boxes import (
     background_attention,
     box_constrained_argmax,

@@ -14,7 +14,7 @@ from torch import nn
 
 from wsss_ray.methods.bana.config import BapHeadConfig, BapLossConfig, NoiseAwareConfig
 from wsss_ray.methods.bana.head import BapHead, valid_boxes
-from wsss_ray.methods.bana.nal import noise_aware_loss
+from wsss_ray.methods.bana.losses import noise_aware_loss
 from wsss_ray.methods.base import ClassifierObjective, SegmentationObjective
 
 Terms = dict[str, torch.Tensor]

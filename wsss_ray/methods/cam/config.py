@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from wsss_ray.core.config import StrictModel
+from wsss_ray.core.config_base import StrictModel
 from wsss_ray.methods.base import CamThresholdSettings, MultiScaleSettings
 
 

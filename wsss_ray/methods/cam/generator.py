@@ -7,9 +7,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from wsss_ray.core.crf import threshold_cams
-from wsss_ray.core.inference import multiscale_cams
 from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.maths.crf import threshold_cams
+from wsss_ray.maths.inference import multiscale_cams
 from wsss_ray.methods.base import Generator, refine_cam_mask
 from wsss_ray.methods.cam.config import ImageCamGeneratorConfig
 

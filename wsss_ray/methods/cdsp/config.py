@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from wsss_ray.core.config import Fraction, PositiveInt, StrictModel
+from wsss_ray.core.config_base import Fraction, PositiveInt, StrictModel
 from wsss_ray.methods.base import CamThresholdSettings, MultiScaleSettings
 
 

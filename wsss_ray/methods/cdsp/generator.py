@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from wsss_ray.core.inference import multiscale_cams
 from wsss_ray.core.items import BadItemError
 from wsss_ray.core.labels import IGNORE_LABEL
 from wsss_ray.data.image_io import read_label
+from wsss_ray.maths.inference import multiscale_cams
 from wsss_ray.methods.base import Generator, refine_cam_mask
 from wsss_ray.methods.cdsp.config import ScribbleGeneratorConfig
 from wsss_ray.methods.cdsp.distance import apply_scribbles, boundary_distance, scribble_distance, to_uint8

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_ray.core.labels import IGNORE_LABEL
-from wsss_ray.core.pixel_losses import global_mean
+from wsss_ray.maths.pixel_losses import global_mean
 
 __all__ = ["LoRM", "distance_entropy_loss", "partial_cross_entropy", "smoothed_cross_entropy"]
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from wsss_ray.core.config import Fraction, ParConfig, PositiveInt, StrictModel
+from wsss_ray.core.config_base import Fraction, ParConfig, PositiveInt, StrictModel
 
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
@@ -58,7 +58,7 @@ class KtseLossConfig(StrictModel):
     # (authors' refine_cams_with_bkg_v2); "input" = upsampled first, then normalised (our earlier reading).
     label_norm_at: Literal["feature", "input"] = "feature"
     # Ŷ refined by PAR (Sec. 3.3 "with the pixel-adaptive refinement module"; the code's refine_cams_with_bkg_v2:
-    # PAR on softmax([β, A]) at half resolution, core.par) or used as thresholded ("none", our earlier reading).
+    # PAR on softmax([β, A]) at half resolution, maths.par) or used as thresholded ("none", our earlier reading).
     ssr_refine: Literal["par", "none"] = "par"
     par: ParConfig = ParConfig()
     omega_fg: NonNegativeFloat = 0.0125

@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.core.config import ParConfig
+from wsss_ray.core.config_base import ParConfig
 from wsss_ray.core.labels import IGNORE_LABEL
-from wsss_ray.core.par import par_refine
+from wsss_ray.maths.par import par_refine
 
 # KTSE's max_norm offset, and the floor of L_inter's mask count (the authors' 1e-5).
 EPS = 1e-5
@@ -94,7 +94,7 @@ def _resized(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def par_pseudo_label(cam: torch.Tensor, present: torch.Tensor, images: torch.Tensor, beta_h: float,
                      beta_l: float, par: ParConfig) -> torch.Tensor:
     """Ŷ (N, H, W) long of Eq. 4 refined with PAR, the authors' ``refine_cams_with_bkg_v2``, from the normalised
-    anchor CAM A (N, C, H, W) and the images (N, 3, ·, ·) (resized to (H, W); any normalisation, see core.par).
+    anchor CAM A (N, C, H, W) and the images (N, 3, ·, ·) (resized to (H, W); any normalisation, see maths.par).
 
     For each background plane β ∈ {β_h, β_l}: [β, A] is resized to (H, W)/``par.downscale``, soft-maxed over
     the background and the present classes (absent ones get 0), refined by PAR on the resized image, resized

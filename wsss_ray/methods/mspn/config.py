@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from wsss_ray.core.config import Fraction, PositiveFloat, PositiveInt, StrictModel
+from wsss_ray.core.config_base import Fraction, PositiveFloat, PositiveInt, StrictModel
 from wsss_ray.methods.base import CamThresholdSettings, GeneratorSettings
 
 # MSPN's six (dropout rate, input scale) seeds, chosen in the paper from a larger grid.

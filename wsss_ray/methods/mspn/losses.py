@@ -1,5 +1,5 @@
 """MSPN's positive-negative hybrid learning on multi-seed votes (Sang et al., JEIT 2025), and the decoding of the
-per-pixel bitmask of proposed labels the pseudo-label stage stores. Conventions: ``wsss_ray.core.pixel_losses``."""
+per-pixel bitmask of proposed labels the pseudo-label stage stores. Conventions: ``wsss_ray.maths.pixel_losses``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from wsss_ray.core.pixel_losses import check_label_map, global_mean, masked_mean, pixel_log_probs
+from wsss_ray.maths.pixel_losses import check_label_map, global_mean, masked_mean, pixel_log_probs
 
 # Floor of 1 − p_c inside log(1 − p_c): p_c → 1 would otherwise give log 0 = −inf (MSPN negative learning).
 _ONE_MINUS_P_MIN = 1e-6

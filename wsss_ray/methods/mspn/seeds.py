@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from wsss_ray.core.inference import max_normalised, multiscale_forward
 from wsss_ray.core.labels import IGNORE_LABEL
+from wsss_ray.maths.inference import max_normalised, multiscale_forward
 
 __all__ = ["MAX_PROPOSAL_LABELS", "clean_mask", "dropout_cams", "proposals", "seed_value", "vote"]
 

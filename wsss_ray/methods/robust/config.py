@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from wsss_ray.core.config import Fraction, StrictModel
+from wsss_ray.core.config_base import Fraction, StrictModel
 
 
 class CrossEntropyConfig(StrictModel):

@@ -1,7 +1,7 @@
 """The noise-robust losses OuT (Feng et al., PRL 2022) borrows from learning with noisy labels in
 classification: :func:`cross_entropy` (optionally label-smoothed), :func:`symmetric_cross_entropy` (SCE, Wang et
 al. ICCV 2019, OuT Eq. 2) and :func:`curriculum_cross_entropy` (noise-pruned curriculum loss, Lyu & Tsang 2019).
-Pure functions over tensors (conventions: ``wsss_ray.core.pixel_losses``).
+Pure functions over tensors (conventions: ``wsss_ray.maths.pixel_losses``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_ray.core.labels import IGNORE_LABEL
-from wsss_ray.core.pixel_losses import check_label_map, global_mean, masked_mean, pixel_log_probs
+from wsss_ray.maths.pixel_losses import check_label_map, global_mean, masked_mean, pixel_log_probs
 from wsss_ray.methods.robust.config import CrossEntropyConfig
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

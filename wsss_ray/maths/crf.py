@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from wsss_ray.core.config import CrfConfig
+from wsss_ray.core.config_base import CrfConfig
 
 __all__ = ["cams_to_probs", "crf_inference", "refine_cams", "threshold_cams"]
 

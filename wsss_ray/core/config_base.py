@@ -1,6 +1,6 @@
 """The config machinery every section uses, and the sections shared across stages and methods.
 
-A config is one YAML file describing a whole experiment (``wsss_ray.config`` composes it). Sections are frozen
+A config is one YAML file describing a whole experiment (``wsss_ray.pipeline_config`` composes it). Sections are frozen
 pydantic models: unknown keys and wrong types are errors that name the file and the dotted field path, e.g.
 ``demo.yaml: train_seg.loss.label_smoothing: Input should be less than 1, got 1.5``. Defaults follow the papers;
 each default says where it comes from (``docs/methods.md`` lists the choices we made where a paper is silent).
@@ -247,7 +247,7 @@ class CrfConfig(StrictModel):
 class ParConfig(StrictModel):
     """Pixel-adaptive refinement (PAR; AFA, Ru et al. CVPR 2022, as ToCo and KTSE run it): scores propagated
     ``iterations`` times over 8 neighbours at each dilation, weighted by a softmax of colour distance plus
-    ``position_weight`` times a softmax of spatial distance (``core.par``). Defaults: KTSE's
+    ``position_weight`` times a softmax of spatial distance (``maths.par``). Defaults: KTSE's
     ``PAR(num_iter=10, dilations=[1, 2, 4, 8, 12, 24])`` at half resolution (``refine_cams_with_bkg_v2``,
     ``down_scale=2``), with AFA's w1 = 0.3 and w2 = 0.01."""
 
@@ -317,7 +317,7 @@ class SegModelConfig(StrictModel):
     sync_bn: bool | Literal["auto"] = "auto"
     # The final 1x1 classifier: ``conv`` = W·φ + b; ``cosine`` = cosine_scale · cos(φ, W_c), no bias (BANA's
     # segmenter, footnote 4 and stage3_vgg.py, TEMP 20). ``train_seg`` picks cosine for the NAL loss when the
-    # config leaves it unset or says ``auto`` (wsss_ray.config.SegTrainConfig).
+    # config leaves it unset or says ``auto`` (wsss_ray.pipeline_config.SegTrainConfig).
     classifier: Literal["conv", "cosine"] = "conv"
     cosine_scale: PositiveFloat = 20.0
 

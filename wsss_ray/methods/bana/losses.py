@@ -1,11 +1,11 @@
-"""BANA's noise-aware loss (Oh, Kim, Ham, CVPR 2021, Eqs. 10-14). Conventions: ``wsss_ray.core.pixel_losses``."""
+"""BANA's noise-aware loss (Oh, Kim, Ham, CVPR 2021, Eqs. 10-14). Conventions: ``wsss_ray.maths.pixel_losses``."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.core.pixel_losses import check_label_map, global_mean, masked_mean, pixel_log_probs, upcast
+from wsss_ray.maths.pixel_losses import check_label_map, global_mean, masked_mean, pixel_log_probs, upcast
 
 
 def noise_aware_loss(logits: torch.Tensor, features: torch.Tensor, classifier_weight: torch.Tensor,

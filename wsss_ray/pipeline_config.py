@@ -2,7 +2,7 @@
 
 A config is one YAML file describing a whole experiment: the dataset, where results go, and one section per
 pipeline stage. The sections shared with the layers below (dataset, backbone, workers, optimiser, CRF, ...) and
-the config machinery live in ``wsss_ray.core.config``; each method family defines its component configs in its
+the config machinery live in ``wsss_ray.core.config_base``; each method family defines its component configs in its
 folder, and the unions here come from ``wsss_ray.methods.registry``. Every rule that ties two sections together is
 checked once, in :meth:`PipelineConfig._components_fit`, from what the components declare.
 """
@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from wsss_ray.core.config import (
+from wsss_ray.core.config_base import (
     AugmentConfig,
     BackboneConfig,
     ConfigError,

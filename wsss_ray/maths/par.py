@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss_ray.core.config import ParConfig
-from wsss_ray.core.crf import cams_to_probs
+from wsss_ray.core.config_base import ParConfig
+from wsss_ray.maths.crf import cams_to_probs
 
 __all__ = ["dilated_neighbours", "par_affinity", "par_at_scale", "par_refine", "refine_cams_par"]
 
@@ -122,7 +122,7 @@ def par_at_scale(image: torch.Tensor, probs: torch.Tensor, config: ParConfig) ->
 def refine_cams_par(image: np.ndarray, cams: np.ndarray, labels: Sequence[int], config: ParConfig,
                     bg_score: float, confidence: float = 0.0) -> np.ndarray:
     """PAR-refined ``(H, W)`` uint8 mask from ``(K, H, W)`` CAMs of the image's K tags: the fast alternative to
-    :func:`wsss_ray.core.crf.refine_cams`, with the same unary (``cams_to_probs``: a constant ``bg_score``
+    :func:`wsss_ray.maths.crf.refine_cams`, with the same unary (``cams_to_probs``: a constant ``bg_score``
     background channel, then the CAMs, normalised) refined by :func:`par_at_scale` instead of DenseCRF.
 
     The refined scores are renormalised to sum to 1 per pixel before ``confidence`` is applied (PAR's own output
