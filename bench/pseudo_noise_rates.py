@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from wsss_ray.data.image_io import read_label
-from wsss_ray.data.pseudo_noise import error_counts, measure_error_rates, rates_from_counts
+from wsss_ray.data.pseudo_noise import error_counts, rates_from_counts
 
 OUTPUT = Path(__file__).resolve().parent / "pseudo_noise_rates.json"
 
@@ -42,13 +42,15 @@ def main() -> None:
         if not truth_path.exists():
             raise SystemExit(f"{truth_path}: no ground truth for pseudo-mask {path}")
         pairs.append((read_label(str(path)), read_label(str(truth_path))))
-    rates, counts = measure_error_rates(pairs, args.band)
+    # Scored once, per class (each object is one class's): the pooled counts are the per-class counts summed.
     per_class: dict[int, dict[str, int]] = {}
     for pseudo, truth in pairs:
         for label in {int(v) for v in set(truth.ravel().tolist())} - {0, 255}:
             for key, value in error_counts(pseudo, truth, args.band, {label}).items():
                 per_class.setdefault(label, {}).setdefault(key, 0)
                 per_class[label][key] += value
+    counts = {key: sum(c[key] for c in per_class.values()) for key in next(iter(per_class.values()))}
+    rates = rates_from_counts(counts)
     print(f"{len(pairs)} pseudo-masks from {args.stage}, band {args.band} px")
     print(f"{'class':>6s} {'objects':>8s} {'swap':>6s} {'shrink px':>10s} {'grow px':>8s} {'missing':>8s} {'spill':>6s}")
     for label, c in [*sorted(per_class.items()), ("all", counts)]:

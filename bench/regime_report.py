@@ -1,11 +1,26 @@
-"""The printed tables of ``bench/robust_regime.py``: the noise, the baseline's memorisation curve, and each row's
+"""The figures and printed tables of ``bench/robust_regime.py``: the noise, the baseline's memorisation curve, and each row's
 final val mIoU with its paper direction (``robust_report.verdict``: reproduced / reversed / not separated)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from robust_report import mean_std, verdict
+
+IGNORE = 255
+BASE = "baseline: CE on the noisy masks"  # the row every method here is judged against
+
+
+def memorisation(prediction: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor) -> dict[str, float]:
+    """On the noisy training pixels (noisy label ≠ clean label, both labelled): the share predicted as their noisy
+    label (memorised) and as their clean label (right); on the clean pixels, the share predicted right."""
+    labelled = (clean != IGNORE) & (noisy != IGNORE)
+    wrong, right = labelled & (noisy != clean), labelled & (noisy == clean)
+    n_wrong, n_right = max(int(wrong.sum()), 1), max(int(right.sum()), 1)
+    return {"memorised": float((wrong & (prediction == noisy)).sum()) / n_wrong,
+            "noisy_right": float((wrong & (prediction == clean)).sum()) / n_wrong,
+            "clean_right": float((right & (prediction == clean)).sum()) / n_right}
 
 
 def mean_curve(runs: list[dict[str, Any]], key: str) -> list[float]:
@@ -98,6 +113,5 @@ def print_all(report: dict[str, Any], static: bool = True) -> None:
         print_static(report)
     runs = report.get("runs", [])
     args = report["args"]
-    base = "baseline: CE on the noisy masks"
-    print_curve(runs, base, report.get("onset"), args["memorises"])
+    print_curve(runs, BASE, report.get("onset"), args["memorises"])
     print_rows(report)

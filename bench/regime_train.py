@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from regime_report import memorisation
 
 from wsss_ray.data.transforms import CropGeometry
 from wsss_ray.maths.inference import normalize
@@ -33,7 +34,6 @@ from wsss_ray.training.loop import TrainSpec, WorkerRun, train_one_epoch
 from wsss_ray.training.optim import build_optimizer
 from wsss_ray.training.step import TrainStep
 
-IGNORE = 255
 NUM_CLASSES = 21
 
 
@@ -89,17 +89,6 @@ def _predict(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
     out = [model(normalize(images[i:i + chunk].to(device))).argmax(1).cpu() for i in range(0, len(images), chunk)]
     model.train()
     return torch.cat(out)
-
-
-def memorisation(prediction: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor) -> dict[str, float]:
-    """On the noisy training pixels (noisy label ≠ clean label, both labelled): the share predicted as their noisy
-    label (memorised) and as their clean label (right); on the clean pixels, the share predicted right."""
-    labelled = (clean != IGNORE) & (noisy != IGNORE)
-    wrong, right = labelled & (noisy != clean), labelled & (noisy == clean)
-    n_wrong, n_right = max(int(wrong.sum()), 1), max(int(right.sum()), 1)
-    return {"memorised": float((wrong & (prediction == noisy)).sum()) / n_wrong,
-            "noisy_right": float((wrong & (prediction == clean)).sum()) / n_wrong,
-            "clean_right": float((right & (prediction == clean)).sum()) / n_right}
 
 
 def _val_miou(prediction: torch.Tensor, masks: torch.Tensor, num_classes: int) -> float:

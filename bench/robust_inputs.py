@@ -67,6 +67,14 @@ def colour_features(image: np.ndarray, stride: int = 4) -> np.ndarray:
     return np.concatenate([mean - 0.5, std * 4], axis=-1).transpose(2, 0, 1)
 
 
+def retrieved_map(image: np.ndarray, noisy: np.ndarray) -> np.ndarray:
+    """The stand-in for BANA's Y_ret: each pixel's nearest prototype (over colour features) of the classes in
+    the noisy mask."""
+    feats = colour_features(image)
+    present = sorted(set(np.unique(noisy).tolist()) - {255})
+    return retrieve(feats, prototypes(feats, noisy, present), noisy.shape, None)
+
+
 def make_inputs(train: list[dict[str, Any]], out: Path, num_classes: int, seed: int) -> list[dict[str, Any]]:
     """Corrupted masks and every method's maps, written as PNGs; returns train_seg records."""
     rng = np.random.default_rng(seed)
@@ -77,9 +85,7 @@ def make_inputs(train: list[dict[str, Any]], out: Path, num_classes: int, seed: 
         image = read_image(r["image_uri"])
         tags = weak_tags(r, "tags")
         labels = [0, *tags]
-        feats = colour_features(image)
-        y_ret = retrieve(feats, prototypes(feats, noisy, sorted(set(np.unique(noisy).tolist()) - {255})),
-                         truth.shape, None)
+        y_ret = retrieved_map(image, noisy)
         seeds = np.stack([corrupt(truth, rng, 0.5, num_classes) for _ in range(6)])
         majority, agreement = vote(seeds)
         scribble = read_label(r["scribble_uri"])

@@ -50,18 +50,16 @@ sys.path.insert(0, str(BENCH))
 
 import regime_report
 from regime_train import run_spec
-from robust_inputs import colour_features
+from robust_inputs import retrieved_map
+from robust_report import out_schedule
 
 from wsss_ray.data.image_io import read_image, read_label
 from wsss_ray.data.pseudo_noise import PseudoErrorRates, corrupt_like_pseudo, fill_ignore, measure_error_rates
 from wsss_ray.data.toy import make_toy_dataset
-from wsss_ray.methods.bana.boxes import prototypes, retrieve
 from wsss_ray.methods.mspn.seeds import proposals, vote
 
 NUM_CLASSES = 21
 RATES = BENCH / "pseudo_noise_rates.json"
-# OuT's EMA horizon 1/(1 − 0.999) = 1000 steps of its 18 × 1058 (robust_training.HORIZON_FRACTION).
-HORIZON_FRACTION = 1000 / (18 * 1058)
 MSPN_SEEDS = 6
 
 
@@ -88,13 +86,11 @@ def make_data(args: argparse.Namespace, rates: PseudoErrorRates, work: Path) -> 
         tags = sorted(int(v) for v in np.unique(clean) if v not in (0, 255))
         labels = [0, *tags]
         noisy = corrupt_like_pseudo(filled, rates, rng, args.toy_classes, args.band)
-        feats = colour_features(image)
-        present = sorted(set(np.unique(noisy).tolist()) - {255})
         seeds = np.stack([corrupt_like_pseudo(filled, rates, rng, args.toy_classes, args.band)
                           for _ in range(MSPN_SEEDS)])
         majority, agreement = vote(seeds)
         for key, value in (("image", image), ("clean", clean), ("label", noisy), ("majority", majority),
-                           ("retrieved", retrieve(feats, prototypes(feats, noisy, present), clean.shape, None)),
+                           ("retrieved", retrieved_map(image, noisy)),
                            ("agreement", agreement), ("proposed", proposals(seeds, labels))):
             arrays[key].append(value)
         label_lists.append(labels)
@@ -124,15 +120,14 @@ def static_figures(arrays: dict[str, Any], args: argparse.Namespace) -> dict[str
 # ------------------------------------------------------------------------------------------------- rows
 
 
-BASE = "baseline: CE on the noisy masks"
+BASE = regime_report.BASE
 MAJORITY = "MSPN: CE on the seed majority"
 
 
 def rows(args: argparse.Namespace, onset: int) -> list[dict[str, Any]]:
     """Each row: name, group, train_seg overrides, the map it trains on, and its paper baseline. ``onset``: the
     baseline's memorisation onset (OuT's inflection, the curriculum's start)."""
-    steps = args.epochs * (args.num_train // args.batch)
-    decay = 1.0 - 1.0 / max(HORIZON_FRACTION * steps, 1.0)
+    decay, _ = out_schedule(args.epochs, args.num_train // args.batch)  # OuT's EMA horizon, 5.25 % of the run
 
     def out(strategy: str) -> tuple[str, str, dict[str, Any], str, str]:
         return (f"OuT {strategy} online", "OuT", {"corrector": {"inflection_epoch": onset, "strategy": strategy,

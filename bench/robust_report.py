@@ -13,6 +13,18 @@ from typing import Any
 
 import fidelity_figures as ff
 
+# OuT's own schedule (Table 3 setting, R-50 VOC): 18 epochs × 1058 steps, v = 0.999, corrections after 4 epochs.
+OUT_EPOCHS, OUT_STEPS, OUT_DECAY, OUT_INFLECTION = 18, 1058, 0.999, 4
+HORIZON_FRACTION = 1.0 / (1.0 - OUT_DECAY) / (OUT_EPOCHS * OUT_STEPS)  # 0.0525
+INFLECTION_FRACTION = OUT_INFLECTION / OUT_EPOCHS  # 0.222
+
+
+def out_schedule(epochs: int, steps_per_epoch: int) -> tuple[float, int]:
+    """(EMA decay v, inflection epoch) at the same fractions of a run of ``epochs`` as OuT's of its own (the
+    robust benches' OuT rows; here because this module needs no Ray)."""
+    horizon = HORIZON_FRACTION * epochs * steps_per_epoch
+    return 1.0 - 1.0 / max(horizon, 1.0), max(1, round(INFLECTION_FRACTION * epochs))
+
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None and not math.isnan(v)]

@@ -66,6 +66,7 @@ import robust_report
 from pretrained_backbone import pretrained_backbone
 from robust_cost import add_cost_arguments, run_cost
 from robust_inputs import NUM_CLASSES, make_inputs, print_static, static_figures
+from robust_report import out_schedule
 
 from wsss_ray.core.config_base import DatasetConfig
 from wsss_ray.core.stage_dir import StageDir
@@ -79,19 +80,9 @@ from wsss_ray.stages.ingest import build_manifest, load_manifest
 from wsss_ray.stages.train_seg import train_segmentation
 from wsss_ray.training.hooks import TrainHook
 
-# OuT's own schedule (Table 3 setting, R-50 VOC): 18 epochs × 1058 steps, v = 0.999, corrections after 4 epochs.
-OUT_EPOCHS, OUT_STEPS, OUT_DECAY, OUT_INFLECTION = 18, 1058, 0.999, 4
-HORIZON_FRACTION = 1.0 / (1.0 - OUT_DECAY) / (OUT_EPOCHS * OUT_STEPS)  # 0.0525
-INFLECTION_FRACTION = OUT_INFLECTION / OUT_EPOCHS  # 0.222
 NAL_GAMMA = 7.0
 # The maps the bench carries through the training crops beside the loss's: the clean mask and the raw pseudo-mask.
 PROBE_MAPS = {"clean": 255, "pseudo": 255}
-
-
-def out_schedule(epochs: int, steps_per_epoch: int) -> tuple[float, int]:
-    """(EMA decay v, inflection epoch) at the same fractions of this run as OuT's of its own."""
-    horizon = HORIZON_FRACTION * epochs * steps_per_epoch
-    return 1.0 - 1.0 / max(horizon, 1.0), max(1, round(INFLECTION_FRACTION * epochs))
 
 
 # ------------------------------------------------------------------------------------------------- rows

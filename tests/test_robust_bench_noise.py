@@ -137,8 +137,7 @@ def test_fractional_rates_are_right_on_average() -> None:
 # ------------------------------------------------------------------------------------------------- the bench's figures
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from regime_report import memorises, onset  # bench/ is not a package
-from regime_train import memorisation
+from regime_report import memorisation, memorises, onset  # bench/ is not a package
 
 
 def test_memorisation_shares_on_hand_counted_pixels() -> None:

@@ -152,11 +152,10 @@ def _spill_lobe(background: np.ndarray, far: np.ndarray, start: tuple[int, int],
     """A compact blob of ``count`` ``far`` pixels around the ``far`` pixel nearest to ``start`` (an outline pixel),
     joined to the object by the straight line of background pixels between them: a lobe attached to the object
     whose pixels within the band are only that line (so it reads back as spill, hardly as an outward shift)."""
-    lobe = np.zeros_like(background)
     if count <= 0 or not far.any():
-        return lobe
+        return np.zeros_like(background)
     entry = np.argwhere(_nearest(far, start, 1))[0]
-    lobe |= _nearest(far, (int(entry[0]), int(entry[1])), count)
+    lobe = _nearest(far, (int(entry[0]), int(entry[1])), count)
     steps = int(np.abs(entry - np.asarray(start)).max()) + 1
     line = np.rint(np.linspace(start, entry, steps)).astype(int)
     lobe[line[:, 0], line[:, 1]] |= background[line[:, 0], line[:, 1]]
