@@ -141,10 +141,12 @@ from regime_report import memorisation, memorises, onset  # bench/ is not a pack
 
 
 def test_memorisation_shares_on_hand_counted_pixels() -> None:
-    clean = torch.tensor([[0, 0, 1, 1, 255]])
-    noisy = torch.tensor([[1, 0, 0, 1, 1]])    # noisy pixels: 0 (label 1, GT 0) and 2 (label 0, GT 1); 4 ignored
-    predicted = torch.tensor([[1, 0, 1, 0, 1]])  # pixel 0 memorised, pixel 2 right; clean pixels 1 right, 3 wrong
-    assert memorisation(predicted, clean, noisy) == {"memorised": 0.5, "noisy_right": 0.5, "clean_right": 0.5}
+    clean = torch.tensor([[0, 0, 0, 1, 1, 255]])
+    noisy = torch.tensor([[1, 1, 0, 0, 1, 1]])  # noisy pixels 0, 1 (label 1, GT 0) and 3 (label 0, GT 1); 5 ignored
+    predicted = torch.tensor([[1, 0, 0, 1, 0, 1]])  # noisy: 0 memorised, 1 and 3 right; clean: 2 right, 4 wrong
+    # Three different shares, so an implementation that swapped two of them fails.
+    assert memorisation(predicted, clean, noisy) == pytest.approx(
+        {"memorised": 1 / 3, "noisy_right": 2 / 3, "clean_right": 1 / 2})
 
 
 def test_onset_is_where_the_curve_leaves_its_low_band_for_good() -> None:
