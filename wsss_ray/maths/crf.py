@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def _check_cams(cams: np.ndarray, labels: Sequence[int]) -> None:
     if cams.ndim != 3:
         raise ValueError(f"cams must be (K, H, W), got shape {cams.shape}")
     if len(labels) != cams.shape[0]:
-        raise ValueError(f"{len(labels)} labels for {cams.shape[0]} CAM channels")
+        raise ValueError(f"cams: {len(labels)} labels for {cams.shape[0]} CAM channels")
     for label in labels:
         if not 0 < int(label) < 255:
             raise ValueError(f"class id {label} out of range: tags are 1..254 (0 is background, 255 ignore)")
@@ -85,6 +85,28 @@ def threshold_cams(cams: np.ndarray, labels: Sequence[int], bg_score: float) -> 
     return lut[np.concatenate([background, cams], axis=0).argmax(axis=0)]
 
 
+def cams_to_mask(image: np.ndarray, cams: np.ndarray, labels: Sequence[int], bg_score: float,
+                 confidence: float, refine: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The ``(H, W)`` uint8 mask of ``(K, H, W)`` CAMs of the image's ``K`` tags, whichever refinement: ``refine``
+    maps the unary (``cams_to_probs``, background first) to refined ``(K + 1, H, W)`` scores; each pixel takes
+    the label of its top score, 255 where that is below ``confidence``. No tags: all background, no refinement.
+    """
+    image = np.asarray(image)
+    cams = np.asarray(cams, dtype=np.float32)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
+    _check_cams(cams, labels)
+    if cams.shape[1:] != image.shape[:2]:
+        raise ValueError(f"cams {cams.shape[1:]} and image {image.shape[:2]} differ in size")
+    if cams.shape[0] == 0:
+        return np.zeros(image.shape[:2], dtype=np.uint8)
+    scores = refine(cams_to_probs(cams, bg_score))
+    mask = np.array([0, *labels], dtype=np.uint8)[scores.argmax(axis=0)]
+    if confidence > 0:
+        mask[scores.max(axis=0) < confidence] = 255
+    return mask
+
+
 def refine_cams(image: np.ndarray, cams: np.ndarray, labels: Sequence[int], params: CrfConfig,
                 bg_score: float, confidence: float = 0.0) -> np.ndarray:
     """DenseCRF-refined ``(H, W)`` uint8 mask from ``(K, H, W)`` CAMs of the image's ``K`` tags.
@@ -94,17 +116,5 @@ def refine_cams(image: np.ndarray, cams: np.ndarray, labels: Sequence[int], para
     posterior maximum is below ``confidence`` become 255 (ignored by the segmentation loss).
     """
     image = np.asarray(image)
-    cams = np.asarray(cams, dtype=np.float32)
     _check_image(image)
-    _check_cams(cams, labels)
-    if cams.shape[1:] != image.shape[:2]:
-        raise ValueError(f"cams {cams.shape[1:]} and image {image.shape[:2]} differ in size")
-    if cams.shape[0] == 0:
-        # no tags: everything is background with certainty, no CRF needed
-        return np.zeros(image.shape[:2], dtype=np.uint8)
-    posterior = crf_inference(image, cams_to_probs(cams, bg_score), params)
-    lut = np.array([0, *labels], dtype=np.uint8)
-    mask = lut[posterior.argmax(axis=0)]
-    if confidence > 0:
-        mask[posterior.max(axis=0) < confidence] = 255
-    return mask
+    return cams_to_mask(image, cams, labels, bg_score, confidence, lambda probs: crf_inference(image, probs, params))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_ray.core.config_base import ParConfig
-from wsss_ray.maths.crf import cams_to_probs
+from wsss_ray.maths.crf import cams_to_mask
 
 __all__ = ["dilated_neighbours", "par_affinity", "par_at_scale", "par_refine", "refine_cams_par"]
 
@@ -102,6 +102,17 @@ def _propagate(scores: torch.Tensor, affinity: torch.Tensor, dilations: list[int
     return out
 
 
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` (N, C, h, w) resized to ``size`` (bilinear, align_corners=False); as it is when already that size."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="bilinear",
+                                                                        align_corners=False)
+
+
+def downscaled(size: tuple[int, int] | torch.Size, downscale: int) -> tuple[int, int]:
+    """The (H, W) PAR runs at: ``size`` divided by ``downscale`` (at least 1 pixel)."""
+    return max(1, size[0] // downscale), max(1, size[1] // downscale)
+
+
 def par_at_scale(image: torch.Tensor, probs: torch.Tensor, config: ParConfig) -> torch.Tensor:
     """KTSE's use of PAR (``refine_cams_with_bkg_v2``): image and probabilities ``(N, L, H, W)`` resized
     (bilinear) to ``(H // downscale, W // downscale)``, refined there, and the result resized back to (H, W).
@@ -109,14 +120,10 @@ def par_at_scale(image: torch.Tensor, probs: torch.Tensor, config: ParConfig) ->
     ``probs`` are the scores PAR propagates, already at the image's size; a caller that takes a softmax at the
     reduced size (as KTSE does) resizes and refines with :func:`par_refine` itself.
     """
-    size = image.shape[-2:]
-    small = (max(1, size[0] // config.downscale), max(1, size[1] // config.downscale))
-    resize = (lambda x: F.interpolate(x.float(), size=small, mode="bilinear", align_corners=False)) \
-        if small != tuple(size) else (lambda x: x.float())
-    refined = par_refine(resize(image), resize(probs), config)
-    if refined.shape[-2:] != size:
-        refined = F.interpolate(refined, size=size, mode="bilinear", align_corners=False)
-    return refined
+    size = (image.shape[-2], image.shape[-1])
+    small = downscaled(size, config.downscale)
+    refined = par_refine(resize_bilinear(image.float(), small), resize_bilinear(probs.float(), small), config)
+    return resize_bilinear(refined, size)
 
 
 def refine_cams_par(image: np.ndarray, cams: np.ndarray, labels: Sequence[int], config: ParConfig,
@@ -128,20 +135,10 @@ def refine_cams_par(image: np.ndarray, cams: np.ndarray, labels: Sequence[int], 
     The refined scores are renormalised to sum to 1 per pixel before ``confidence`` is applied (PAR's own output
     is scaled by (1 + w2) per iteration); pixels whose top share is below it become 255.
     """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
-    cams = np.asarray(cams, dtype=np.float32)
-    if cams.ndim != 3 or cams.shape[0] != len(labels) or cams.shape[1:] != image.shape[:2]:
-        raise ValueError(f"cams {cams.shape} must be (K, H, W) for {len(labels)} labels and image {image.shape[:2]}")
-    if cams.shape[0] == 0:
-        return np.zeros(image.shape[:2], dtype=np.uint8)
-    probs = torch.from_numpy(cams_to_probs(cams, bg_score))[None]
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    refined = par_at_scale(pixels, probs, config)[0]
-    refined = refined / refined.sum(dim=0, keepdim=True).clamp_min(1e-12)
-    top, index = refined.max(dim=0)
-    mask = np.array([0, *labels], dtype=np.uint8)[index.numpy()]
-    if confidence > 0:
-        mask[top.numpy() < confidence] = 255
-    return mask
+
+    def refine(probs: np.ndarray) -> np.ndarray:
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        refined = par_at_scale(pixels, torch.from_numpy(probs)[None], config)[0]
+        return (refined / refined.sum(dim=0, keepdim=True).clamp_min(1e-12)).numpy()
+
+    return cams_to_mask(image, cams, labels, bg_score, confidence, refine)

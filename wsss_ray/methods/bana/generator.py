@@ -59,8 +59,8 @@ class BoxGenerator(Generator[BoxGeneratorConfig]):
         cams = multiscale_cams(model, image, labels, self.config.scales, self.config.flip, device)
         arrays = {"cams": cams, "attention": attention_map, "features": feats}
         head = getattr(model, "head", None)
-        weights = head.class_weights() if head is not None else None
-        if self.config.ret_fallback == "classifier" and weights is not None:
+        weights = head.class_weights() if head is not None and self.config.ret_fallback == "classifier" else None
+        if weights is not None:
             # Rows of background and the tags, in [0, *labels] order: Y_ret's prototype of a class Y_crf lacks.
             arrays["class_weights"] = weights[[0, *labels]].float().cpu().numpy()
         return arrays

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_ray.maths.par import resize_bilinear
 from wsss_ray.methods.base import ClassifierObjective
 from wsss_ray.methods.ktse.config import KtseLossConfig
 from wsss_ray.methods.ktse.losses import (
@@ -34,10 +35,6 @@ from wsss_ray.methods.ktse.ssr import (
     ssr_cross_entropy,
     ssr_pseudo_label,
 )
-
-
-def _resize(features: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class KtseObjective(ClassifierObjective):
@@ -115,7 +112,7 @@ class KtseObjective(ClassifierObjective):
             label = ssr_pseudo_label(label_cam, present, config.beta_h, config.beta_l)
         ce = ssr_cross_entropy(logits, label, present, config.omega_fg, config.fg_weighting)
         # L_inter's maps: the CE's up(ReLU(F)) (authors), or features its own ReLU may or may not rectify.
-        inter_maps = (logits if config.inter_on_relu else _resize(f_a, cam.shape[-2:])) if on_input else f_a
+        inter_maps = (logits if config.inter_on_relu else resize_bilinear(f_a, cam.shape[-2:])) if on_input else f_a
         mask = foreground_mask(present_peak(cam, present), config.beta_o)
         inter = inter_class_loss(inter_maps[:, 1:], present, mask, channels=config.inter_channels,
                                  detach_max=config.inter_detach_max, on_relu=config.inter_on_relu)
@@ -128,7 +125,7 @@ class KtseObjective(ClassifierObjective):
         norm = NORMS[self.config.label_norm]
         with torch.no_grad():
             if self.config.label_norm_at == "feature":
-                return _resize(norm(f_a[:, 1:].detach().float()), size)
+                return resize_bilinear(norm(f_a[:, 1:].detach().float()), size)
             return norm(logits[:, 1:].detach())
 
     def _sie(self, model: nn.Module, images: torch.Tensor, present: torch.Tensor, f_a: torch.Tensor,
@@ -150,7 +147,7 @@ class KtseObjective(ClassifierObjective):
         if label is None:
             return kt, None
         label_s = stack_pairs(label, count, concat)
-        logits_s = (rectified_up if config.ce_resolution == "input" else _resize)(f_s, label_s.shape[-2:])
+        logits_s = (rectified_up if config.ce_resolution == "input" else resize_bilinear)(f_s, label_s.shape[-2:])
         if not config.sie_both_halves:
             logits_s, label_s = (anchor_half(x, label.shape[-2:], concat) for x in (logits_s, label_s))
         if config.fg_weighting == "simple_only":
@@ -165,7 +162,7 @@ class KtseObjective(ClassifierObjective):
         keep = erase_keep_mask(present_peak(cam_input, present), config.erase_threshold)
         fg_m = model.head.cam_features(model.backbone(images * keep.to(images.dtype))).float()[:, 1:]
         global_ = global_alignment(fg_a, fg_m, present, config.alignment_reduction)
-        local = local_alignment(_resize(fg_m, size), _resize(fg_a, size), present,
+        local = local_alignment(resize_bilinear(fg_m, size), resize_bilinear(fg_a, size), present,
                                 keep if config.local_on_kept else None, config.local_scale, config.margin,
                                 config.alignment_reduction)
         return global_, local

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from wsss_ray.core.config_base import ParConfig
 from wsss_ray.core.labels import IGNORE_LABEL
-from wsss_ray.maths.par import par_refine
+from wsss_ray.maths.par import downscaled, par_refine, resize_bilinear
 
 # KTSE's max_norm offset, and the floor of L_inter's mask count (the authors' 1e-5).
 EPS = 1e-5
@@ -87,10 +87,6 @@ def ssr_pseudo_label(cam: torch.Tensor, present: torch.Tensor, beta_h: float, be
         return torch.where(peak > beta_h, label, torch.where(peak <= beta_l, background, ignore))
 
 
-def _resized(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
 def par_pseudo_label(cam: torch.Tensor, present: torch.Tensor, images: torch.Tensor, beta_h: float,
                      beta_l: float, par: ParConfig) -> torch.Tensor:
     """Ŷ (N, H, W) long of Eq. 4 refined with PAR, the authors' ``refine_cams_with_bkg_v2``, from the normalised
@@ -103,20 +99,20 @@ def par_pseudo_label(cam: torch.Tensor, present: torch.Tensor, images: torch.Ten
     """
     with torch.no_grad(), torch.autocast(device_type=cam.device.type, enabled=False):
         size = (cam.shape[-2], cam.shape[-1])
-        small = (max(1, size[0] // par.downscale), max(1, size[1] // par.downscale))
+        small = downscaled(size, par.downscale)
         # Only background and the classes present somewhere in the batch can win: PAR runs on those channels.
         columns = torch.cat([torch.zeros(1, dtype=torch.long, device=cam.device),
                              present.any(0).nonzero().flatten() + 1])
-        cam_small = _resized(cam.float(), small)
-        image_small = _resized(_resized(images.float(), size), small)
+        cam_small = resize_bilinear(cam.float(), small)
+        image_small = resize_bilinear(resize_bilinear(images.float(), size), small)
         absent = ~torch.cat([torch.ones_like(present[:, :1]), present], dim=1)[:, columns]
-        votes = []
+        planes = []
         for beta in (beta_h, beta_l):
             scores = torch.cat([torch.full_like(cam_small[:, :1], beta), cam_small], dim=1)[:, columns]
-            probs = scores.masked_fill(absent[:, :, None, None], float("-inf")).softmax(dim=1)
-            refined = _resized(par_refine(image_small, probs, par), size)
-            votes.append(columns[refined.argmax(dim=1)])
-        high, low = votes
+            planes.append(scores.masked_fill(absent[:, :, None, None], float("-inf")).softmax(dim=1))
+        # Both planes in one PAR run: PAR refines each channel on its own, over one affinity of the image.
+        refined = resize_bilinear(par_refine(image_small, torch.cat(planes, dim=1), par), size)
+        high, low = (columns[part.argmax(dim=1)] for part in refined.split(len(columns), dim=1))
         ignore = torch.full_like(high, IGNORE_LABEL)
         return torch.where(high != 0, high, torch.where(low == 0, torch.zeros_like(low), ignore))
 

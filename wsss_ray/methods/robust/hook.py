@@ -82,14 +82,14 @@ class EarlyLearning(TrainHook):
     def _global(self, weights: list[nn.Parameter]) -> float:
         if not weights:
             return 1.0
-        importance = [(p.grad.float() * p.float()).abs() for p in weights]
-        every = torch.cat([g.flatten() for g in importance])
+        # g of every weight in one float32 vector (one copy of the weights, viewed per tensor below).
+        every = torch.cat([(p.grad.float() * p.float()).abs().flatten() for p in weights])
         # The k-th largest g over all weights, k = int(K·n) (at least 1): the (n − k + 1)-th smallest, which
         # kthvalue finds without sorting a top-k of tens of millions of entries.
         threshold = every.kthvalue(every.numel() - self.num_kept(every.numel()) + 1).values
-        kept = 0
-        for param, g in zip(weights, importance, strict=True):
-            critical = g >= threshold
+        kept = torch.zeros((), dtype=torch.long, device=every.device)
+        for param, g in zip(weights, every.split([p.numel() for p in weights]), strict=True):
+            critical = (g >= threshold).view(param.grad.shape)
             param.grad.masked_fill_(~critical, 0)
-            kept += int(critical.sum())
-        return kept / every.numel()
+            kept += critical.sum()
+        return int(kept) / every.numel()  # one host sync per step, not one per tensor
