@@ -117,6 +117,20 @@ def test_two_iterations_on_a_flat_image_by_hand() -> None:
     assert refined[0, 0].tolist() == [pytest.approx(row, abs=1e-6) for row in expected]
 
 
+def test_position_kernel_spreads_over_every_dilation_by_hand() -> None:
+    """Dilations 1 and 2 on a flat image: the colour softmax is 1/16 for each of the 16 neighbours, and the
+    position kernel's σ is taken over all 16 distances at once (1 and √2 at dilation 1, 2 and 2√2 at dilation 2),
+    so the nearest neighbours get it nearly all."""
+    distances = [d * math.hypot(dy, dx) for d in (1, 2) for dy, dx in OFFSETS]
+    spread = unbiased_std(distances)
+    position = softmax([-((d / (spread + 1e-8) / 0.3) ** 2) for d in distances])
+    expected = [1 / 16 + 0.01 * p for p in position]
+    affinity = par_affinity(torch.full((1, 3, 5, 5), 0.4), ParConfig(iterations=1, dilations=[1, 2], downscale=1))
+    assert affinity[0, 0, :, 2, 2].tolist() == pytest.approx(expected, abs=1e-7)
+    # With σ over all 16, the four dilation-1 edge neighbours (distance 1) take almost all of the position mass.
+    assert expected[1] == pytest.approx(1 / 16 + 0.01 / 4, abs=1e-6) and max(expected[8:]) < expected[1]
+
+
 def test_defaults_are_ktse_and_afa() -> None:
     config = ParConfig()
     assert (config.iterations, config.dilations, config.downscale) == (10, [1, 2, 4, 8, 12, 24], 2)
@@ -134,6 +148,26 @@ def test_par_at_scale_runs_at_half_resolution_and_returns_full_size() -> None:
     back = torch.nn.functional.interpolate(par_refine(small, small_probs, ParConfig()), size=(9, 6),
                                            mode="bilinear", align_corners=False)
     assert torch.allclose(out, back, atol=1e-6)
+
+
+def test_par_at_scale_on_a_flat_image_by_hand() -> None:
+    """4x4 scores on a flat image, downscale 2: bilinear 4x4 → 2x2 averages each 2x2 block; one PAR step on the
+    2x2 map mixes each cell with its 8 replicated neighbours by a_k = 1/8 + 0.01·softmax(position)_k; bilinear
+    2x2 → 4x4 (align_corners=False) gives rows and columns s0, (3s0 + s1)/4, (s0 + 3s1)/4, s1."""
+    scores = [[1.0, 3.0, 0.0, 0.0], [5.0, 7.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0]]
+    small = [[4.0, 0.0], [0.0, 2.0]]  # the block means
+    weights = [1 / 8 + 0.01 * p for p in position_softmax()]
+    refined = [[sum(a * small[clamp(y + dy, 2)][clamp(x + dx, 2)] for a, (dy, dx) in zip(weights, OFFSETS, strict=True))
+                for x in range(2)] for y in range(2)]
+
+    def up(a: float, b: float) -> list[float]:
+        return [a, (3 * a + b) / 4, (a + 3 * b) / 4, b]
+
+    columns = [up(row[0], row[1]) for row in refined]  # each of the 2 rows widened to 4
+    expected = [list(row) for row in zip(*[up(columns[0][x], columns[1][x]) for x in range(4)], strict=True)]
+    out = par_at_scale(torch.full((1, 3, 4, 4), 0.4), torch.tensor(scores)[None, None],
+                       ParConfig(iterations=1, dilations=[1], downscale=2))
+    assert out[0, 0].tolist() == [pytest.approx(row, abs=1e-5) for row in expected]
 
 
 def _two_region_image() -> tuple[np.ndarray, np.ndarray]:
