@@ -471,7 +471,7 @@ def test_metrics_ground_truth_is_read_from_the_manifest(voc_root: Path, tmp_path
     from wsss_ray.core.stage_dir import StageDir
     from wsss_ray.pipeline_config import parse_config
     from wsss_ray.stages.evaluate import ground_truth as _ground_truth
-    from wsss_ray.stages.ingest import MANIFEST_SCHEMA, make_reader
+    from wsss_ray.stages.ingest import MANIFEST_SCHEMA, load_manifest, make_reader
 
     config = parse_config({"output": str(tmp_path), "dataset": {"root": str(voc_root), "train_split": "train",
                                                                 "val_split": "val"}}, source="test")
@@ -479,4 +479,4 @@ def test_metrics_ground_truth_is_read_from_the_manifest(voc_root: Path, tmp_path
     rows = [reader.parse(item) for item in reader.items("train") + reader.items("val")]
     stage = StageDir.create(str(tmp_path), "ingest", "k")
     storage.write_parquet(stage.path("manifest.parquet"), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
-    assert _ground_truth(config, stage) == {"train": "SegmentationClassAug", "val": "SegmentationClass"}
+    assert _ground_truth(config, load_manifest(stage)) == {"train": "SegmentationClassAug", "val": "SegmentationClass"}

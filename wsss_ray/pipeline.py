@@ -22,7 +22,7 @@ from wsss_ray.models.card import ensure_model_card
 from wsss_ray.pipeline_config import PipelineConfig
 from wsss_ray.report.console import print_results, print_stage_summary, stage_summary_line
 from wsss_ray.report.run import RunFacts, failure_rows, run_metrics, write_run_report
-from wsss_ray.wiring import STAGES, StageWiring, ingest_key, stage_dirs
+from wsss_ray.wiring import STAGES, StageWiring, ingest_key, stage_dirs, stages_until
 
 # The stage keys and folders are the wiring's; named here too, where the pipeline's users have imported them.
 __all__ = ["STAGES", "STAGE_DOES", "StageWiring", "ingest_key", "run_pipeline", "run_stage", "run_stages",
@@ -92,11 +92,11 @@ def _evaluate(wiring: StageWiring) -> dict[str, Any]:
                      class_names=wiring.class_names, titles=_scored_titles(config, inputs.finished),
                      stage_uris={k: v.uri for k, v in wiring.dirs.items()})
     metrics = run_metrics(facts, inputs.finished, result)
-    metrics["ground_truth"] = ground_truth(config, wiring.dirs["ingest"])
+    metrics["ground_truth"] = ground_truth(config, wiring.manifest())  # the manifest the wiring read once
     storage.write_json(stage.path("metrics.json"), metrics)
     failures = failure_rows(load_failures(wiring.dirs["ingest"]), inputs.finished, result)
     report_uri = write_run_report(stage.path("report"), facts, inputs.finished, metrics, inputs.samples,
-                                  result.samples_uri or stage.path("samples"), failures)
+                                  result.samples_uri, failures)
     return ReportedRun(metrics, report_uri, result.images).summary()
 
 
@@ -132,12 +132,11 @@ def run_stages(config: PipelineConfig, until: str = "evaluate", verbose: bool = 
     from wsss_ray.core.ray_utils import init_ray
     from wsss_ray.stages.ingest import ensure_dataset
 
-    if until not in STAGES:
-        raise ValueError(f"unknown stage {until!r}; expected one of {STAGES}")
+    names = stages_until(until)  # an unknown name fails before Ray starts
     init_ray(config.ray, verbose)
     ensure_dataset(config.dataset)
     wiring = StageWiring(config)
-    for name in STAGES[: STAGES.index(until) + 1]:
+    for name in names:
         wiring.finish(name, run_stage(wiring.dirs[name], partial(STAGE_WORK[name], wiring)))
         _after(wiring, name)
     return wiring

@@ -47,7 +47,10 @@ def _without_workers(section: Any) -> dict[str, Any]:
     return key_dump(section, exclude={"workers", "speed"})
 
 
-def _model_sha(stage: StageDir) -> str | None:
+def _model_sha(stage: StageDir, summary: Mapping[str, Any] | None) -> str | None:
+    """The trained weights' hash: from ``summary`` when the caller holds it, else from the finished folder."""
+    if summary is not None:
+        return summary.get("model_sha256")
     return stage.summary().get("model_sha256") if stage.is_complete() else None
 
 
@@ -61,24 +64,27 @@ def ingest_key(dataset: DatasetConfig) -> str:
     return config_hash(key_dump(dataset, exclude=exclude))
 
 
-def stage_dirs(config: PipelineConfig) -> dict[str, StageDir]:
+def stage_dirs(config: PipelineConfig,
+               summaries: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, StageDir]:
     """Stage directories keyed by their config, everything upstream, and the checkpoints they consume.
 
     A stage after a training stage is keyed by the trained weights' hash once that training is complete, so
     retrained weights never meet outputs made with other ones. Call again after a training stage finishes.
+    ``summaries``: the finished stages' summaries where the caller holds them (not read again from storage).
     """
+    held = summaries or {}
     out = config.output
     dirs = {"ingest": StageDir.create(out, "ingest", ingest_key(config.dataset))}
     dirs["train_cls"] = StageDir.create(out, "train_cls", config_hash(
         dirs["ingest"].key, _without_workers(config.train_cls), config.dataset.supervision))
     dirs["pseudo_labels"] = StageDir.create(out, "pseudo_labels", config_hash(
-        dirs["train_cls"].key, config.pseudo_labels.generator, _model_sha(dirs["train_cls"])))
+        dirs["train_cls"].key, config.pseudo_labels.generator, _model_sha(dirs["train_cls"], held.get("train_cls"))))
     dirs["train_seg"] = StageDir.create(out, "train_seg", config_hash(
         dirs["pseudo_labels"].key, _without_workers(config.train_seg)))
     # use_gpu changes speed, not results (like the training stages' workers)
     dirs["evaluate"] = StageDir.create(out, "evaluate", config_hash(
         dirs["train_seg"].key, key_dump(config.evaluate, exclude={"use_gpu"}),
-        _model_sha(dirs["train_seg"])))
+        _model_sha(dirs["train_seg"], held.get("train_seg"))))
     return dirs
 
 
@@ -188,7 +194,7 @@ class StageWiring:
         """The wiring of a run whose stages up to ``until`` are complete, read from their folders: what a sweep or
         a benchmark starts from. A stage that has not finished is an error naming its folder."""
         wiring = cls(config)
-        for name in STAGES[: _index(until) + 1]:
+        for name in stages_until(until):
             stage = wiring.dirs[name]
             if not stage.is_complete():
                 raise RuntimeError(f"stage {name} has not finished in {stage.uri}: run the pipeline with --until "
@@ -200,7 +206,7 @@ class StageWiring:
         """Record ``stage``'s summary; after a training stage the later folders are keyed by its weights."""
         self.summaries[stage] = dict(summary)
         if stage in TRAINING_STAGES:
-            self.dirs = stage_dirs(self.config)
+            self.dirs = stage_dirs(self.config, self.summaries)
 
     # ----------------------------------------------------------------------------------------- typed results
 
@@ -288,7 +294,8 @@ class StageWiring:
         return builders[stage]()
 
 
-def _index(stage: str) -> int:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    return STAGES.index(stage)
+def stages_until(until: str) -> tuple[str, ...]:
+    """The stages from the first up to ``until``, in order; an unknown name is an error listing the stages."""
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; expected one of {STAGES}")
+    return STAGES[: STAGES.index(until) + 1]

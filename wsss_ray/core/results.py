@@ -74,14 +74,12 @@ class EvaluationResult:
     images: int
     failed: int
     failures: tuple[Mapping[str, Any], ...]
-    predictions_uri: str | None = None
-    samples_uri: str | None = None
+    samples_uri: str = ""  # the predicted masks of the report's samples
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> EvaluationResult:
         return cls(summary["scores"], summary["scores_raw"], summary["confusion"], int(summary["images"]),
-                   int(summary["failed"]), tuple(summary.get("failures") or ()), summary.get("predictions_uri"),
-                   summary.get("samples_uri"))
+                   int(summary["failed"]), tuple(summary.get("failures") or ()), summary.get("samples_uri", ""))
 
 
 @dataclass(frozen=True)
@@ -91,11 +89,10 @@ class ReportedRun:
     metrics: Mapping[str, Any]
     report_uri: str
     evaluated: int
-    seconds: float | None = None
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> ReportedRun:
-        return cls(summary["metrics"], summary["report_uri"], int(summary["evaluated"]), summary.get("seconds"))
+        return cls(summary["metrics"], summary["report_uri"], int(summary["evaluated"]))
 
     def summary(self) -> dict[str, Any]:
         """The stage's own summary (``_SUCCESS.json`` adds stage, key, uri and seconds)."""
@@ -110,13 +107,6 @@ class FinishedStages:
     train_cls: TrainingResult
     pseudo_labels: PseudoLabelResult
     train_seg: TrainingResult
-
-    @classmethod
-    def from_summaries(cls, summaries: Mapping[str, Mapping[str, Any]]) -> FinishedStages:
-        return cls(IngestResult.from_summary(summaries["ingest"]),
-                   TrainingResult.from_summary(summaries["train_cls"]),
-                   PseudoLabelResult.from_summary(summaries["pseudo_labels"]),
-                   TrainingResult.from_summary(summaries["train_seg"]))
 
     def seconds(self) -> dict[str, float | None]:
         """Each stage's run time, in pipeline order (None for a stage finished before times were kept)."""

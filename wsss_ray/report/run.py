@@ -77,7 +77,7 @@ def failure_rows(ingest_failures: Sequence[Mapping[str, Any]], done: FinishedSta
     return rows
 
 
-def _sample_panels(facts: RunFacts, samples: Sequence[ManifestRecord], predictions_uri: str) -> list[dict[str, Any]]:
+def _sample_panels(facts: RunFacts, samples: Sequence[ManifestRecord], samples_uri: str) -> list[dict[str, Any]]:
     """One row per training sample: the image, its ground truth, each scored pseudo-mask and the prediction."""
     panels = []
     for record in samples:
@@ -86,7 +86,7 @@ def _sample_panels(facts: RunFacts, samples: Sequence[ManifestRecord], predictio
             "ground truth": read_label(record["mask_uri"]),
             **{title: read_label(storage.join(facts.stage_uris["pseudo_labels"], k, f"{image_id}.png"))
                for k, title in facts.titles.items()},
-            "prediction": read_label(storage.join(predictions_uri, f"{image_id}.png")),
+            "prediction": read_label(storage.join(samples_uri, f"{image_id}.png")),
         }})
     return panels
 

@@ -11,6 +11,7 @@ by ``report/run.py``, called by the pipeline.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from wsss_ray.maths.metrics import ConfusionMatrix
 from wsss_ray.models.deeplab import build_segmentation_model
 from wsss_ray.models.weights import load_weights
 from wsss_ray.pipeline_config import EvaluateConfig, PipelineConfig
-from wsss_ray.stages.ingest import ground_truth_sources, load_manifest
+from wsss_ray.stages.ingest import ground_truth_sources
 
 
 def crf_postprocess(image: np.ndarray, probs: np.ndarray, params: CrfConfig, min_prob: float = 0.01) -> np.ndarray:
@@ -120,11 +121,11 @@ def evaluate_segmentation(records: list[ManifestRecord], stage: StageDir, *, mod
             "predictions_uri": stage.path("predictions"), "samples_uri": stage.path("samples")}
 
 
-def ground_truth(config: PipelineConfig, ingest: StageDir) -> dict[str, str | None]:
+def ground_truth(config: PipelineConfig, manifest: Sequence[ManifestRecord]) -> dict[str, str | None]:
     """Which ground truth each split was scored against (train: the pseudo-masks; val: the segmentation), read
-    from the ingest stage's manifest (``metrics.json``'s ``ground_truth``)."""
+    from the ingest stage's manifest rows (``metrics.json``'s ``ground_truth``)."""
     ds = config.dataset
-    sources = ground_truth_sources(load_manifest(ingest), [ds.train_split, ds.val_split], ds.format)
+    sources = ground_truth_sources(list(manifest), [ds.train_split, ds.val_split], ds.format)
     val = sources.get(ds.val_split)
     if ds.format == "voc" and ds.val_ground_truth == "official" and val not in (None, "SegmentationClass"):
         # SegmentationClass missing for some val images, or a manifest built before the option existed.
