@@ -107,19 +107,21 @@ class Sim:
         self.cluster.wait_for_nodes()
         return node
 
-    def node_running(self, marker: str) -> Any | None:
-        """The worker node one of whose Ray worker processes has ``marker`` in its command line (process title)."""
+    def node_running(self, marker: str, started: bool = False) -> Any | None:
+        """The worker node one of whose Ray worker processes has ``marker`` in its command line (process title);
+        ``started``: an actor past its constructor (Ray titles it ``ray::Class.__init__`` while that runs)."""
         for node in self.cluster.worker_nodes:
-            if any(marker in title for title in node_titles(node)):
+            if any(marker in title and not (started and ".__init__" in title) for title in node_titles(node)):
                 return node
         return None
 
-    def wait_for_node_running(self, marker: str, alive: Callable[[], bool], timeout_s: float) -> Any:
+    def wait_for_node_running(self, marker: str, alive: Callable[[], bool], timeout_s: float,
+                              started: bool = False) -> Any:
         """The first worker node seen running a process with ``marker`` in its title, polled while ``alive()``."""
         found: list[Any] = []
 
         def seen() -> bool:
-            found[:] = [node] if (node := self.node_running(marker)) is not None else []
+            found[:] = [node] if (node := self.node_running(marker, started)) is not None else []
             return bool(found)
 
         wait_for(seen, alive, timeout_s, f"a node running {marker}")
@@ -289,16 +291,46 @@ def check_pseudo(stage: StageDir, summary: dict[str, Any], records: list[dict[st
 # ------------------------------------------------------------------------------------------------ 1. pseudo_labels
 
 
+def test_ray_data_bookkeeping_lives_on_the_driver_node(sim: Sim) -> None:
+    """Ray Data's cluster-wide ActorLocationTracker (a detached actor) stays for good on the node of the process
+    that first runs an actor pool. init_ray creates it from the driver, before any stage: a training worker's
+    ingest on a worker node (as here, a task running an actor pool there) then finds it rather than creating it
+    on that node, whose loss would fail every later actor pool in the cluster. Runs first in the module: before
+    it nothing has run a dataset, so without init_ray the tracker would not exist yet."""
+    from wsss_ray.core.config_base import RayConfig
+    from wsss_ray.core.ray_utils import init_ray
+
+    head = sim.cluster.head_node.node_id
+    init_ray(RayConfig())  # joined already (the fixture's ray.init): only the pinning runs
+    tracker = ray.get_actor("ActorLocationTracker", namespace="ActorLocationTracker")
+
+    @ray.remote(num_cpus=1)
+    def actor_pool_on_a_worker_node() -> str:
+        class Identity:
+            def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+                return batch
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        rows = ray.data.range(4).map_batches(Identity, compute=ray.data.ActorPoolStrategy(size=1)).take_all()
+        assert len(rows) == 4
+        return ray.get_runtime_context().get_node_id()
+
+    ran_on = ray.get(actor_pool_on_a_worker_node.remote())
+    assert ran_on != head
+    located = ray._private.state.actors(actor_id=tracker._actor_id.hex())["Address"]["NodeID"]
+    assert located == head, f"Ray Data's tracker lives on {located}, not the driver's node {head}"
+
+
 def test_pseudo_labels_survive_a_lost_node(sim: Sim, base: dict[str, Any], s3_server: Any) -> None:
     """A worker node running a CAM actor is killed mid-stage: Ray restarts the actor on the other node and retries
     the lost tasks; every image ends with one mask, byte-identical to the reference run, and one stats row."""
     records = base["records"]
     stage = StageDir.create(f"s3://{s3_server.bucket}/faults/node-lost", "pseudo_labels", "x")
     thread, out = in_thread(lambda: generate_pseudo_labels(records, stage, **pseudo_kwargs(base)))
-    # The node is lost as soon as a CAM actor lives on it (starting or running). Waiting for the first mask
-    # instead races the stage: on 16 small images the actors can finish every CAM, and Ray Data retire the
-    # pool, before the first CRF task has written anything.
-    victim = sim.wait_for_node_running("CamActor", thread.is_alive, 120)
+    # The node is lost as soon as a started CAM actor lives on it (its constructor done: the title no longer ends
+    # in __init__). Waiting for the first mask instead raced the stage: on 16 small images the actors can finish
+    # every CAM, and Ray Data retire the pool, before the first CRF task has written anything.
+    victim = sim.wait_for_node_running("CamActor))", thread.is_alive, 120, started=True)
     done_at_loss = len(pngs(stage))
     sim.lose_node(victim)
     try:

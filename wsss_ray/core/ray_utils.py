@@ -45,6 +45,7 @@ def init_ray(config: RayConfig, verbose: bool = False) -> None:
     errors only: the console carries the stages' own lines. ``verbose`` brings both back.
     """
     if ray.is_initialized():
+        pin_ray_data_tracker()
         return
     address = cluster_address(config)
     if config.autoscaling is not None:  # else the variable the job's runtime env set, if any
@@ -75,6 +76,25 @@ def init_ray(config: RayConfig, verbose: bool = False) -> None:
         log("ray", CXX_NOTE)
     # Ray Data's per-operator progress bars are noisy in logs; our stages print their own progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    pin_ray_data_tracker()
+
+
+def pin_ray_data_tracker() -> None:
+    """Have Ray Data's one cluster-wide bookkeeping actor live on the driver's node, from the start.
+
+    Ray Data keeps a detached actor (``ActorLocationTracker``, Ray 2.60) that every actor-pool execution asks
+    where its actors run, pinned for good (hard label selector) to the node of the process that first ran such
+    an execution. Here that is often a training worker (its ingest stream) on a worker node; once that node is
+    lost, every later actor pool in the cluster (CAM actors, ingest, prediction) fails with
+    ``ActorUnschedulableError``. Created by the driver, it shares the driver's fate, as Ray Data intends.
+    """
+    try:
+        from ray.data._internal.execution.node_trackers.actor_location import (
+            get_or_create_actor_location_tracker,
+        )
+    except ImportError:  # a Ray that keeps no such actor: nothing to pin
+        return
+    get_or_create_actor_location_tracker()
 
 
 def _job_env_vars() -> set[str]:
