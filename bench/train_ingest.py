@@ -142,7 +142,7 @@ def ingest_round(records: list[dict[str, Any]], crop: int, epochs: int, batch: i
     """(first epoch s, other epochs s) of every variant: Ray Data stream, DataLoader, main's ingest."""
     kwargs, steps = sample_kwargs(crop), len(records) // batch
     source = RowSource(records, segmentation_sample, kwargs, task_cpus=1.0, actors=2)
-    out = {"ray": timed(shard_stream(source, 0, range(epochs), steps, batch, 0, 1), steps, epochs, batch)}
+    out = {"ray": timed(shard_stream(source, 0, range(epochs), steps, batch, 0, 1, local_rows=0), steps, epochs, batch)}
     loader = torch.utils.data.DataLoader(PlanDataset(records, kwargs, range(epochs), batch), batch_size=batch,
                                          num_workers=2, drop_last=True, prefetch_factor=4,
                                          worker_init_fn=as_ray_worker)

@@ -39,7 +39,8 @@ def test_no_rows_no_blocks() -> None:
 
 def test_warm_start_serves_the_same_batches_as_the_stream(ray_cluster: None, tmp_path: Path) -> None:
     """The first batches decoded in the training worker while the actors start are the stream's own batches (same
-    rows, seeds, dtypes), and the stream takes over without a batch lost or repeated."""
+    rows, seeds, dtypes), and the stream takes over without a batch lost or repeated. A run small enough to start
+    no actors (at most LOCAL_ROWS rows a worker) gets the very same batches, decoded in the worker."""
     make_toy_dataset(str(tmp_path / "voc"), num_train=12, num_val=1, image_size=40, num_classes=3, seed=3)
     stage = StageDir.create(str(tmp_path / "out"), "ingest", "toy")
     build_manifest(DatasetConfig(root=str(tmp_path / "voc"), train_split="train", val_split="val"), stage)
@@ -48,14 +49,19 @@ def test_warm_start_serves_the_same_batches_as_the_stream(ray_cluster: None, tmp
     augment = SegTrainConfig.model_validate({"augment": {"crop_size": 32}}).augment
     source = RowSource(records, segmentation_sample, {"augment": augment, "maps": ("label",), "num_classes": 21,
                                                       "padding": map_padding()})
-    warm = shard_stream(source, 0, range(2), 3, 4, 0, 1)
-    plain = shard_stream(source, 0, range(2), 3, 4, 0, 1, warm_start=False)
+    # local_rows=0: these 24 rows would otherwise be decoded in this process, with no stream at all
+    warm = shard_stream(source, 0, range(2), 3, 4, 0, 1, local_rows=0)
+    plain = shard_stream(source, 0, range(2), 3, 4, 0, 1, warm_start=False, local_rows=0)
+    local = shard_stream(source, 0, range(2), 3, 4, 0, 1)  # 24 rows ≤ LOCAL_ROWS: no actors
     served = list(warm)
     expected = list(plain)
     assert isinstance(warm, WarmStart) and warm.local_batches >= 1  # the actors took longer than one batch
-    assert len(served) == len(expected) == 6
-    for got, want in zip(served, expected, strict=True):
-        assert sorted(got) == sorted(want)
+    assert not isinstance(local, WarmStart)
+    decoded_here = list(local)
+    assert len(served) == len(expected) == len(decoded_here) == 6
+    for got, here, want in zip(served, decoded_here, expected, strict=True):
+        assert sorted(got) == sorted(here) == sorted(want)
         for key in want:
             assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
             assert np.array_equal(got[key], want[key]), key
+            assert here[key].dtype == want[key].dtype and np.array_equal(here[key], want[key]), key

@@ -95,7 +95,8 @@ def test_shard_stream_reshuffles_every_epoch_and_repeats_across_runs(ray_cluster
 
     def epochs(seed: int, world: int, first: int = 0) -> list[list[list[tuple[str, float]]]]:
         """[epoch][global batch] -> the batch's rows (image id, draw), the workers' slices concatenated."""
-        streams = [shard_stream(source, seed, range(first, 3), 5, 8, rank, world) for rank in range(world)]
+        streams = [shard_stream(source, seed, range(first, 3), 5, 8, rank, world, local_rows=0)  # the Ray stream
+                   for rank in range(world)]
         out = []
         for _ in range(first, 3):
             batches = [[[tuple(pair) for pair in zip(b["image_id"], b["draw"], strict=True)]

@@ -2,7 +2,8 @@
 and the batches on the device.
 
 Every worker streams its own rows through one Ray Data pipeline (``from_items`` → ``map_batches``) that spans
-the rest of the run, so the map tasks of epoch e+1 run while epoch e trains and nothing is shuffled all-to-all.
+the rest of the run, so the map tasks of epoch e+1 run while epoch e trains and nothing is shuffled all-to-all
+(a worker with at most ``LOCAL_ROWS`` rows in the whole run decodes them itself: fewer than an actor's start costs).
 Which rows a worker sees, in which order, and each row's augmentation seed are computed up front from
 ``(seed, epoch)`` alone (see :func:`epoch_plan`): the run repeats exactly, a run resumed at epoch e sees epoch e's
 draws, and the data order does not depend on the worker count (global batch k is the same rows for any W).
@@ -35,6 +36,10 @@ from wsss_ray.maths.inference import normalize
 # ~125 rows/s at 128² and at 320² alike). Blocks run across epoch ends (one stream for the run), so a small
 # dataset needs no smaller blocks; the first batch waits for one block (~0.1 s at 128² on a quiet CPU).
 ROWS_PER_TASK = 128
+# A worker with at most this many rows for the whole run decodes them itself: an ingest actor's start (a process
+# that imports torch and this package, ~2.5 s of CPU) costs more than decoding them (~1 ms a row at 128², ~15 ms
+# at VOC's 512² crops). Smoke runs and tiny datasets; the demo streams (960 rows a worker).
+LOCAL_ROWS = ROWS_PER_TASK
 # The first blocks are smaller (one batch, then doubling up to ROWS_PER_TASK): a whole 128-row block before the
 # first step was most of epoch 1's wait on a GPU (56-81 % of epoch 1 waiting on input, docs/benchmarks.md).
 # Batches each worker keeps decoded ahead of its training step; val rows decoded ahead of the prediction.
@@ -129,7 +134,8 @@ def ramp_blocks(rows: int, first: int, largest: int = ROWS_PER_TASK) -> list[int
 
 
 def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_size: int, rank: int,
-                 world: int, warm_start: bool = True) -> Iterator[dict[str, np.ndarray]]:
+                 world: int, warm_start: bool = True,
+                 local_rows: int = LOCAL_ROWS) -> Iterator[dict[str, np.ndarray]]:
     """This worker's batches (of ``batch_size / world`` rows) for ``epochs``, ``steps`` per epoch, in order.
 
     One Ray Data execution for all the epochs: the rows of every epoch are laid out up front (their order and
@@ -139,7 +145,8 @@ def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_
     (:func:`ramp_blocks`) so the first step does not wait for a whole block. Until the actors deliver their first
     batch (seconds: each starts a process that imports torch), this worker decodes the first batches itself
     (``warm_start``, :class:`WarmStart`): the same rows and seeds, so the same
-    batches, without the first epoch waiting on the actors' start.
+    batches, without the first epoch waiting on the actors' start. A run with at most ``local_rows`` rows for
+    this worker (a smoke run, a tiny dataset) starts no actors: this worker decodes them (:func:`local_batches`).
     """
     items: list[dict[str, Any]] = []
     for epoch in epochs:
@@ -148,6 +155,8 @@ def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_
                   for i in worker_indices(order, steps, batch_size, rank, world)]
     if not items:
         return iter(())
+    if len(items) <= local_rows:
+        return local_batches(items, source.sample, source.fn_kwargs, batch_size // world)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
@@ -160,6 +169,16 @@ def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_
     stream = _Ahead(iter(dataset.iter_batches(batch_size=batch_size // world, batch_format="numpy", drop_last=True,
                                               prefetch_batches=PREFETCH_BATCHES)))
     return WarmStart(items, source.sample, source.fn_kwargs, batch_size // world, stream) if warm_start else stream
+
+
+def local_batches(items: list[dict[str, Any]], sample: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any],
+                  batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """``items`` in batches of ``batch_size`` (the last partial batch dropped, as the stream drops it), decoded in
+    this worker by two threads, one batch at a time: the stream's batches, without its actors."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for i in range(len(items) // batch_size):
+            rows = items[i * batch_size:(i + 1) * batch_size]
+            yield stack_samples(list(pool.map(lambda row: sample(row, **fn_kwargs), rows)))
 
 
 class _Ahead(Iterator[Any]):
