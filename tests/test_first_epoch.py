@@ -65,3 +65,56 @@ def test_warm_start_serves_the_same_batches_as_the_stream(ray_cluster: None, tmp
             assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
             assert np.array_equal(got[key], want[key]), key
             assert here[key].dtype == want[key].dtype and np.array_equal(here[key], want[key]), key
+
+
+def test_stream_runs_where_the_trainers_leave_less_than_a_cpu_free(ray_cluster: None, tmp_path: Path) -> None:
+    """A training worker holding 1.75 of the cluster's 2 CPUs streams its rows through one 0.25-CPU actor (what
+    ``fit`` sizes beside two 0.75-CPU trainers): nothing in the stream may need a whole CPU (Ray Data's
+    ``from_arrow`` did, for its metadata tasks, and waited for ever). With no CPU free at all (``actors=0``)
+    the worker decodes its rows itself: the same batches."""
+    import ray
+
+    make_toy_dataset(str(tmp_path / "voc"), num_train=6, num_val=1, image_size=32, num_classes=3, seed=4)
+    stage = StageDir.create(str(tmp_path / "out"), "ingest", "toy")
+    build_manifest(DatasetConfig(root=str(tmp_path / "voc"), train_split="train", val_split="val"), stage)
+    records = [{"image_id": r["image_id"], "image_uri": r["image_uri"], "label_uri": r["mask_uri"]}
+               for r in load_manifest(stage, "train")]
+    augment = SegTrainConfig.model_validate({"augment": {"crop_size": 24}}).augment
+    kwargs = {"augment": augment, "maps": ("label",), "num_classes": 21, "padding": map_padding()}
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=1.75)
+    def trainer(actors: int) -> list[dict[str, np.ndarray]]:
+        source = RowSource(records, segmentation_sample, kwargs, task_cpus=0.25, actors=actors)
+        return list(shard_stream(source, 0, range(2), 3, 2, 0, 1, warm_start=False, local_rows=0))
+
+    # In a placement group, as Ray Train's workers: its CPUs stay reserved while the task waits on the stream
+    # (a plain task blocked in ray.get lends its CPUs out), and the stream's own tasks and actors run outside it.
+    group = placement_group([{"CPU": 1.75}])
+    ray.get(group.ready(), timeout=60)
+    in_group = trainer.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group))
+    try:
+        streamed = ray.get(in_group.remote(1), timeout=120)
+        decoded_here = ray.get(in_group.remote(0), timeout=120)
+    finally:
+        remove_placement_group(group)
+    assert len(streamed) == len(decoded_here) == 6
+    for got, want in zip(decoded_here, streamed, strict=True):
+        assert sorted(got) == sorted(want)
+        assert all(np.array_equal(got[key], want[key]) for key in want)
+
+
+@pytest.mark.parametrize(("cluster", "per_worker", "workers", "expected"), [
+    (2, 0.5, 2, (0.5, 1)),   # the tests' tiny runs: (2 - 1) / 2 free each
+    (2, 0.75, 2, (0.25, 1)),  # 0.25 free each: one smallest actor
+    (2, 1.0, 2, (0.25, 0)),  # nothing free: the workers decode their own rows
+    (32, 4, 4, (1.0, 4)),    # 16 CPUs free, 4 a worker: four 1-CPU actors
+    (96, 2, 2, (1.0, 8)),    # 46 free a worker: capped at 8
+])
+def test_ingest_actors_fit_beside_the_trainers(cluster: float, per_worker: float, workers: int,
+                                               expected: tuple[float, int]) -> None:
+    from wsss_ray.training.loop import ingest_actors
+
+    assert ingest_actors(cluster, per_worker, workers) == expected

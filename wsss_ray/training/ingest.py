@@ -55,6 +55,7 @@ class RowSource:
     stream maps its rows in ``actors`` Ray Data actors of ``task_cpus`` CPUs (``fit`` sizes them to fit beside
     the trainers): long-lived processes, as a DataLoader's workers, rather than tasks, whose worker processes Ray
     may retire between tasks and start again (seconds each, to import torch: measured, see docs/benchmarks.md).
+    ``actors=0`` (no CPU free beside the trainers) has each training worker decode its rows itself.
     """
 
     records: list[dict[str, Any]]
@@ -146,7 +147,8 @@ def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_
     batch (seconds: each starts a process that imports torch), this worker decodes the first batches itself
     (``warm_start``, :class:`WarmStart`): the same rows and seeds, so the same
     batches, without the first epoch waiting on the actors' start. A run with at most ``local_rows`` rows for
-    this worker (a smoke run, a tiny dataset) starts no actors: this worker decodes them (:func:`local_batches`).
+    this worker (a smoke run, a tiny dataset), or a source with no actors, starts none: this worker decodes them
+    (:func:`local_batches`).
     """
     items: list[dict[str, Any]] = []
     for epoch in epochs:
@@ -155,14 +157,17 @@ def shard_stream(source: RowSource, seed: int, epochs: range, steps: int, batch_
                   for i in worker_indices(order, steps, batch_size, rank, world)]
     if not items:
         return iter(())
-    if len(items) <= local_rows:
+    if len(items) <= local_rows or source.actors == 0:
         return local_batches(items, source.sample, source.fn_kwargs, batch_size // world)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
     starts = np.cumsum([0, *ramp_blocks(len(items), batch_size // world)])
     blocks = [pa.Table.from_pylist(items[a:b]) for a, b in itertools.pairwise(starts)]
-    dataset = (ray.data.from_arrow(blocks)
+    # from_blocks, not from_arrow: from_arrow reads each block's metadata in a remote task of one CPU, which never
+    # runs where the trainers leave less than a CPU free (two 0.75-CPU workers on 2 CPUs waited forever), and
+    # from_blocks keeps the ramp's block sizes as they are.
+    dataset = (ray.data.from_blocks(blocks)
                .map_batches(_SampleBlock, batch_size=None, batch_format="pyarrow", num_cpus=source.task_cpus,
                             compute=ray.data.ActorPoolStrategy(size=source.actors),
                             fn_constructor_kwargs={"sample": source.sample, "fn_kwargs": source.fn_kwargs}))

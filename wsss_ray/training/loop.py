@@ -49,6 +49,7 @@ from wsss_ray.training.tensorboard import TensorBoardLog
 
 # Ingest actors per training worker at most (a DataLoader's usual worker count; more rarely pays on one GPU).
 MAX_INGEST_ACTORS = 8
+MIN_INGEST_CPUS = 0.25  # the smallest ingest actor; below it a worker decodes its own rows
 
 
 def no_hooks(model: nn.Module, stage_uri: str) -> list[TrainHook]:
@@ -253,6 +254,21 @@ def validate(model: nn.Module, spec: TrainSpec, device: torch.device) -> float:
     return confusion.all_reduce().miou()
 
 
+def ingest_actors(cluster_cpus: float, cpus_per_worker: float, workers: int) -> tuple[float, int]:
+    """(CPUs per ingest actor, actors per training worker) that fit beside ``workers`` trainers.
+
+    Every worker's actors must fit in what the trainers leave (a 2-CPU machine with two 0.5-CPU workers leaves one
+    0.5-CPU actor per worker); at most one CPU each, as Ray's default for a task. Less than ``MIN_INGEST_CPUS``
+    free per worker: no actor could ever be placed (the stream would wait for ever), so none (0): each worker
+    decodes its rows itself.
+    """
+    free = max(0.0, cluster_cpus - cpus_per_worker * workers) / workers
+    task_cpus = min(1.0, max(MIN_INGEST_CPUS, free))
+    if free < MIN_INGEST_CPUS:
+        return task_cpus, 0
+    return task_cpus, max(1, min(MAX_INGEST_ACTORS, math.floor(free / task_cpus)))
+
+
 def fit(spec: TrainSpec, workers: WorkersConfig, stage: StageDir,
         callbacks: list[Any] | None = None) -> ray.train.Result:
     """Run ``train_loop`` with DDP on Ray Train, checkpointing to the stage's storage.
@@ -270,11 +286,7 @@ def fit(spec: TrainSpec, workers: WorkersConfig, stage: StageDir,
         log(spec.where, plan.reason)
     count = plan.num_workers
     cpus = workers.cpus_per_worker if plan.use_gpu else min(workers.cpus_per_worker, cluster_cpus() / count)
-    # Every worker's ingest actors must fit beside the trainers (a 2-CPU machine with two 0.5-CPU workers
-    # leaves one 0.5-CPU actor per worker); at most one CPU each, as Ray's default for a task.
-    free = max(0.0, cluster_cpus() - cpus * count) / count
-    task_cpus = min(1.0, max(0.25, free))
-    actors = max(1, min(MAX_INGEST_ACTORS, math.floor(free / task_cpus)))
+    task_cpus, actors = ingest_actors(cluster_cpus(), cpus, count)
     spec = dataclasses.replace(spec, threads=max(1, math.floor(cpus)), stage_uri=stage.uri,
                                train=dataclasses.replace(spec.train, task_cpus=task_cpus, actors=actors))
     if callbacks is None:
