@@ -5,6 +5,7 @@ stream's order, epochs and seeds end to end)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,18 +38,25 @@ def test_no_rows_no_blocks() -> None:
     assert ramp_blocks(0, 8) == []
 
 
-def test_warm_start_serves_the_same_batches_as_the_stream(ray_cluster: None, tmp_path: Path) -> None:
-    """The first batches decoded in the training worker while the actors start are the stream's own batches (same
-    rows, seeds, dtypes), and the stream takes over without a batch lost or repeated. A run small enough to start
-    no actors (at most LOCAL_ROWS rows a worker) gets the very same batches, decoded in the worker."""
-    make_toy_dataset(str(tmp_path / "voc"), num_train=12, num_val=1, image_size=40, num_classes=3, seed=3)
+def segmentation_rows(tmp_path: Path, num_train: int, image_size: int, crop_size: int,
+                      seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A toy VOC's train rows as train_seg streams them, and its sample function's keyword arguments."""
+    make_toy_dataset(str(tmp_path / "voc"), num_train=num_train, num_val=1, image_size=image_size, num_classes=3,
+                     seed=seed)
     stage = StageDir.create(str(tmp_path / "out"), "ingest", "toy")
     build_manifest(DatasetConfig(root=str(tmp_path / "voc"), train_split="train", val_split="val"), stage)
     records = [{"image_id": r["image_id"], "image_uri": r["image_uri"], "label_uri": r["mask_uri"]}
                for r in load_manifest(stage, "train")]
-    augment = SegTrainConfig.model_validate({"augment": {"crop_size": 32}}).augment
-    source = RowSource(records, segmentation_sample, {"augment": augment, "maps": ("label",), "num_classes": 21,
-                                                      "padding": map_padding()})
+    augment = SegTrainConfig.model_validate({"augment": {"crop_size": crop_size}}).augment
+    return records, {"augment": augment, "maps": ("label",), "num_classes": 21, "padding": map_padding()}
+
+
+def test_warm_start_serves_the_same_batches_as_the_stream(ray_cluster: None, tmp_path: Path) -> None:
+    """The first batches decoded in the training worker while the actors start are the stream's own batches (same
+    rows, seeds, dtypes), and the stream takes over without a batch lost or repeated. A run small enough to start
+    no actors (at most LOCAL_ROWS rows a worker) gets the very same batches, decoded in the worker."""
+    records, kwargs = segmentation_rows(tmp_path, num_train=12, image_size=40, crop_size=32, seed=3)
+    source = RowSource(records, segmentation_sample, kwargs)
     # local_rows=0: these 24 rows would otherwise be decoded in this process, with no stream at all
     warm = shard_stream(source, 0, range(2), 3, 4, 0, 1, local_rows=0)
     plain = shard_stream(source, 0, range(2), 3, 4, 0, 1, warm_start=False, local_rows=0)
@@ -74,13 +82,7 @@ def test_stream_runs_where_the_trainers_leave_less_than_a_cpu_free(ray_cluster: 
     the worker decodes its rows itself: the same batches."""
     import ray
 
-    make_toy_dataset(str(tmp_path / "voc"), num_train=6, num_val=1, image_size=32, num_classes=3, seed=4)
-    stage = StageDir.create(str(tmp_path / "out"), "ingest", "toy")
-    build_manifest(DatasetConfig(root=str(tmp_path / "voc"), train_split="train", val_split="val"), stage)
-    records = [{"image_id": r["image_id"], "image_uri": r["image_uri"], "label_uri": r["mask_uri"]}
-               for r in load_manifest(stage, "train")]
-    augment = SegTrainConfig.model_validate({"augment": {"crop_size": 24}}).augment
-    kwargs = {"augment": augment, "maps": ("label",), "num_classes": 21, "padding": map_padding()}
+    records, kwargs = segmentation_rows(tmp_path, num_train=6, image_size=32, crop_size=24, seed=4)
 
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
