@@ -1,7 +1,7 @@
 """Ray Data ingest for training: each epoch's seeded order and crops, the global batch split over the workers,
 and the batches on the device.
 
-Every worker streams its own rows through one Ray Data pipeline (``from_items`` → ``map_batches``) that spans
+Every worker streams its own rows through one Ray Data pipeline (``from_blocks`` → ``map_batches``) that spans
 the rest of the run, so the map tasks of epoch e+1 run while epoch e trains and nothing is shuffled all-to-all
 (a worker with at most ``LOCAL_ROWS`` rows in the whole run decodes them itself: fewer than an actor's start costs).
 Which rows a worker sees, in which order, and each row's augmentation seed are computed up front from
@@ -11,6 +11,7 @@ draws, and the data order does not depend on the worker count (global batch k is
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -246,15 +247,15 @@ class WarmStart(Iterator[dict[str, np.ndarray]]):
 
     def _decode(self, items: list[dict[str, Any]], sample: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any],
                 batch_size: int) -> None:
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        # local_batches decodes batch i only when asked for it, so the wait below bounds how far ahead it runs
+        with contextlib.closing(local_batches(items, sample, fn_kwargs, batch_size)) as batches:
             for i in range(len(items) // batch_size):
                 while i - self._next >= PREFETCH_BATCHES and not self._stream.ready.is_set():
                     time.sleep(self.POLL_S)  # as far ahead as the stream keeps, no further
                 if self._stream.ready.is_set():
                     return
-                rows = items[i * batch_size:(i + 1) * batch_size]
                 try:
-                    batch = stack_samples(list(pool.map(lambda row: sample(row, **fn_kwargs), rows)))
+                    batch = next(batches)
                 except Exception:  # noqa: BLE001 - the stream raises it with its context
                     return
                 with self._lock:
