@@ -292,17 +292,23 @@ def check_pseudo(stage: StageDir, summary: dict[str, Any], records: list[dict[st
 
 
 def test_ray_data_bookkeeping_lives_on_the_driver_node(sim: Sim) -> None:
-    """Ray Data's cluster-wide ActorLocationTracker (a detached actor) stays for good on the node of the process
-    that first runs an actor pool. init_ray creates it from the driver, before any stage: a training worker's
-    ingest on a worker node (as here, a task running an actor pool there) then finds it rather than creating it
-    on that node, whose loss would fail every later actor pool in the cluster. Runs first in the module: before
-    it nothing has run a dataset, so without init_ray the tracker would not exist yet."""
+    """Ray's cluster-wide detached actors (Ray Data's ActorLocationTracker and stats actors, the
+    AutoscalingCoordinator that Ray Train's elastic groups and Ray Data ask for resources) stay for good on the
+    node of the process that first asks for them. init_ray creates them from the driver, before any stage: a
+    training worker's ingest or resize request on a worker node (as here, a task running an actor pool and
+    asking the coordinator there) then finds them rather than creating them on that node, whose loss would fail
+    every later actor pool or elastic group in the cluster. Runs first in the module: before it nothing has run
+    a dataset or a fit, so without init_ray none of them would exist yet, and the task would create them."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
     from wsss_ray.core.config_base import RayConfig
-    from wsss_ray.core.ray_utils import init_ray
+    from wsss_ray.core.ray_utils import CLUSTER_ACTORS, init_ray
 
     head = sim.cluster.head_node.node_id
     init_ray(RayConfig())  # joined already (the fixture's ray.init): only the pinning runs
-    tracker = ray.get_actor("ActorLocationTracker", namespace="ActorLocationTracker")
+    actors = {name: ray.get_actor(name, namespace=namespace) for _, _, name, namespace in CLUSTER_ACTORS}
 
     @ray.remote(num_cpus=1)
     def actor_pool_on_a_worker_node() -> str:
@@ -313,12 +319,14 @@ def test_ray_data_bookkeeping_lives_on_the_driver_node(sim: Sim) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         rows = ray.data.range(4).map_batches(Identity, compute=ray.data.ActorPoolStrategy(size=1)).take_all()
         assert len(rows) == 4
+        get_or_create_autoscaling_coordinator()  # as Ray Train's controller and Ray Data's executor ask for it
         return ray.get_runtime_context().get_node_id()
 
     ran_on = ray.get(actor_pool_on_a_worker_node.remote())
     assert ran_on != head
-    located = ray._private.state.actors(actor_id=tracker._actor_id.hex())["Address"]["NodeID"]
-    assert located == head, f"Ray Data's tracker lives on {located}, not the driver's node {head}"
+    for name, actor in actors.items():
+        located = ray._private.state.actors(actor_id=actor._actor_id.hex())["Address"]["NodeID"]
+        assert located == head, f"Ray's {name} lives on {located}, not the driver's node {head}"
 
 
 def test_pseudo_labels_survive_a_lost_node(sim: Sim, base: dict[str, Any], s3_server: Any) -> None:

@@ -50,9 +50,9 @@ def test_init_ray_keeps_ray_logs_off_the_console_unless_verbose(monkeypatch: pyt
 
     monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_utils.ray, "init", lambda **kwargs: calls.append(kwargs) or Context())
-    # no cluster behind the fake init for Ray Data's tracker actor; that it is pinned is test_faults' to show
+    # no cluster behind the fake init for Ray's driver-pinned actors; where they live is test_faults' to show
     pinned: list[bool] = []
-    monkeypatch.setattr(ray_utils, "pin_ray_data_tracker", lambda: pinned.append(True))
+    monkeypatch.setattr(ray_utils, "pin_cluster_actors", lambda: pinned.append(True))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for address in (None, "ray://head:10001"):
         ray_utils.init_ray(RayConfig(address=address, include_dashboard=False), verbose=verbose)

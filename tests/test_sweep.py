@@ -263,6 +263,8 @@ def test_killed_sweep_resumes(sweep_run: dict[str, Any], tmp_path: Path) -> None
                     any(f.endswith("/checkpoint_manager_snapshot.json") for f in files) and _checkpoints(sweep_uri):
                 break
             time.sleep(0.5)
+        else:
+            pytest.fail(f"no trial checkpoint seen (240 s, or the sweep ended first: exit code {child.poll()})")
         assert child.poll() is None, "the sweep finished before it could be interrupted"
         os.killpg(child.pid, signal.SIGKILL)
     finally:

@@ -45,7 +45,7 @@ def init_ray(config: RayConfig, verbose: bool = False) -> None:
     errors only: the console carries the stages' own lines. ``verbose`` brings both back.
     """
     if ray.is_initialized():
-        pin_ray_data_tracker()
+        pin_cluster_actors()
         return
     address = cluster_address(config)
     if config.autoscaling is not None:  # else the variable the job's runtime env set, if any
@@ -76,25 +76,42 @@ def init_ray(config: RayConfig, verbose: bool = False) -> None:
         log("ray", CXX_NOTE)
     # Ray Data's per-operator progress bars are noisy in logs; our stages print their own progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    pin_ray_data_tracker()
+    pin_cluster_actors()
 
 
-def pin_ray_data_tracker() -> None:
-    """Have Ray Data's one cluster-wide bookkeeping actor live on the driver's node, from the start.
+# Ray's cluster-wide detached actors that are pinned for good (hard node label or affinity) to the node of
+# whichever process first asks for them, "to fate-share with the driver" (Ray 2.60): (module, creating function,
+# the actor's name and namespace). Asked first by a Ray Train worker or a Tune trial on a worker node, they live
+# there; once that node is lost every later use fails (ActorUnschedulableError), e.g. Ray Data's actor pools
+# (ActorLocationTracker) and Ray Train's elastic resizing (AutoscalingCoordinator), both measured in the fault
+# tests. ``pin_cluster_actors`` creates them from the driver first.
+CLUSTER_ACTORS = (
+    ("ray.data._internal.execution.node_trackers.actor_location", "get_or_create_actor_location_tracker",
+     "ActorLocationTracker", "ActorLocationTracker"),
+    ("ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator", "get_or_create_autoscaling_coordinator",
+     "AutoscalingCoordinator", "AutoscalingCoordinator"),
+    ("ray.data._internal.stats", "get_or_create_stats_actor", "datasets_stats_actor", "_dataset_stats_actor"),
+    ("ray.data._internal.stats_summary_actor", "_get_or_create_stats_summary_actor",
+     "dataset_stats_summary_actor", "_dataset_stats_summary_actor"),
+)  # Ray Data's usage-collection actor is pinned alike, but every call to it is fire-and-forget with errors ignored
 
-    Ray Data keeps a detached actor (``ActorLocationTracker``, Ray 2.60) that every actor-pool execution asks
-    where its actors run, pinned for good (hard label selector) to the node of the process that first ran such
-    an execution. Here that is often a training worker (its ingest stream) on a worker node; once that node is
-    lost, every later actor pool in the cluster (CAM actors, ingest, prediction) fails with
-    ``ActorUnschedulableError``. Created by the driver, it shares the driver's fate, as Ray Data intends.
+
+def pin_cluster_actors() -> None:
+    """Create Ray's cluster-wide driver-pinned actors (``CLUSTER_ACTORS``) from the driver, on its node.
+
+    Ray means them to share the driver's fate, and pins each to the node of the process that first asks for it.
+    In our runs that is often a training worker (its ingest stream, its elastic resize requests) on a worker
+    node, whose loss then breaks every later actor pool or elastic group in the cluster. Created here, from the
+    driver, before any stage runs, they live on the driver's node. A Ray without one of them: nothing to pin.
     """
-    try:
-        from ray.data._internal.execution.node_trackers.actor_location import (
-            get_or_create_actor_location_tracker,
-        )
-    except ImportError:  # a Ray that keeps no such actor: nothing to pin
-        return
-    get_or_create_actor_location_tracker()
+    import importlib
+
+    for module, function, _, _ in CLUSTER_ACTORS:
+        try:
+            create = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError):
+            continue
+        create()
 
 
 def _job_env_vars() -> set[str]:
