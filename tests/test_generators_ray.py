@@ -44,7 +44,8 @@ def trained(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict
     cls_config = ClassifierTrainConfig.model_validate({
         "backbone": {"name": "resnet_tiny", "output_stride": 16}, "epochs": 2, "batch_size": 4,
         "augment": {"crop_size": 64, "scale_min": 0.9, "scale_max": 1.1},
-        "workers": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0}})
+        # one worker: the generators are under test here (batch_size is global: the same batches as two)
+        "workers": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 0}})
     summary = train_classifier(records, StageDir.create(str(root / "out"), "train_cls", "toy"), cls_config, 21,
                                "tags")
     return {"records": records, "cls_config": cls_config, "model_uri": summary["model_uri"], "out": root / "out"}

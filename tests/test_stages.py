@@ -57,7 +57,8 @@ def test_classifier_training_resumes_from_its_checkpoint(ray_cluster: None, s3_p
     records = load_manifest(stage, "train")
     base: dict[str, Any] = {"backbone": {"name": "resnet_tiny"}, "batch_size": 4,
                             "augment": {"crop_size": 48, "scale_min": 1.0, "scale_max": 1.0},
-                            "workers": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0}}
+                            # one worker: resuming is under test (a two-worker group resumes in test_training_methods)
+                            "workers": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 0}}
     train_stage = StageDir.create(s3_prefix, "train_cls", "resume")
     first = train_classifier(records, train_stage, ClassifierTrainConfig.model_validate({**base, "epochs": 1}), 21,
                              "tags")

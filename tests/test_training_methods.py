@@ -37,6 +37,10 @@ pytestmark = pytest.mark.integration
 
 NUM_CLASSES = 21  # VOC label space; the toy data uses the first few classes
 WORKERS = {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0}
+# One worker where the method, not DDP, is under test: batch_size is the global batch and the data order does not
+# depend on the worker count, so one worker trains on the same batches; the loop's cross-worker parts (metric and
+# confusion all-reduce, val sharding, OuT's per-worker corrected masks, resume) run in the two-worker tests.
+ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 0}
 AUGMENT = {"crop_size": 48, "scale_min": 0.75, "scale_max": 1.25}
 
 
@@ -131,17 +135,27 @@ METHODS = {
          "optimizer": {"lr": 0.01, "schedule": "warmup_cosine", "warmup_epochs": 1}},
         ["newly_ignored"]),
 }
+# Trained by two DDP workers (the rest by one): OuT's cumulative masks are written by the worker that visits
+# each image, early learning's key fraction is all-reduced. test_same_seed_trains_the_same_way runs it again.
+DDP_METHOD = "v3plus+sce+out_cumulative+early_learning"
+FINISHED: dict[str, dict[str, Any]] = {}  # method -> the summary of its run in this module, for the same-seed test
+
+
+def method_config(method: str) -> SegTrainConfig:
+    model, loss, extra, _ = METHODS[method]
+    return seg_config(model, loss, workers=WORKERS if method == DDP_METHOD else ONE_WORKER, **extra)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_segmentation_method_trains_from_config(ray_cluster: None, toy: dict[str, Any], s3_prefix: str,
                                                 tmp_path: Path, method: str) -> None:
-    model, loss, extra, logged = METHODS[method]
-    config = seg_config(model, loss, **extra)
+    logged = METHODS[method][3]
+    config = method_config(method)
     # NAL and MSPN write to the S3 server, the others to a local folder: both storages train every part.
     out = s3_prefix if method in ("v2+nal", "v3+mspn") else str(tmp_path / "out")
     stage = StageDir.create(out, "train_seg", method.replace("+", "-"))
     summary = train_segmentation(toy["records"], stage, config, NUM_CLASSES, toy["val"])
+    FINISHED[method] = summary
     history = summary["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(np.isfinite(h["loss"]) for h in history)
@@ -169,7 +183,7 @@ def test_classifier_heads_train_and_give_cams(ray_cluster: None, toy: dict[str, 
     loss = {"name": head, "warmup_epochs": 1} if head == "ktse" else {"name": head}
     config = ClassifierTrainConfig.model_validate({
         "backbone": {"name": "resnet_tiny"}, "head": {"name": head}, "loss": loss, "epochs": 2 if head == "ktse" else 1,
-        "batch_size": 4, "augment": AUGMENT, "workers": WORKERS})
+        "batch_size": 4, "augment": AUGMENT, "workers": ONE_WORKER})
     stage = StageDir.create(str(tmp_path / "out"), "train_cls", head)
     summary = train_classifier(toy["train"], stage, config, NUM_CLASSES, "boxes")
     epoch = summary["history"][-1]
@@ -212,10 +226,16 @@ def test_killed_training_worker_resumes_with_its_teacher(ray_cluster: None, toy:
 
 def test_same_seed_trains_the_same_way(ray_cluster: None, toy: dict[str, Any], tmp_path: Path) -> None:
     """Two runs of one config give the same losses and the same weights, with two DDP workers: initial weights,
-    shuffle and crops are seeded, and the rows reach the workers in order (a sweep compares configs, not luck)."""
-    config = seg_config("deeplab_v3", {"name": "cross_entropy"}, val_every=0)
-    runs = [train_segmentation(toy["records"], StageDir.create(str(tmp_path), "train_seg", name), config,
-                               NUM_CLASSES) for name in ("first", "again")]
+    shuffle and crops are seeded, and the rows reach the workers in order (a sweep compares configs, not luck).
+    The config is DDP_METHOD's (OuT's corrections and early learning's key pixels must repeat too); its run in
+    test_segmentation_method_trains_from_config is the first of the two where it ran in this session."""
+    config = method_config(DDP_METHOD)
+
+    def train(name: str) -> dict[str, Any]:
+        return train_segmentation(toy["records"], StageDir.create(str(tmp_path), "train_seg", name), config,
+                                  NUM_CLASSES, toy["val"])
+
+    runs = [FINISHED.get(DDP_METHOD) or train("first"), train("again")]
     assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
     assert runs[0]["model_sha256"] == runs[1]["model_sha256"]
 
