@@ -59,7 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # the controller polls its workers every 0.5 s instead of 2 s, so each of the suite's ~50 short fits ends (and
     # a lost worker is noticed) sooner; no preemption watcher actor per fit, since nothing drains the tests'
     # nodes (it is one more process to start per fit on 2 cores); and no metrics recording or usage reporting in
-    # every Ray process (no test reads them; together ~10 % of a short fit's CPU on 2 cores, measured).
+    # every Ray process (no test reads them; ~10 % of a short fit's CPU on 2 cores in two paired runs).
     for name, value in TEST_RAY_ENV.items():
         os.environ.setdefault(name, value)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -104,8 +105,6 @@ def pin_cluster_actors() -> None:
     node, whose loss then breaks every later actor pool or elastic group in the cluster. Created here, from the
     driver, before any stage runs, they live on the driver's node. A Ray without one of them: nothing to pin.
     """
-    import importlib
-
     for module, function, _, _ in CLUSTER_ACTORS:
         try:
             create = getattr(importlib.import_module(module), function)
