@@ -272,6 +272,15 @@ def test_killed_sweep_resumes(sweep_run: dict[str, Any], tmp_path: Path) -> None
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
     assert not storage.exists(storage.join(sweep_uri, "results.json"))
+    # The dead driver's trial actors, and so their Ray Train workers, are ended by Ray shortly after it, not with
+    # it: a worker can still upload its next epoch's checkpoint meanwhile (seen once, 1.4 s after the kill). The
+    # interrupted state is what is stored once no worker of the killed sweep is left.
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 60
+    while list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+        assert time.monotonic() < deadline, "the killed sweep's training workers outlived its driver by 60 s"
+        time.sleep(0.5)
     ((interrupted, at_kill),) = _checkpoints(sweep_uri).items()
 
     results = run_sweep(space)
