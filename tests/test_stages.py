@@ -47,8 +47,8 @@ def test_coco_ingest_on_ray_renders_masks_and_reports_bad_items(ray_cluster: Non
         assert labels == set(record["tags"]) and all(1 <= t <= 80 for t in labels)
 
 
-def test_classifier_training_resumes_from_its_checkpoint(ray_cluster: None, s3_prefix: str,
-                                                         tmp_path: Path) -> None:
+def test_classifier_training_resumes_from_its_checkpoint(ray_cluster: None, s3_prefix: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     from wsss_ray.data.toy import make_toy_dataset
 
     make_toy_dataset(str(tmp_path / "voc"), num_train=8, num_val=2, image_size=48, num_classes=2, seed=1)
@@ -69,3 +69,15 @@ def test_classifier_training_resumes_from_its_checkpoint(ray_cluster: None, s3_p
     assert [e["epoch"] for e in second["history"]] == [1, 2]
     assert second["history"][0] == first["history"][0]
     assert storage.exists(train_stage.path("model.pt"))
+    # Once more, with nothing left to train (a run whose driver was killed after the last checkpoint): no epoch
+    # is trained, yet the run's callbacks hear the last epoch's metrics again, as a Tune trial that never
+    # recorded them must (the console callback's line here; a trial's TuneReportCallback gets the same report).
+    capsys.readouterr()
+    third = train_classifier(records, train_stage, ClassifierTrainConfig.model_validate({**base, "epochs": 2}), 21,
+                             "tags")
+    assert third["history"] == second["history"] and third["model_sha256"] == second["model_sha256"]
+    last = second["history"][-1]
+    lines = [line for line in capsys.readouterr().err.splitlines() if f"[{train_stage.name}] epoch" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"[{train_stage.name}] epoch 2/2: loss {last['loss']:.3g}, ") and \
+        lines[0].endswith(", last epoch"), lines

@@ -188,6 +188,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if spec.validates(epoch):
             metrics["val_miou"] = validate(step.model, spec, device)
         report_epoch(run.ddp_step, optimizer, epoch, history, metrics, extras, tensorboard)
+    if history and start_epoch >= spec.epochs:
+        # Restored after its last epoch (its process was killed between that checkpoint and the end, e.g. a Tune
+        # trial whose driver died): report the last epoch again, without a checkpoint, so the callbacks of this
+        # run (the trial's TuneReportCallback) see the final metrics, which may never have reached them.
+        ray.train.report(history[-1])
 
 
 def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
