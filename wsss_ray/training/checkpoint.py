@@ -27,15 +27,18 @@ MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.pt", "optimizer.pt", "state.json
 OBJECTIVE_FILE = "objective.pt"
 
 
-def latest_epoch() -> int:
-    """The first epoch to run: 0, or the epoch after the run's latest checkpoint (what ``restore`` returns)."""
+def latest_state() -> dict[str, Any] | None:
+    """The run's latest checkpoint's ``state.json`` (``epoch``: the last one trained, 0-based; ``history``), or None.
+
+    ``epoch + 1`` is the first epoch to run, what ``restore`` returns.
+    """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return None
     # Only ``state.json``, read straight from the checkpoint's storage: ``as_directory()`` shares one download per
     # node, which another worker may be restarting meanwhile (ray-project/ray#48726, as in ``restore``).
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
-        return int(json.loads(f.read())["epoch"]) + 1
+        return json.loads(f.read())
 
 
 def restore(step: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -38,7 +38,7 @@ from wsss_ray.core.stage_dir import StageDir
 from wsss_ray.core.torch_helpers import autocast
 from wsss_ray.maths.inference import normalize
 from wsss_ray.maths.metrics import TorchConfusionMatrix
-from wsss_ray.training.checkpoint import latest_epoch, report_epoch, restore
+from wsss_ray.training.checkpoint import latest_state, report_epoch, restore
 from wsss_ray.training.console import EpochLines
 from wsss_ray.training.hooks import TrainHook
 from wsss_ray.training.ingest import RowSource, shard_stream, steps_per_epoch, to_device, val_stream
@@ -162,9 +162,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    saved = latest_state()
+    start_epoch = 0 if saved is None else int(saved["epoch"]) + 1
+    if saved is not None and start_epoch >= spec.epochs:
+        # Restored after its last epoch: the process that trained it was killed between that checkpoint and the
+        # end (a Tune trial whose sweep driver died). Nothing to train; report the last epoch again, without a
+        # checkpoint, so this run's callbacks (the trial's TuneReportCallback) get the final metrics, which may
+        # never have reached them.
+        ray.train.report(saved["history"][-1])
+        return
     # The ingest first: its actors start while the model is built and restored.
     batch_size, steps = steps_per_epoch(len(spec.train.records), spec.batch_size, world, spec.where)
-    start_epoch = latest_epoch()
     stream = shard_stream(spec.train, spec.seed, range(start_epoch, spec.epochs), steps, spec.batch_size, rank, world)
     model = _maybe_sync_bn(spec.build_model(), spec.sync_bn, device)
     step = prepare_step(TrainStep(model, spec.build_objective()), spec.speed, device)
@@ -188,11 +196,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if spec.validates(epoch):
             metrics["val_miou"] = validate(step.model, spec, device)
         report_epoch(run.ddp_step, optimizer, epoch, history, metrics, extras, tensorboard)
-    if history and start_epoch >= spec.epochs:
-        # Restored after its last epoch (its process was killed between that checkpoint and the end, e.g. a Tune
-        # trial whose driver died): report the last epoch again, without a checkpoint, so the callbacks of this
-        # run (the trial's TuneReportCallback) see the final metrics, which may never have reached them.
-        ray.train.report(history[-1])
 
 
 def train_one_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
