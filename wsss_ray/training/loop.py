@@ -147,7 +147,8 @@ def _maybe_sync_bn(model: nn.Module, wanted: bool | Literal["auto"], device: tor
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker: build, restore, then train / validate / checkpoint each epoch.
+    """Runs in every Ray Train worker: build, restore, then train / validate / checkpoint each epoch (a run
+    restored after its last epoch only reports that epoch again).
 
     The global batch is split over the live worker count (checked again here: an elastic group may have
     resized to a count that does not divide it), so an elastic group that grew or shrank trains on the same
