@@ -64,8 +64,8 @@ def test_classifier_training_resumes_from_its_checkpoint(ray_cluster: None, s3_p
                              "tags")
     # The same run directory with a longer schedule: Ray Train restores the run and the loop continues at
     # epoch 2 instead of starting over (what a re-run after a killed job does).
-    second = train_classifier(records, train_stage, ClassifierTrainConfig.model_validate({**base, "epochs": 2}), 21,
-                              "tags")
+    two_epochs = ClassifierTrainConfig.model_validate({**base, "epochs": 2})
+    second = train_classifier(records, train_stage, two_epochs, 21, "tags")
     assert [e["epoch"] for e in second["history"]] == [1, 2]
     assert second["history"][0] == first["history"][0]
     assert storage.exists(train_stage.path("model.pt"))
@@ -73,8 +73,7 @@ def test_classifier_training_resumes_from_its_checkpoint(ray_cluster: None, s3_p
     # is trained, yet the run's callbacks hear the last epoch's metrics again, as a Tune trial that never
     # recorded them must (the console callback's line here; a trial's TuneReportCallback gets the same report).
     capsys.readouterr()
-    third = train_classifier(records, train_stage, ClassifierTrainConfig.model_validate({**base, "epochs": 2}), 21,
-                             "tags")
+    third = train_classifier(records, train_stage, two_epochs, 21, "tags")
     assert third["history"] == second["history"] and third["model_sha256"] == second["model_sha256"]
     last = second["history"][-1]
     lines = [line for line in capsys.readouterr().err.splitlines() if f"[{train_stage.name}] epoch" in line]
