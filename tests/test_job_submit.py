@@ -127,6 +127,10 @@ def ray_head(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     temp_dir = ray_temp_dir()
     port, dashboard_port = _free_port(), _free_port()
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1",
+           # On SIGTERM `ray start --block` first drains the node (for Serve replicas on Kubernetes), waiting up
+           # to 30 s for every lease to be returned; the jobs' detached actors never return theirs, so the
+           # teardown sat out the whole 30 s. Nothing here needs draining: stop at once.
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            # The job's entrypoint is a shell command: `python` must be the venv's, as on a cluster image.
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
